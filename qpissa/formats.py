@@ -1,0 +1,194 @@
+"""Reading HF checkpoints tensor by tensor, and writing safetensors shards and PEFT adapter dirs.
+
+The safetensors writer streams: it writes the header from shapes alone, then each tensor's
+bytes one at a time, so assembling a shard never holds more than one tensor in memory.
+Format: 8-byte little-endian header length, JSON header {name: {dtype, shape, data_offsets}},
+then the concatenated little-endian tensor bytes (https://github.com/huggingface/safetensors).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from qpissa.atomic import atomic_path, write_json
+from qpissa.errors import UserError
+
+DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one checkpoint tensor lives, known without reading its data."""
+
+    name: str
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors shards of a HF checkpoint dir, in index order (or sorted)."""
+    index = model_dir / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise UserError(f"{index}: not a valid safetensors index ({err}); re-download the checkpoint") from None
+        files = list(dict.fromkeys(weight_map.values()))
+        missing = [f for f in files if not (model_dir / f).exists()]
+        if missing:
+            raise UserError(f"{index} names missing shard {missing[0]}; re-download the checkpoint")
+        return [model_dir / f for f in files]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{model_dir}: no *.safetensors files; convert the checkpoint to safetensors first")
+    return files
+
+
+def scan_checkpoint(model_dir: Path) -> list[TensorInfo]:
+    """Names, shapes and dtypes of every tensor, reading only the safetensors headers."""
+    infos: list[TensorInfo] = []
+    for path in checkpoint_files(model_dir):
+        header = read_header(path)
+        for name, entry in header.items():
+            if name != "__metadata__":
+                infos.append(TensorInfo(name, path, tuple(entry["shape"]), entry["dtype"]))
+    return infos
+
+
+def read_header(path: Path) -> dict:
+    """Parse and validate a safetensors header; a truncated or corrupt file is a UserError."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100_000_000:
+                raise ValueError("header length exceeds the file size")
+            header = json.loads(fh.read(n))
+        end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"data ends at byte {8 + n + end} but the file has {size}")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: corrupt or truncated safetensors file ({err}); re-download it") from None
+    return header
+
+
+def load_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read exactly one tensor from its shard."""
+    try:
+        with safe_open(str(info.file), framework="pt") as f:
+            return f.get_tensor(info.name)
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{info.file}: cannot read tensor {info.name} ({err}); re-download the checkpoint") from None
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """Raw little-endian bytes of a tensor (works for bf16, which numpy lacks)."""
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def write_safetensors(
+    dest: Path,
+    entries: Iterable[tuple[str, str, tuple[int, ...], int]],
+    fetch: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Stream a safetensors file: ``entries`` = (name, dtype, shape, nbytes); ``fetch(name)`` gives data.
+
+    Tensors are sorted by name so the file is byte-identical for identical inputs.
+    """
+    entries = sorted(entries)
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for name, _, _, nbytes in entries:
+            data = tensor_bytes(fetch(name))
+            if len(data) != nbytes:
+                raise RuntimeError(f"{name}: expected {nbytes} bytes, got {len(data)}")
+            fh.write(data)
+
+
+def entry_of(name: str, t: torch.Tensor) -> tuple[str, str, tuple[int, ...], int]:
+    return name, DTYPE_NAMES[t.dtype], tuple(t.shape), t.numel() * t.element_size()
+
+
+def save_tensors(dest: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write an in-memory dict of (small) tensors atomically and deterministically."""
+    write_safetensors(dest, [entry_of(k, v) for k, v in tensors.items()], tensors.__getitem__, metadata)
+
+
+def write_index(dest_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """HF sharded-checkpoint index: {metadata: {total_size}, weight_map: {tensor: shard}}."""
+    write_json(dest_dir / INDEX_NAME, {"metadata": {"total_size": total_size},
+                                       "weight_map": dict(sorted(weight_map.items()))})
+
+
+def copy_side_files(src: Path, dest: Path) -> list[str]:
+    """Copy config/tokenizer/etc. files (everything top-level that is not weights) unchanged."""
+    copied = []
+    for path in sorted(src.iterdir()):
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name != INDEX_NAME \
+                and not path.name.startswith("."):
+            with atomic_path(dest / path.name) as tmp:
+                tmp.write_bytes(path.read_bytes())
+            copied.append(path.name)
+    return copied
+
+
+def adapter_key(module: str, which: str) -> str:
+    """PEFT's saved key for a LoRA factor: base_model.model.<module>.lora_A.weight."""
+    return f"base_model.model.{module}.{which}.weight"
+
+
+def adapter_config(*, base_model: str, rank: int, alpha: float, rslora: bool, target_modules: list[str],
+                   fan_in_fan_out: bool, task_type: str | None) -> dict:
+    """adapter_config.json that plain PEFT loads. ``init_lora_weights`` must be true: "pissa" here
+    would make PEFT re-run PiSSA at load time and fail on a 4-bit base."""
+    import peft
+
+    return {
+        "peft_type": "LORA",
+        "base_model_name_or_path": base_model,
+        "task_type": task_type,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "use_rslora": rslora,
+        "target_modules": sorted(target_modules),
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "revision": None,
+        "peft_version": peft.__version__,
+    }
+
+
+def is_within(child: Path, parent: Path) -> bool:
+    """True when ``child`` equals ``parent`` or lies inside it (after resolving links)."""
+    child, parent = Path(os.path.realpath(child)), Path(os.path.realpath(parent))
+    return child == parent or parent in child.parents

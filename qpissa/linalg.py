@@ -1,0 +1,82 @@
+"""Truncated SVD: exact (LAPACK) and randomized (Halko, Martinsson & Tropp 2011, Alg. 4.4).
+
+Both return the top-``rank`` triplet ``(U_r, S_r, Vh_r)`` with ``W ≈ U_r diag(S_r) Vh_r``.
+The randomized variant sketches with ``rank + oversample`` columns, runs ``power_iters``
+subspace iterations with QR re-orthonormalization and uses a seeded generator, so the
+same seed gives the same factors (PEFT's ``pissa_niter_k`` uses no oversampling and no seed).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+SvdMethod = Literal["exact", "randomized"]
+
+
+def exact_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` singular triplets of ``w`` (m×n) from a full thin SVD."""
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (m,k) (k,) (k,n), k=min(m,n)
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+def randomized_svd(
+    w: torch.Tensor, rank: int, oversample: int = 16, power_iters: int = 4, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized range finder + small SVD (Halko et al. 2011).
+
+    Y = W·Ω, Ω ∈ R^{n×(r+p)} Gaussian; q times: Q = qr(Y), Z = qr(WᵀQ), Y = W·Z;
+    Q = qr(Y); B = QᵀW; B = Ũ S Vᵀ; U = Q·Ũ; truncate to r.
+    """
+    m, n = w.shape
+    k = min(rank + oversample, m, n)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, k, generator=gen, dtype=w.dtype).to(w.device)  # (n, k)
+    q, _ = torch.linalg.qr(w @ omega)  # (m, k)
+    for _ in range(power_iters):
+        z, _ = torch.linalg.qr(w.T @ q)  # (n, k)
+        q, _ = torch.linalg.qr(w @ z)  # (m, k)
+    b = q.T @ w  # (k, n)
+    ub, s, vh = torch.linalg.svd(b, full_matrices=False)  # (k,k) (k,) (k,n)
+    u = q @ ub  # (m, k)
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+def top_singular(
+    w: torch.Tensor,
+    rank: int,
+    method: SvdMethod = "exact",
+    oversample: int = 16,
+    power_iters: int = 4,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dispatch to :func:`exact_svd` or :func:`randomized_svd`."""
+    if method == "exact":
+        return exact_svd(w, rank)
+    if method == "randomized":
+        return randomized_svd(w, rank, oversample=oversample, power_iters=power_iters, seed=seed)
+    raise ValueError(f"unknown SVD method {method!r}: use 'exact' or 'randomized'")
+
+
+def low_rank_factors(
+    w: torch.Tensor, rank: int, scale: float, **svd_kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA factors of ``w`` for ΔW = s·B·A: A = diag(√(S_r/s))·V_rᵀ (r×n), B = U_r·diag(√(S_r/s)) (m×r).
+
+    Meng, Wang & Zhang, "PiSSA: Principal Singular Values and Singular Vectors Adaptation" (2024), Eq. 2–3.
+    """
+    u, s, vh = top_singular(w, rank, **svd_kwargs)
+    root = torch.sqrt(s / scale)  # (r,)
+    a = root[:, None] * vh  # (r, n)
+    b = u * root[None, :]  # (m, r)
+    return a, b
+
+
+def error_norms(e: torch.Tensor) -> dict[str, float]:
+    """Nuclear (Σσ), Frobenius (√Σσ²) and spectral (σ_max) norms of an error matrix, from one svdvals."""
+    s = torch.linalg.svdvals(e)  # (min(m, n),)
+    return {
+        "nuclear": float(s.sum()),
+        "frobenius": float(torch.linalg.vector_norm(e)),
+        "spectral": float(s.max()) if s.numel() else 0.0,
+    }

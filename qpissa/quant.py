@@ -1,0 +1,84 @@
+"""NF4 quantization through bitsandbytes: the exact quantizer used at training time.
+
+NF4 (Dettmers et al., "QLoRA", 2023): per block of ``blocksize`` weights, absmax scaling
+and rounding to the nearest of 16 normal-quantile code values. Double quantization stores
+the fp32 absmax as 8-bit with a second-level scale (≈ +2% error). We keep bitsandbytes'
+packed bytes and quant state so what we measure is exactly what the model loads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+ComputeDtype = Literal["bfloat16", "float16", "float32"]
+
+
+@dataclass(frozen=True)
+class NF4Spec:
+    """How a residual is quantized (mirrors transformers' BitsAndBytesConfig 4-bit fields)."""
+
+    blocksize: int = field(default=64, metadata={"help": "weights per absmax block (64 as QLoRA)"})
+    double_quant: bool = field(default=False, metadata={"help": "quantize absmax too (bnb_4bit_use_double_quant)"})
+    compute_dtype: ComputeDtype = field(default="bfloat16", metadata={"help": "bnb_4bit_compute_dtype at load time"})
+
+    def __post_init__(self) -> None:
+        if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+            raise ValueError(f"blocksize {self.blocksize} unsupported: use 64, 128, 256, …, 4096")
+
+
+@dataclass
+class NF4Tensor:
+    """Packed NF4 bytes plus bitsandbytes' quant state, for one (m×n) weight."""
+
+    packed: torch.Tensor  # (m*n/2, 1) uint8
+    state: "object"  # bitsandbytes.functional.QuantState
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.state.shape
+
+    def serialized(self, prefix: str) -> dict[str, torch.Tensor]:
+        """bitsandbytes' checkpoint layout: ``prefix`` → packed, ``prefix.absmax``, ``prefix.quant_map``, …"""
+        out = {prefix: self.packed.cpu()}
+        for key, value in self.state.as_dict(packed=True).items():
+            out[f"{prefix}.{key}"] = value.cpu()
+        return out
+
+
+def quantize_nf4(w: torch.Tensor, spec: NF4Spec = NF4Spec()) -> NF4Tensor:
+    """NF4-quantize ``w`` (m×n, any float dtype) with bitsandbytes; the state records fp32 as dtype."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(
+        w.float().contiguous(), blocksize=spec.blocksize, compress_statistics=spec.double_quant, quant_type="nf4"
+    )
+    return NF4Tensor(packed, state)
+
+
+def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
+    """Dequantize to fp32 exactly as the loaded Linear4bit does."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(q.packed, q.state).float()
+
+
+def nf4_roundtrip(w: torch.Tensor, spec: NF4Spec = NF4Spec()) -> tuple[NF4Tensor, torch.Tensor]:
+    """Quantize and dequantize in one call; returns (packed, deq) with deq in ``w``'s dtype."""
+    q = quantize_nf4(w, spec)
+    return q, dequantize_nf4(q).to(w.dtype)
+
+
+def quantization_config(spec: NF4Spec, skip_modules: list[str]) -> dict:
+    """The ``quantization_config`` block transformers reads from config.json for pre-quantized NF4."""
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": spec.double_quant,
+        "bnb_4bit_compute_dtype": spec.compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": skip_modules,
+    }

@@ -1,0 +1,158 @@
+"""Quantization-error report: per module, per layer type and whole model; JSON, CSV, Markdown, plot.
+
+Reduction (PiSSA paper, §5): 1 − ‖W − deq(Q) − s·B·A‖ / ‖W − deq(NF4(W))‖, for the nuclear
+(headline), Frobenius and spectral norms; model totals are sums of per-module norms. The
+same ratio against LoftQ(T) says how much the method beats LoftQ's initialization.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from qpissa.atomic import atomic_path, write_json, write_text
+from qpissa.errors import UserError
+
+NORMS = ("nuclear", "frobenius", "spectral")
+
+
+def reduction(err: float, baseline: float) -> float:
+    """1 − err / baseline (0 when the baseline is 0)."""
+    return 1.0 - err / baseline if baseline > 0 else 0.0
+
+
+def layer_type(module: str) -> str:
+    """The module name with its block index removed: ``encoder.layer.3.output.dense`` → ``output.dense``."""
+    parts = re.split(r"\.\d+\.", module, maxsplit=1)
+    return parts[-1]
+
+
+def layer_index(module: str) -> int | None:
+    m = re.search(r"\.(\d+)\.", module)
+    return int(m.group(1)) if m else None
+
+
+def _summarize(rows: list[dict]) -> dict:
+    """Sum each error norm over ``rows`` and compute the reductions."""
+    out: dict = {"modules": len(rows)}
+    for which in ("method", "qlora", "loftq"):
+        if all(r.get(which) for r in rows):
+            out[which] = {n: sum(r[which][n] for r in rows) for n in NORMS}
+    for base in ("qlora", "loftq"):
+        if base in out:
+            out[f"reduction_vs_{base}"] = {n: reduction(out["method"][n], out[base][n]) for n in NORMS}
+    return out
+
+
+def build_report(metrics: list[dict], arguments: dict, model: str) -> dict:
+    """Assemble the report dict from per-module metrics (as stored by the decomposition)."""
+    modules = []
+    for m in metrics:
+        row = dict(m, layer_type=layer_type(m["module"]), layer_index=layer_index(m["module"]))
+        for base in ("qlora", "loftq"):
+            if m.get(base):
+                row[f"reduction_vs_{base}"] = {n: reduction(m["method"][n], m[base][n]) for n in NORMS}
+        modules.append(row)
+    by_type = defaultdict(list)
+    for row in modules:
+        by_type[row["layer_type"]].append(row)
+    return {"model": model, "arguments": arguments, "overall": _summarize(modules),
+            "by_layer_type": {k: _summarize(v) for k, v in by_type.items()}, "modules": modules}
+
+
+def to_csv(report: dict) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    header = ["module", "layer_type", "layer_index", "out", "in"]
+    header += [f"{w}_{n}" for w in ("method", "qlora", "loftq") for n in NORMS]
+    header += [f"reduction_vs_{b}_{n}" for b in ("qlora", "loftq") for n in NORMS]
+    writer.writerow(header)
+    for r in report["modules"]:
+        row = [r["module"], r["layer_type"], r["layer_index"], *r["shape"]]
+        row += [f"{r[w][n]:.6g}" if r.get(w) else "" for w in ("method", "qlora", "loftq") for n in NORMS]
+        row += [f"{r[f'reduction_vs_{b}'][n]:.6f}" if r.get(f"reduction_vs_{b}") else ""
+                for b in ("qlora", "loftq") for n in NORMS]
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def _pct(summary: dict, base: str, norm: str) -> str:
+    red = summary.get(f"reduction_vs_{base}")
+    return f"{100 * red[norm]:.2f}%" if red else "—"
+
+
+def summary_rows(report: dict) -> list[list[str]]:
+    """Rows (scope, modules, reductions vs QLoRA and LoftQ per norm) for the overall + per-type table."""
+    rows = []
+    scopes = [("overall", report["overall"])] + sorted(report["by_layer_type"].items())
+    for scope, s in scopes:
+        rows.append([scope, str(s["modules"])] + [_pct(s, b, n) for b in ("qlora", "loftq") for n in NORMS])
+    return rows
+
+
+SUMMARY_HEADER = ["scope", "modules"] + [f"vs {b} ({n})" for b in ("QLoRA", "LoftQ") for n in NORMS]
+
+
+def to_markdown(report: dict) -> str:
+    args = report["arguments"]
+    lines = [f"# Quantization error: {args['method']} r={args['rank']} T={args['iters']}", "",
+             f"Model: `{report['model']}`. Reduction = 1 − ‖W − deq(Q) − s·B·A‖ / ‖W − deq(NF4(W))‖ "
+             "(vs LoftQ: the same ratio against LoftQ(T)'s error); totals sum per-module norms.", "",
+             "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in summary_rows(report)]
+    lines += ["", "## Per module (Frobenius)", "", "| module | shape | error | QLoRA error | vs QLoRA | vs LoftQ |",
+              "|---|---|---|---|---|---|"]
+    for r in report["modules"]:
+        lines.append(f"| {r['module']} | {r['shape'][0]}×{r['shape'][1]} | {r['method']['frobenius']:.4g} | "
+                     f"{r['qlora']['frobenius']:.4g} | {_pct(r, 'qlora', 'frobenius')} | {_pct(r, 'loftq', 'frobenius')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, dest: Path) -> None:
+    """Frobenius error per block index for the method, QLoRA and LoftQ (sum over modules of a block)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    for r in report["modules"]:
+        idx = r["layer_index"] if r["layer_index"] is not None else -1
+        for which in ("method", "qlora", "loftq"):
+            if r.get(which):
+                series[which][idx] += r[which]["frobenius"]
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
+    labels = {"method": report["arguments"]["method"], "qlora": "QLoRA (NF4 of W)", "loftq": "LoftQ"}
+    for which, values in series.items():
+        xs = sorted(values)
+        ax.plot(xs, [values[x] for x in xs], marker="o", label=labels[which])
+    ax.set_xlabel("block index")
+    ax.set_ylabel("Σ ‖W − Ŵ‖_F over the block")
+    ax.set_title(f"Reconstruction error by layer (r={report['arguments']['rank']})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+    plt.close(fig)
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    """Write report.json/csv/md and error_by_layer.png into ``out_dir``."""
+    write_json(out_dir / "report.json", report)
+    write_text(out_dir / "report.csv", to_csv(report))
+    write_text(out_dir / "report.md", to_markdown(report))
+    plot(report, out_dir / "error_by_layer.png")
+
+
+def load_report(out_dir: Path) -> dict:
+    path = Path(out_dir) / "report.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found; run `qpissa decompose` into {out_dir} first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err}); re-run the decomposition") from None

@@ -1,0 +1,99 @@
+"""Which checkpoint tensors are adapter targets: linear layers found on a meta-device model.
+
+Default: every nn.Linear (or GPT-2 Conv1D) inside a transformer block, i.e. whose module
+name has a numeric layer index (``model.layers.3.self_attn.q_proj``, ``encoder.layer.0.output.dense``);
+embeddings, poolers and heads stay out. ``--targets`` takes short names (``q_proj``), full
+module names or regular expressions (full match on the module name).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qpissa.errors import UserError
+from qpissa.formats import TensorInfo
+
+BLOCK_INDEX = re.compile(r"(^|\.)\d+(\.|$)")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapter target: a module, its checkpoint weight and its layout."""
+
+    module: str  # module name in the loaded model, e.g. model.layers.0.self_attn.q_proj
+    weight: TensorInfo  # the checkpoint tensor holding its weight
+    transposed: bool  # True for Conv1D (weight stored in×out)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) as the math sees it."""
+        rows, cols = self.weight.shape
+        return (cols, rows) if self.transposed else (rows, cols)
+
+
+def linear_modules(model_dir: Path) -> tuple[dict[str, bool], str, str | None]:
+    """{module name: is_conv1d} for every linear layer, via a weightless (meta) model; plus the
+    architecture class name and PEFT task type."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as err:  # noqa: BLE001 - any config failure is the user's file
+        raise UserError(f"{model_dir / 'config.json'}: cannot read model config ({err})") from None
+    arch = (config.architectures or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise UserError(f"{model_dir / 'config.json'}: unknown architecture {arch!r}; "
+                        "set 'architectures' to a transformers model class")
+    with torch.device("meta"):
+        model = cls(config)
+    found = {name: isinstance(mod, Conv1D) for name, mod in model.named_modules()
+             if isinstance(mod, (torch.nn.Linear, Conv1D))}
+    task = "CAUSAL_LM" if arch.endswith("ForCausalLM") else None
+    return found, arch, task
+
+
+def _checkpoint_key(module: str, by_name: dict[str, TensorInfo]) -> TensorInfo | None:
+    """The checkpoint tensor for ``module.weight``, tolerating a base-model prefix either way."""
+    key = f"{module}.weight"
+    if key in by_name:
+        return by_name[key]
+    hits = [info for name, info in by_name.items() if name.endswith("." + key) or key.endswith("." + name)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def matches(module: str, patterns: list[str]) -> bool:
+    """Short name (suffix after a dot), exact module name, or a full-match regex."""
+    for pat in patterns:
+        if module == pat or module.endswith("." + pat):
+            return True
+        try:
+            if re.fullmatch(pat, module):
+                return True
+        except re.error:
+            continue
+    return False
+
+
+def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str] | None) -> tuple[list[Target], list[str], str, str | None]:
+    """Resolve targets; returns (targets, non-target linear module names, arch, task type)."""
+    linears, arch, task = linear_modules(model_dir)
+    by_name = {t.name: t for t in tensors}
+    targets, others = [], []
+    for module, conv in linears.items():
+        chosen = matches(module, patterns) if patterns else bool(BLOCK_INDEX.search(module))
+        info = _checkpoint_key(module, by_name) if chosen else None
+        if info is None or len(info.shape) != 2:
+            others.append(module)
+            continue
+        targets.append(Target(module, info, conv))
+    if not targets:
+        what = f"--targets {' '.join(patterns)}" if patterns else "the default (linear layers inside blocks)"
+        raise UserError(f"{model_dir}: no linear layer matches {what}; "
+                        f"examples of names here: {', '.join(list(linears)[:4])}")
+    return targets, others, arch, task
