@@ -1,4 +1,8 @@
-"""qpissa: quantization-aware fine-tuning built around QPiSSA (PiSSA adapters over an NF4 residual)."""
+"""qpissa: quantization-aware fine-tuning built around QPiSSA (PiSSA adapters over an NF4 residual).
+
+Python API mirrors the CLI: ``from qpissa.decompose import decompose``;
+per-tensor functions live in :mod:`qpissa.linalg`, :mod:`qpissa.quant` and :mod:`qpissa.methods`.
+"""
 from __future__ import annotations
 
 __version__ = "0.1.0"

@@ -17,6 +17,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 # Commands register themselves from their own modules (one concept per module).
 # --- command modules (keep this list in sync) ---
 from qpissa import cli_decompose  # noqa: E402,F401
+from qpissa import cli_train  # noqa: E402,F401
+from qpissa import cli_use  # noqa: E402,F401
+from qpissa import cli_plan  # noqa: E402,F401
 # --- end command modules ---
 
 

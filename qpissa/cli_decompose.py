@@ -10,7 +10,7 @@ from rich.table import Table
 
 from qpissa.cli import app
 
-console = Console()
+console = Console(width=None if Console().is_terminal else 130)
 
 
 def print_summary(report: dict) -> None:
@@ -18,9 +18,10 @@ def print_summary(report: dict) -> None:
     from qpissa.report import SUMMARY_HEADER, summary_rows
 
     args = report["arguments"]
-    table = Table(title=f"{args['method']} r={args['rank']} T={args['iters']} — error reduction")
+    table = Table(title=f"{args['method']} r={args['rank']} T={args['iters']}: reduction of ‖W − Ŵ‖ "
+                        "(nuclear, Frobenius, spectral) vs QLoRA and vs LoftQ")
     for col in SUMMARY_HEADER:
-        table.add_column(col, justify="left" if col == "scope" else "right")
+        table.add_column(col, justify="left" if col == "scope" else "right", no_wrap=col != "scope")
     for row in summary_rows(report):
         table.add_row(*row)
     console.print(table)
@@ -47,6 +48,7 @@ def decompose(
     adapter_dtype: str = typer.Option("bfloat16", help="stored adapter dtype"),
     refit: bool = typer.Option(True, help="qpissa: refit A,B on the stored Q"),
     loftq_baseline: bool = typer.Option(True, help="measure LoftQ(T) too (off for speed)"),
+    spectral_norms: bool = typer.Option(True, help="nuclear/spectral norms too (off: Frobenius only, faster)"),
     resume: bool = typer.Option(False, help="continue an interrupted run"),
     overwrite: bool = typer.Option(False, help="replace an existing output"),
     quiet: bool = typer.Option(False, help="no progress bar"),
@@ -61,7 +63,12 @@ def decompose(
     report = run(model, out, method=method, rank=rank, alpha=alpha, rslora=rslora, iters=iters, targets=targets,
                  blocksize=blocksize, double_quant=double_quant, svd=svd, oversample=oversample,
                  power_iters=power_iters, seed=seed, device=device, dtype=dtype, adapter_dtype=adapter_dtype,
-                 refit=refit, loftq_baseline=loftq_baseline, resume=resume, overwrite=overwrite, progress=not quiet)
+                 refit=refit, loftq_baseline=loftq_baseline, spectral_norms=spectral_norms, resume=resume,
+                 overwrite=overwrite, progress=not quiet)
+    from qpissa.distributed import detect
+
+    if not detect().is_main:  # under torchrun every rank returns the report; one table is enough
+        return
     print_summary(report)
     console.print(f"wrote {out}/residual, {out}/adapter, {out}/report.{{json,csv,md}}, {out}/error_by_layer.png")
 

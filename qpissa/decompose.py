@@ -16,11 +16,11 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from qpissa import __version__
+from qpissa import __version__, distributed
 from qpissa.atomic import write_json
 from qpissa.errors import UserError
 from qpissa.formats import (TensorInfo, adapter_config, adapter_key, copy_side_files, entry_of,
@@ -56,6 +56,7 @@ class DecomposeConfig:
     adapter_dtype: str = field(default="bfloat16", metadata={"help": "stored adapter dtype"})
     refit: bool = field(default=True, metadata={"help": "qpissa: final refit of A,B on the stored Q"})
     loftq_baseline: bool = field(default=True, metadata={"help": "also measure LoftQ(T) as a baseline"})
+    spectral_norms: bool = field(default=True, metadata={"help": "nuclear + spectral norms (one svdvals each)"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
     resume: bool = False
     overwrite: bool = False
@@ -92,8 +93,8 @@ class DecomposeConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_ONLY_FIELDS}
 
 
-def _prepare_out(model_dir: Path, out_dir: Path, cfg: DecomposeConfig) -> dict | None:
-    """Check MODEL/OUT; return the manifest to resume from, if any."""
+def _prepare_out(model_dir: Path, out_dir: Path, cfg: DecomposeConfig, wipe: bool = True) -> dict | None:
+    """Check MODEL/OUT; return the manifest to resume from, if any (``wipe``: this process clears for --overwrite)."""
     if not model_dir.is_dir():
         raise UserError(f"model directory {model_dir} does not exist or is not a directory")
     if not (model_dir / "config.json").is_file():
@@ -104,7 +105,7 @@ def _prepare_out(model_dir: Path, out_dir: Path, cfg: DecomposeConfig) -> dict |
         raise UserError(f"output {out_dir} exists and is not a directory")
     manifest_path = out_dir / "manifest.json"
     if cfg.overwrite:
-        for name in OUTPUTS:
+        for name in OUTPUTS if wipe else ():
             p = out_dir / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         return None
@@ -146,14 +147,14 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig) -> t
     if init.residual is not None:  # measure what is stored: the residual in the checkpoint's dtype
         init.residual = init.residual.to(_source_dtype(target))
     metrics = {"module": target.module, "tensor": target.weight.name, "shape": list(target.shape),
-               "method": error_norms(w - init.reconstruction().to(dtype)),
-               "qlora": error_norms(w - nf4_roundtrip(w, spec)[1]),
+               "method": error_norms(w - init.reconstruction().to(dtype), cfg.spectral_norms),
+               "qlora": error_norms(w - nf4_roundtrip(w, spec)[1], cfg.spectral_norms),
                "info": init.info}
     if cfg.method == "loftq":
         metrics["loftq"] = metrics["method"]
     elif cfg.loftq_baseline:
         baseline = loftq(w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype)
-        metrics["loftq"] = error_norms(w - baseline.reconstruction().to(dtype))
+        metrics["loftq"] = error_norms(w - baseline.reconstruction().to(dtype), cfg.spectral_norms)
     name = target.weight.name
     if init.quantized is not None:
         tensors = init.quantized.serialized(name)
@@ -173,40 +174,83 @@ def decompose(model_dir: str | Path | None = None, out_dir: str | Path = "out", 
     """Decompose every target weight of ``model_dir`` into OUT/residual + OUT/adapter; returns the report.
 
     ``model_dir=None`` uses the embedded default, all-MiniLM-L6-v2. Keyword arguments are
-    :class:`DecomposeConfig` fields.
+    :class:`DecomposeConfig` fields. Under ``torchrun``/``accelerate launch`` the targets are split
+    across ranks (see :mod:`qpissa.distributed`); the files written are those of a single process
+    and every rank returns the same report.
     """
-    from qpissa.report import build_report, write_report
-
     cfg = DecomposeConfig(**kwargs)
     cfg.validate()
-    model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-    out_dir = Path(out_dir)
-    manifest = _prepare_out(model_dir, out_dir, cfg)
-    tensors = scan_checkpoint(model_dir)
-    targets, others, arch, task = find_targets(model_dir, tensors, cfg.targets)
-    for t in targets:
-        if cfg.rank >= min(t.shape):
-            raise UserError(f"{t.weight.file}: rank {cfg.rank} >= min{t.shape} of tensor {t.weight.name}; "
-                            "choose a smaller --rank or exclude it with --targets")
+    with distributed.session(cfg.device) as d:
+        cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device, d))
+        return _decompose(model_dir, Path(out_dir), cfg, d)
+
+
+def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig, d: distributed.Dist) -> dict:
+    from qpissa.report import build_report, write_report
+
+    try:  # every rank checks the same inputs before any rank writes
+        model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        manifest = _prepare_out(model_dir, out_dir, cfg, wipe=d.is_main)
+        tensors = scan_checkpoint(model_dir)
+        targets, others, arch, task = find_targets(model_dir, tensors, cfg.targets)
+        for t in targets:
+            if cfg.rank >= min(t.shape):
+                raise UserError(f"{t.weight.file}: rank {cfg.rank} >= min{t.shape} of tensor {t.weight.name}; "
+                                "choose a smaller --rank or exclude it with --targets")
+    except UserError as err:
+        distributed.agree(d, str(err))
+        raise
+    distributed.agree(d, None)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts_dir = out_dir / ".parts"
     parts_dir.mkdir(exist_ok=True)
+    known = distributed.known_parts(out_dir) if manifest is not None else {}  # resume: parts of any earlier run
     if manifest is None:
         manifest = {"qpissa_version": __version__, "versions": _versions(), "model": str(model_dir.resolve()),
                     "arguments": cfg.identity(), "architecture": arch, "status": "running", "tensors": {}}
-    write_json(out_dir / "manifest.json", manifest)
-    metrics = _run_targets(targets, cfg, parts_dir, out_dir, manifest)
+    manifest["tensors"].update(known)
+    if d.is_main:
+        write_json(out_dir / "manifest.json", manifest)
+    distributed.agree(d, None)  # manifest.json exists before any rank writes a part (a resume needs it)
+    if not d.enabled:
+        metrics = _run_targets(targets, cfg, parts_dir, out_dir / "manifest.json", manifest, range(len(targets)))
+        distributed.remove_fragments(parts_dir)
+    else:
+        _run_rank(targets, cfg, parts_dir, known, d)
+        if not d.is_main:  # rank 0 assembles; the others wait for its report
+            return distributed.broadcast(d, None)
+        manifest["tensors"] = distributed.merge_fragments(parts_dir, d.world_size, [t.module for t in targets])
+        write_json(out_dir / "manifest.json", manifest)
+        distributed.remove_fragments(parts_dir)
+        metrics = [manifest["tensors"][t.module]["metrics"] for t in targets]
     _assemble(model_dir, out_dir, tensors, targets, others, cfg, task)
     report = build_report(metrics, cfg.identity(), str(model_dir))
     write_report(report, out_dir)
     manifest["status"] = "complete"
     write_json(out_dir / "manifest.json", manifest)
-    return report
+    return distributed.broadcast(d, report)
 
 
-def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, out_dir: Path,
-                 manifest: dict) -> list[dict]:
-    """Process each target not already done (resume), with a progress bar; returns per-module metrics."""
+def _run_rank(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, known: dict[str, dict],
+              d: distributed.Dist) -> None:
+    """One rank of several: process the targets it owns, journaling to its own manifest fragment."""
+    mine = distributed.owned([t.shape for t in targets], d)
+    fragment = {"rank": d.rank, "world_size": d.world_size,
+                "tensors": {targets[i].module: known[targets[i].module] for i in mine if targets[i].module in known}}
+    journal = distributed.fragment_path(parts_dir, d.rank)
+    error = None
+    try:
+        _run_targets(targets, cfg, parts_dir, journal, fragment, mine, label=f"[rank {d.rank}/{d.world_size}] ")
+    except UserError as err:
+        error = str(err)
+    write_json(journal, fragment)  # even when nothing was new: rank 0 merges exactly these fragments
+    distributed.agree(d, error)  # the barrier: every fragment is written once this returns
+
+
+def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, journal: Path, manifest: dict,
+                 indices: Sequence[int], label: str = "") -> list[dict]:
+    """Process targets ``indices`` not already done (resume), journaling ``manifest`` to ``journal``
+    after each; with a progress bar; returns their metrics."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
@@ -214,21 +258,22 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, o
                TextColumn("eta"), TimeRemainingColumn())
     metrics: list[dict] = []
     with Progress(*columns, disable=not cfg.progress, transient=False) as bar:
-        task = bar.add_task(f"{cfg.method} r={cfg.rank}", total=len(targets))
-        for index, target in enumerate(targets):
+        task = bar.add_task(f"{label}{cfg.method} r={cfg.rank}", total=len(indices))
+        for index in indices:
+            target = targets[index]
             part = parts_dir / _part_name(index)
             done = manifest["tensors"].get(target.module)
             if done and part.exists() and done.get("sha256") == _sha256(part):
                 metrics.append(done["metrics"])
                 bar.advance(task)
                 continue
-            bar.update(task, description=f"{cfg.method} {target.module}")
+            bar.update(task, description=f"{label}{cfg.method} {target.module}")
             start = time.perf_counter()
             tensors, m = decompose_tensor(target, load_tensor(target.weight), cfg)
             save_tensors(part, tensors)
             manifest["tensors"][target.module] = {"part": part.name, "sha256": _sha256(part), "metrics": m,
                                                   "seconds": round(time.perf_counter() - start, 4)}
-            write_json(out_dir / "manifest.json", manifest)
+            write_json(journal, manifest)
             metrics.append(m)
             bar.advance(task)
     return metrics
@@ -278,7 +323,7 @@ def _assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets
     save_tensors(adapter_dir / "adapter_model.safetensors", adapter)
     alpha = float(cfg.rank if cfg.alpha is None else cfg.alpha)
     write_json(adapter_dir / "adapter_config.json", adapter_config(
-        base_model=str(model_dir.resolve()), rank=cfg.rank, alpha=alpha, rslora=cfg.rslora,
+        base_model=str(residual_dir.resolve()), rank=cfg.rank, alpha=alpha, rslora=cfg.rslora,
         target_modules=[t.module for t in targets], fan_in_fan_out=any(t.transposed for t in targets),
         task_type=task))
 

@@ -14,10 +14,20 @@ import torch
 SvdMethod = Literal["exact", "randomized"]
 
 
+def canonical_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each (u_i, v_i) pair so u_i's largest-magnitude entry is positive: the factors then do not
+    depend on the LAPACK build or thread count's sign choice."""
+    idx = u.abs().argmax(dim=0)  # (r,)
+    sign = torch.sign(u[idx, torch.arange(u.shape[1], device=u.device)])  # (r,)
+    sign[sign == 0] = 1
+    return u * sign[None, :], vh * sign[:, None]
+
+
 def exact_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of ``w`` (m×n) from a full thin SVD."""
     u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (m,k) (k,) (k,n), k=min(m,n)
-    return u[:, :rank], s[:rank], vh[:rank]
+    u, vh = canonical_signs(u[:, :rank], vh[:rank])
+    return u, s[:rank], vh
 
 
 def randomized_svd(
@@ -39,7 +49,8 @@ def randomized_svd(
     b = q.T @ w  # (k, n)
     ub, s, vh = torch.linalg.svd(b, full_matrices=False)  # (k,k) (k,) (k,n)
     u = q @ ub  # (m, k)
-    return u[:, :rank], s[:rank], vh[:rank]
+    u, vh = canonical_signs(u[:, :rank], vh[:rank])
+    return u, s[:rank], vh
 
 
 def top_singular(
@@ -72,8 +83,13 @@ def low_rank_factors(
     return a, b
 
 
-def error_norms(e: torch.Tensor) -> dict[str, float]:
-    """Nuclear (Σσ), Frobenius (√Σσ²) and spectral (σ_max) norms of an error matrix, from one svdvals."""
+def error_norms(e: torch.Tensor, spectrum: bool = True) -> dict[str, float | None]:
+    """Nuclear (Σσ), Frobenius (√Σσ²) and spectral (σ_max) norms of an error matrix, from one svdvals.
+
+    ``spectrum=False`` skips the svdvals (as costly as an exact SVD on 8192×28672) and gives only Frobenius.
+    """
+    if not spectrum:
+        return {"nuclear": None, "frobenius": float(torch.linalg.vector_norm(e)), "spectral": None}
     s = torch.linalg.svdvals(e)  # (min(m, n),)
     return {
         "nuclear": float(s.sum()),

@@ -19,9 +19,15 @@ from qpissa.errors import UserError
 NORMS = ("nuclear", "frobenius", "spectral")
 
 
-def reduction(err: float, baseline: float) -> float:
-    """1 − err / baseline (0 when the baseline is 0)."""
+def reduction(err: float | None, baseline: float | None) -> float | None:
+    """1 − err / baseline (0 when the baseline is 0; None when a norm was not measured)."""
+    if err is None or baseline is None:
+        return None
     return 1.0 - err / baseline if baseline > 0 else 0.0
+
+
+def _total(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else sum(values)
 
 
 def layer_type(module: str) -> str:
@@ -40,7 +46,7 @@ def _summarize(rows: list[dict]) -> dict:
     out: dict = {"modules": len(rows)}
     for which in ("method", "qlora", "loftq"):
         if all(r.get(which) for r in rows):
-            out[which] = {n: sum(r[which][n] for r in rows) for n in NORMS}
+            out[which] = {n: _total([r[which].get(n) for r in rows]) for n in NORMS}
     for base in ("qlora", "loftq"):
         if base in out:
             out[f"reduction_vs_{base}"] = {n: reduction(out["method"][n], out[base][n]) for n in NORMS}
@@ -54,7 +60,7 @@ def build_report(metrics: list[dict], arguments: dict, model: str) -> dict:
         row = dict(m, layer_type=layer_type(m["module"]), layer_index=layer_index(m["module"]))
         for base in ("qlora", "loftq"):
             if m.get(base):
-                row[f"reduction_vs_{base}"] = {n: reduction(m["method"][n], m[base][n]) for n in NORMS}
+                row[f"reduction_vs_{base}"] = {n: reduction(m["method"].get(n), m[base].get(n)) for n in NORMS}
         modules.append(row)
     by_type = defaultdict(list)
     for row in modules:
@@ -72,16 +78,19 @@ def to_csv(report: dict) -> str:
     writer.writerow(header)
     for r in report["modules"]:
         row = [r["module"], r["layer_type"], r["layer_index"], *r["shape"]]
-        row += [f"{r[w][n]:.6g}" if r.get(w) else "" for w in ("method", "qlora", "loftq") for n in NORMS]
-        row += [f"{r[f'reduction_vs_{b}'][n]:.6f}" if r.get(f"reduction_vs_{b}") else ""
-                for b in ("qlora", "loftq") for n in NORMS]
+        row += [_fmt(r.get(w, {}).get(n), ".6g") for w in ("method", "qlora", "loftq") for n in NORMS]
+        row += [_fmt(r.get(f"reduction_vs_{b}", {}).get(n), ".6f") for b in ("qlora", "loftq") for n in NORMS]
         writer.writerow(row)
     return buf.getvalue()
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
 def _pct(summary: dict, base: str, norm: str) -> str:
-    red = summary.get(f"reduction_vs_{base}")
-    return f"{100 * red[norm]:.2f}%" if red else "—"
+    value = (summary.get(f"reduction_vs_{base}") or {}).get(norm)
+    return "—" if value is None else f"{100 * value:.2f}%"
 
 
 def summary_rows(report: dict) -> list[list[str]]:
@@ -93,7 +102,7 @@ def summary_rows(report: dict) -> list[list[str]]:
     return rows
 
 
-SUMMARY_HEADER = ["scope", "modules"] + [f"vs {b} ({n})" for b in ("QLoRA", "LoftQ") for n in NORMS]
+SUMMARY_HEADER = ["scope", "modules"] + [f"vs {b} {n[:4]}" for b in ("QLoRA", "LoftQ") for n in NORMS]
 
 
 def to_markdown(report: dict) -> str:

@@ -58,3 +58,68 @@ def gsm8k_dir() -> Path:
     if not (d / "train.jsonl").exists():
         pytest.skip(f"GSM8K asset absent: {d}")
     return d
+
+
+@pytest.fixture(scope="session")
+def smollm2_decomposed(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """Real ``decompose`` outputs of SmolLM2 for pissa and qpissa (r=8, randomized SVD, 5 modules of layers 0-1), with a
+    deterministic "trained" adapter: A and B moved by 5% of their std (seeded), stored bf16 like a real run.
+
+    Returns {method: {"out", "residual", "init", "trained"}}. Shared by the convert/merge/eval tests.
+    """
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from qpissa.decompose import decompose
+    from qpissa.formats import save_tensors
+
+    root = tmp_path_factory.mktemp("smollm2_decomposed")
+    targets = [r"model\.layers\.[01]\.self_attn\.(q|v)_proj", r"model\.layers\.1\.mlp\.down_proj"]
+    runs: dict[str, dict[str, Path]] = {}
+    for method in ("pissa", "qpissa"):
+        out = root / method
+        decompose(smollm2_dir, out, method=method, rank=8, targets=targets, svd="randomized", loftq_baseline=False,
+                  progress=False)
+        trained = root / f"{method}_trained"
+        gen = torch.Generator().manual_seed(1234)
+        tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+        moved = {k: (v.float() + 0.05 * v.float().std() * torch.randn(v.shape, generator=gen)).to(v.dtype)
+                 for k, v in sorted(tensors.items())}
+        save_tensors(trained / "adapter_model.safetensors", moved)
+        shutil.copy(out / "adapter" / "adapter_config.json", trained / "adapter_config.json")
+        assert json.loads((trained / "adapter_config.json").read_text())["init_lora_weights"] is True
+        runs[method] = {"out": out, "residual": out / "residual", "init": out / "adapter", "trained": trained}
+    return runs
+
+
+@pytest.fixture(scope="session")
+def load_fp32():
+    """``load_fp32(model_dir, adapter=None)``: plain ``from_pretrained`` (+ ``PeftModel``), then all compute in fp32.
+
+    Needed for exact comparisons: transformers keeps the non-quantized tensors of a pre-quantized NF4 checkpoint
+    in bf16 whatever ``dtype=`` says, and bitsandbytes' CPU path (AVX512-BF16 machines) multiplies 4-bit
+    weights in bf16 in eval mode even with ``compute_dtype=float32``.
+    """
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def load(model_dir, adapter=None):
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        for mod in model.modules():
+            if isinstance(mod, bnb.nn.Linear4bit):
+                mod.compute_dtype = torch.float32
+                mod.support_avx512bf16_for_cpu = False
+        for p in model.parameters():
+            if not isinstance(p, bnb.nn.Params4bit) and p.is_floating_point():
+                p.data = p.data.float()
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter))
+        return model.eval()
+
+    return load

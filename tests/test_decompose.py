@@ -52,8 +52,19 @@ def plain_load(tmp: Path, residual: Path, adapter: Path, auto: str = "AutoModel"
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    """sha256 of every output file; adapter_config's base model path (OUT/residual) is made relative."""
+    digests = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.name == "manifest.json":
+            continue
+        data = p.read_bytes()
+        if p.name == "adapter_config.json":
+            cfg = json.loads(data)
+            assert Path(cfg["base_model_name_or_path"]) == (root / "residual").resolve()
+            cfg["base_model_name_or_path"] = "OUT/residual"
+            data = json.dumps(cfg, sort_keys=True).encode()
+        digests[str(p.relative_to(root))] = hashlib.sha256(data).hexdigest()
+    return digests
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +209,43 @@ def test_llama_sharded_checkpoint(smollm2_dir, tmp_path):
         for module, r in rec.items():
             err = float(torch.linalg.vector_norm(f.get_tensor(f"{module}.weight").float() - r))
             assert err == pytest.approx(by_module[module]["method"]["frobenius"], rel=1e-4)
+
+
+def test_gpt2_conv1d_layout(tmp_path):
+    """GPT-2 stores Conv1D weights in×out: the NF4 residual must be out×in for Linear4bit, fan_in_fan_out set."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0,
+                     eos_token_id=0)
+    cfg.architectures = ["GPT2LMHeadModel"]
+    src = tmp_path / "gpt2"
+    GPT2LMHeadModel(cfg).save_pretrained(src)
+    report = decompose(src, tmp_path / "out", method="qpissa", rank=4, iters=2, progress=False)
+    assert json.loads((tmp_path / "out/adapter/adapter_config.json").read_text())["fan_in_fan_out"] is True
+    rec = plain_load(tmp_path, tmp_path / "out/residual", tmp_path / "out/adapter", auto="AutoModelForCausalLM")
+    by_module = {m["module"]: m for m in report["modules"]}
+    assert set(rec) == set(by_module) and len(rec) == 8
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        for module, r in rec.items():
+            w = f.get_tensor(f"{module}.weight").float().T  # Conv1D: (in, out) → (out, in)
+            err = float(torch.linalg.vector_norm(w - r))
+            assert err == pytest.approx(by_module[module]["method"]["frobenius"], rel=1e-4), module
+            assert err < by_module[module]["qlora"]["frobenius"]
+
+
+def test_report_command_regenerates_identical_files(minilm_t5, monkeypatch, capsys):
+    from qpissa.cli import main
+
+    before = {f: (minilm_t5 / f).read_bytes() for f in ("report.json", "report.csv", "report.md")}
+    (minilm_t5 / "report.md").unlink()
+    monkeypatch.setattr(sys, "argv", ["qpissa", "report", str(minilm_t5)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "overall" in out and "vs QLoRA" in out
+    assert {f: (minilm_t5 / f).read_bytes() for f in before} == before
+    md = before["report.md"].decode()
+    t5 = json.loads(before["report.json"])["overall"]
+    assert f"{100 * t5['reduction_vs_qlora']['nuclear']:.2f}%" in md

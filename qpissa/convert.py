@@ -1,0 +1,200 @@
+"""PiSSA → LoRA conversion: a trained PiSSA/QPiSSA adapter as a plain LoRA on the *original* model.
+
+PiSSA (Meng et al. 2024, §3 and App. "Converting PiSSA to LoRA") starts from W = R + s·B₀A₀ and trains
+(A, B) on the frozen residual R, so the fine-tuned weight is R + s·B·A. Its change against the original
+weight is
+
+    ΔW = s·B·A − s·B₀·A₀ = s·B′·A′,   A′ = [A; A₀] (2r×n),   B′ = [B, −B₀] (m×2r),
+
+a rank-2r LoRA that needs no residual: W + s·B′A′ = R + s·B·A. The scale is kept by the new α′:
+s = α/r → α′ = 2α (α′/2r = α/r); rsLoRA s = α/√r → α′ = √2·α (α′/√(2r) = α/√r); per-module
+``rank_pattern`` entries double and ``alpha_pattern`` entries scale the same way (PEFT doubles them even
+under rsLoRA, which changes s — see PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=…)``).
+
+QPiSSA: the trained model is deq(Q) + s·B·A with Q = NF4(W − s·B₀A₀). The converted LoRA gives
+W + s·B′A′, which differs from it by exactly the initialization error E = W − deq(Q) − s·B₀A₀ for every
+module, independent of training. The conversion is exact; the quantized model it came from is not W.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from qpissa.atomic import write_json
+from qpissa.errors import UserError
+from qpissa.formats import is_within, save_tensors
+
+OutDType = Literal["same", "bfloat16", "float16", "float32"]
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+
+
+@dataclass
+class ConvertConfig:
+    dtype: OutDType = field(default="same", metadata={"help": "dtype of the written factors ('same' = trained's)"})
+    base_model: str | None = field(default=None, metadata={
+        "help": "base_model_name_or_path to record (the ORIGINAL model); default: found beside the init adapter"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing adapter in the output dir"})
+
+
+@dataclass
+class Adapter:
+    """A PEFT LoRA adapter dir in memory: its config and {module: (A (r×n), B (m×r))} plus other tensors."""
+
+    path: Path
+    config: dict[str, Any]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    extra: dict[str, torch.Tensor]  # tensors that are not LoRA factors (e.g. modules_to_save), kept as is
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    """Read ``adapter_config.json`` + ``adapter_model.safetensors``; keys ``base_model.model.<module>.lora_A.weight``."""
+    path = Path(path)
+    cfg_path, weights = path / "adapter_config.json", path / ADAPTER_WEIGHTS
+    if not cfg_path.exists():
+        raise UserError(f"{path}: no adapter_config.json; give a PEFT LoRA adapter directory")
+    if not weights.exists():
+        hint = " (re-save with safe_serialization=True)" if (path / "adapter_model.bin").exists() else ""
+        raise UserError(f"{path}: no {ADAPTER_WEIGHTS}{hint}")
+    config = json.loads(cfg_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{cfg_path}: peft_type {config.get('peft_type')!r}; only LoRA adapters are supported")
+    for flag in ("use_dora", "lora_bias"):
+        if config.get(flag):
+            raise UserError(f"{cfg_path}: {flag}=true is not supported; train without it")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{weights}: cannot read ({err}); re-save the adapter") from None
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    extra = {}
+    for key, value in tensors.items():
+        m = _FACTOR.match(key)
+        if m is None:
+            extra[key] = value
+            continue
+        module = m.group("module").removeprefix("base_model.model.")
+        halves.setdefault(module, {})[m.group("which")] = value
+    factors = {}
+    for module, pair in sorted(halves.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise UserError(f"{weights}: module {module} has only {sorted(pair)}; the adapter file is incomplete")
+        a, b = pair["lora_A"], pair["lora_B"]  # (r, n), (m, r)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise UserError(f"{weights}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                            "only linear LoRA factors (r×n, m×r) are supported")
+        factors[module] = (a, b)
+    if not factors:
+        raise UserError(f"{weights}: no lora_A/lora_B tensors found")
+    return Adapter(path, config, factors, extra)
+
+
+def _pattern_value(pattern: dict[str, Any] | None, module: str, default: Any) -> Any:
+    """PEFT's per-module override: the first key that matches ``(.*\\.)?key$`` (peft.utils.get_pattern_key)."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def module_scale(config: dict[str, Any], module: str) -> float:
+    """s for one module as PEFT computes it: α/r, or α/√r with ``use_rslora`` (patterns applied)."""
+    r = _pattern_value(config.get("rank_pattern"), module, config["r"])
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def converted_config(config: dict[str, Any], base_model: str | None) -> dict[str, Any]:
+    """adapter_config.json of the rank-2r LoRA: r′ = 2r and α′ chosen so that every module keeps its s."""
+    grow = math.sqrt(2.0) if config.get("use_rslora") else 2.0
+    out = dict(config)
+    out["r"] = 2 * config["r"]
+    out["lora_alpha"] = config.get("lora_alpha", config["r"]) * grow
+    out["rank_pattern"] = {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()}
+    out["alpha_pattern"] = {k: v * grow for k, v in (config.get("alpha_pattern") or {}).items()}
+    out["init_lora_weights"] = True
+    out["inference_mode"] = True
+    if base_model is not None:
+        out["base_model_name_or_path"] = base_model
+    return out
+
+
+def convert_factors(trained: tuple[torch.Tensor, torch.Tensor], init: tuple[torch.Tensor, torch.Tensor],
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A′, B′) = ([A; A₀], [B, −B₀]) in fp32, cast to ``dtype``; B′A′ = BA − B₀A₀."""
+    (a, b), (a0, b0) = trained, init
+    a_new = torch.cat([a.float(), a0.float()], dim=0)  # (2r, n)
+    b_new = torch.cat([b.float(), -b0.float()], dim=1)  # (m, 2r)
+    return a_new.to(dtype).contiguous(), b_new.to(dtype).contiguous()
+
+
+def _check_compatible(trained: Adapter, init: Adapter) -> None:
+    keys = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
+    for key in keys:
+        t, i = trained.config.get(key) or None, init.config.get(key) or None
+        if t != i:
+            raise UserError(f"{trained.path} and {init.path} differ in {key} ({t!r} vs {i!r}); "
+                            "--init must be the adapter this run started from")
+    if set(trained.factors) != set(init.factors):
+        only = sorted(set(trained.factors) ^ set(init.factors))[0]
+        raise UserError(f"{trained.path} and {init.path} adapt different modules (e.g. {only}); "
+                        "--init must be the adapter this run started from")
+    for module, (a, b) in trained.factors.items():
+        a0, b0 = init.factors[module]
+        if a.shape != a0.shape or b.shape != b0.shape:
+            raise UserError(f"{module}: trained A/B {tuple(a.shape)}/{tuple(b.shape)} vs init "
+                            f"{tuple(a0.shape)}/{tuple(b0.shape)}; --init must match the trained adapter")
+
+
+def original_model_of(init_dir: Path) -> str | None:
+    """The original checkpoint a decompose output came from (``OUT/manifest.json`` or ``OUT/report.json``)."""
+    for name in ("manifest.json", "report.json"):
+        path = init_dir.parent / name
+        if path.exists():
+            try:
+                meta = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                continue
+            for key in ("model_dir", "model", "source_model", "base_model"):
+                value = meta.get(key) if isinstance(meta, dict) else None
+                if isinstance(value, str) and Path(value).is_dir():
+                    return str(Path(value).resolve())
+    return None
+
+
+def convert_pissa_to_lora(trained_dir: str | Path, init_dir: str | Path, out_dir: str | Path,
+                          cfg: ConvertConfig = ConvertConfig()) -> dict[str, Any]:
+    """Write the rank-2r LoRA equivalent of ``trained_dir`` − ``init_dir`` to ``out_dir``; returns a summary."""
+    trained, init = read_adapter(trained_dir), read_adapter(init_dir)
+    out = Path(out_dir)
+    for src in (trained.path, init.path):
+        if is_within(out, src) or is_within(src, out):
+            raise UserError(f"--output {out} overlaps input {src}; choose a new directory")
+    if (out / "adapter_config.json").exists() and not cfg.overwrite:
+        raise UserError(f"{out} already holds an adapter; pass --overwrite or choose a new directory")
+    _check_compatible(trained, init)
+    tensors: dict[str, torch.Tensor] = {}
+    for module, pair in trained.factors.items():
+        dtype = pair[0].dtype if cfg.dtype == "same" else getattr(torch, cfg.dtype)
+        a_new, b_new = convert_factors(pair, init.factors[module], dtype)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a_new
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b_new
+    tensors.update(trained.extra)
+    base = cfg.base_model or original_model_of(init.path)
+    config = converted_config(trained.config, base)
+    save_tensors(out / ADAPTER_WEIGHTS, tensors)
+    write_json(out / "adapter_config.json", config)  # last: a dir with a config is a complete adapter
+    return {"output": str(out), "modules": len(trained.factors), "r": trained.config["r"], "r_new": config["r"],
+            "lora_alpha": trained.config.get("lora_alpha"), "lora_alpha_new": config["lora_alpha"],
+            "use_rslora": bool(trained.config.get("use_rslora")),
+            "scale": module_scale(trained.config, next(iter(trained.factors))),
+            "extra_tensors": sorted(trained.extra), "base_model_name_or_path": config.get("base_model_name_or_path"),
+            "base_model_found": base is not None}
