@@ -156,6 +156,8 @@ def main() -> None:
     parser.add_argument("--smollm2", type=Path, default=Path.home() / ".cache/qpissa-test-assets/smollm2-135m-instruct")
     parser.add_argument("--quick", action="store_true", help="ranks 8,16 only; SmolLM2 every 10th layer")
     parser.add_argument("--skip-paths", action="store_true")
+    parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--output", type=Path, default=RESULTS / "decompose.json")
     args = parser.parse_args()
     minilm = default_model_dir()
     models = [("all-MiniLM-L6-v2", minilm, "AutoModel", 1)]
@@ -180,7 +182,7 @@ def main() -> None:
                       f"{p['error_ratio_ours_over_peft']:.4f}")
         console.print(t)
     start = time.perf_counter()
-    for name, d, _, nth in models:
+    for name, d, _, nth in models if not args.skip_sweep else ():
         result["sweep"] += sweep(name, d, ranks, nth)
     result["sweep_seconds"] = time.perf_counter() - start
     t = Table(title="error reduction vs QLoRA (NF4 of W), exact SVD, blocksize 64, α = r")
@@ -190,9 +192,8 @@ def main() -> None:
         t.add_row(row["model"], str(row["modules"]), str(row["rank"]), row["variant"],
                   f"{100 * row['reduction_frobenius']:.1f}%", f"{100 * row['reduction_nuclear']:.1f}%")
     console.print(t)
-    RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / "decompose.json", result)
-    console.print(f"wrote {RESULTS / 'decompose.json'}")
+    write_json(args.output, result)
+    console.print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

@@ -31,17 +31,23 @@ def exact_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def randomized_svd(
-    w: torch.Tensor, rank: int, oversample: int = 16, power_iters: int = 4, seed: int = 0
+    w: torch.Tensor, rank: int, oversample: int = 16, power_iters: int = 4, seed: int = 0,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Randomized range finder + small SVD (Halko et al. 2011).
 
     Y = W·Ω, Ω ∈ R^{n×(r+p)} Gaussian; q times: Q = qr(Y), Z = qr(WᵀQ), Y = W·Z;
     Q = qr(Y); B = QᵀW; B = Ũ S Vᵀ; U = Q·Ũ; truncate to r.
+    ``start`` (r'×n, r' ≤ r + oversample): rows spanning a nearby right subspace (the previous
+    iterate's A in QPiSSA/LoftQ); they replace part of Ω and one power iteration suffices.
     """
     m, n = w.shape
     k = min(rank + oversample, m, n)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, k, generator=gen, dtype=w.dtype).to(w.device)  # (n, k)
+    if start is not None:  # warm start: a row space close to the answer needs one power iteration
+        omega[:, : start.shape[0]] = start.T.to(omega)
+        power_iters = min(power_iters, 1)
     q, _ = torch.linalg.qr(w @ omega)  # (m, k)
     for _ in range(power_iters):
         z, _ = torch.linalg.qr(w.T @ q)  # (n, k)
@@ -60,12 +66,13 @@ def top_singular(
     oversample: int = 16,
     power_iters: int = 4,
     seed: int = 0,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dispatch to :func:`exact_svd` or :func:`randomized_svd`."""
+    """Dispatch to :func:`exact_svd` or :func:`randomized_svd` (``start`` only matters for the latter)."""
     if method == "exact":
         return exact_svd(w, rank)
     if method == "randomized":
-        return randomized_svd(w, rank, oversample=oversample, power_iters=power_iters, seed=seed)
+        return randomized_svd(w, rank, oversample=oversample, power_iters=power_iters, seed=seed, start=start)
     raise ValueError(f"unknown SVD method {method!r}: use 'exact' or 'randomized'")
 
 

@@ -61,9 +61,12 @@ def adapter_scale(rank: int, alpha: float | None, rslora: bool = False) -> float
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-def _fit(target: torch.Tensor, rank: int, scale: float, svd: SvdOptions, dtype: torch.dtype):
-    """Best rank-r factors of ``target`` (Eckart–Young), cast to the adapter dtype."""
-    a, b = low_rank_factors(target, rank, scale, **svd.kwargs())
+def _fit(target: torch.Tensor, rank: int, scale: float, svd: SvdOptions, dtype: torch.dtype,
+         start: torch.Tensor | None = None):
+    """Best rank-r factors of ``target`` (Eckart–Young), cast to the adapter dtype; ``start`` (the previous
+    A) warm-starts a randomized SVD."""
+    a, b = low_rank_factors(target, rank, scale, start=None if start is None else start.to(target.dtype),
+                            **svd.kwargs())
     return a.to(dtype), b.to(dtype)
 
 
@@ -116,8 +119,9 @@ def qpissa(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF
     deq = torch.zeros_like(w)
     best: tuple[float, torch.Tensor, torch.Tensor, NF4Tensor] | None = None
     history = []
+    a = None
     for _ in range(iters):
-        a, b = _fit(w - deq, rank, scale, svd, adapter_dtype)
+        a, b = _fit(w - deq, rank, scale, svd, adapter_dtype, start=a)
         q = quantize_nf4(w - _delta(a, b, scale, w), spec)
         deq = dequantize_nf4(q).to(w.dtype)
         err = _frob(w - deq - _delta(a, b, scale, w))
@@ -128,7 +132,7 @@ def qpissa(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF
     info = {"iters": iters, "frobenius_by_iter": history, "best_iter": history.index(err) + 1, "refit": False}
     if refit:
         deq = dequantize_nf4(q).to(w.dtype)
-        a2, b2 = _fit(w - deq, rank, scale, svd, adapter_dtype)
+        a2, b2 = _fit(w - deq, rank, scale, svd, adapter_dtype, start=a)
         if _frob(w - deq - _delta(a2, b2, scale, w)) < err:
             a, b, info["refit"] = a2, b2, True
     return Init(a, b, scale, quantized=q, info=info)
@@ -146,7 +150,7 @@ def loftq(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF4
     for _ in range(iters):
         q = quantize_nf4(w - _delta(a, b, scale, w), spec)
         deq = dequantize_nf4(q).to(w.dtype)
-        a, b = _fit(w - deq, rank, scale, svd, adapter_dtype)
+        a, b = _fit(w - deq, rank, scale, svd, adapter_dtype, start=a if history else None)
         history.append(_frob(w - deq - _delta(a, b, scale, w)))
     return Init(a, b, scale, quantized=q, info={"iters": iters, "frobenius_by_iter": history})
 

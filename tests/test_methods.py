@@ -102,3 +102,15 @@ def test_error_norm_fields_are_consistent(w):
     e = w - qpissa(w, 8, 1.0).reconstruction()
     n = error_norms(e)
     assert n["spectral"] <= n["frobenius"] <= n["nuclear"]
+
+
+def test_randomized_warm_started_iterations_match_exact_svd(w):
+    """Iterations 2..T and the refit warm-start the randomized SVD from the previous A (one power
+    iteration); the result must stay within 0.5% of the exact-SVD error."""
+    from qpissa.methods import SvdOptions
+
+    for method in ("qpissa", "loftq"):
+        exact = frob(w - initialize(method, w, 16, 1.0, iters=4).reconstruction())
+        fast = frob(w - initialize(method, w, 16, 1.0, iters=4,
+                                   svd=SvdOptions(method="randomized")).reconstruction())
+        assert fast <= exact * 1.005, (method, fast, exact)
