@@ -80,6 +80,10 @@ def train_command(
         resume=resume, stop_after=stop_after, seed=seed, device=device, precision=precision, save_dtype=save_dtype,
         kernels=kernels, progress=not no_progress)
     summary = train(cfg)
+    from qpissa.distributed import detect
+
+    if not detect().is_main:  # under torchrun every rank returns the summary; one table is enough
+        return
     table = Table(title=f"qpissa train → {output}")
     table.add_column("what")
     table.add_column("value", justify="right")

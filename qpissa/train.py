@@ -17,6 +17,17 @@ the forward/backward runs under bf16 autocast (CPU and CUDA; measured 1.6× fast
 2 CPU cores for SmolLM2-135M), the frozen base stays as stored (NF4 bytes / bf16). Checkpoints and the
 final adapter are saved in fp32 by default (bit-exact resume; rounding PiSSA factors to bf16 would
 erase updates smaller than 2⁻⁸ of their magnitude); ``--save-dtype bfloat16`` halves the file.
+
+Several processes (``torchrun --nproc_per_node N --no-python qpissa train ...``; data parallel):
+every rank loads the same init (then takes rank 0's trainable weights) and draws the same global
+micro-batch of ``batch_size × N`` examples from the shared data order; rank r trains on rows
+[r·B, (r+1)·B). Each rank scales its summed CE by the GLOBAL response-token count of the step (known
+on every rank, since each sees the whole global batch), so the all-reduced SUM of gradients is the
+single-process gradient of that global batch: one step equals a single process with
+``--batch-size B×N``. Clipping, AdamW and SORSA then run identically on every rank; only rank 0
+writes metrics, checkpoints and the final adapter. Gradients are all-reduced by hand (no
+DistributedDataParallel wrapper: the PEFT model and its save/load paths stay untouched). Process
+group: gloo on CPU, nccl with ``--device cuda`` (rank on ``cuda:LOCAL_RANK``), see qpissa.distributed.
 """
 from __future__ import annotations
 
@@ -33,6 +44,7 @@ import numpy as np
 import torch
 
 from qpissa import checkpoint as ckpt_lib
+from qpissa import distributed
 from qpissa.data import DataConfig, Example, batches, build_examples, eval_batches, load_records
 from qpissa.errors import UserError
 from qpissa.sorsa import adapter_pairs, sorsa_step
@@ -130,7 +142,7 @@ def load_model(cfg: TrainConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = Path(cfg.model)
-    device_map = {"": cfg.device}
+    device_map = {"": distributed.rank_device(cfg.device, distributed.detect())}
     if cfg.method == "from-out":
         residual, adapter = root / "residual", root / "adapter"
         if not (residual / "config.json").exists():
@@ -248,7 +260,15 @@ def evaluate_loss(model, examples, batch_size: int, pad_id: int, device: str, pr
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training; returns a summary with the final losses and the adapter path."""
+    """Run (or resume) training; returns a summary with the final losses and the adapter path.
+
+    Under torchrun this process joins the group (gloo on CPU, nccl on CUDA) for the whole run.
+    """
+    with distributed.session(cfg.device):
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but torch sees no CUDA device; use --device cpu")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
@@ -277,7 +297,10 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError(f"{cfg.model}: no trainable parameters (adapter not marked trainable)")
-    per_step = cfg.batch_size * cfg.grad_accum
+    d = distributed.detect()
+    device = distributed.rank_device(cfg.device, d)  # cuda:LOCAL_RANK under torchrun
+    sync_from_rank0(params, d)
+    per_step = cfg.batch_size * d.world_size * cfg.grad_accum  # examples per optimizer step (global)
     total = cfg.steps or max(1, int(cfg.epochs * len(examples) // per_step))
     warmup = int(round(cfg.warmup_ratio * total))
     optimizer = make_optimizer(params, cfg)
@@ -297,13 +320,15 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
     metrics_path = run / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
     rows = [r for r in rows if r["step"] <= state.step]  # drop steps logged after the resumed checkpoint
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     from qpissa.atomic import write_json
 
-    write_json(run / "config.json", config_dict)
+    if d.is_main:  # only rank 0 writes into RUN
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_json(run / "config.json", config_dict)
 
     pad_id = tokenizer.pad_token_id
-    stream = batches(examples, cfg.batch_size, cfg.seed, pad_id, state.pos)
+    shard = slice(d.rank * cfg.batch_size, (d.rank + 1) * cfg.batch_size)  # this rank's rows of a global batch
+    stream = batches(examples, cfg.batch_size * d.world_size, cfg.seed, pad_id, state.pos)
     autocast = dict(device_type=cfg.device, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     last_good = existing[-1][1] if existing else None
     stop_at = min(total, cfg.stop_after or total)
@@ -312,22 +337,27 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
 
     def log(row: dict[str, Any]) -> None:
         rows.append(row)
+        if not d.is_main:
+            return
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
     def diverged(what: str) -> None:
-        plot_losses(run, rows)
+        if d.is_main:
+            plot_losses(run, rows)
         where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
         raise TrainingDiverged(f"{what} at step {state.step + 1}; training stopped ({where}); lower --lr or check "
                                "the data")
 
     def save() -> Path:
+        if not d.is_main:
+            return run / f"checkpoint-{state.step}"  # rank 0 writes it
         return ckpt_lib.save_checkpoint(run, model, optimizer, scheduler, state, config_dict, cfg.keep_last, full)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-    with Progress(*columns, disable=not cfg.progress) as bar:
+    with Progress(*columns, disable=not (cfg.progress and d.is_main)) as bar:
         task = bar.add_task("train", total=total, completed=state.step, info="")
         while state.step < stop_at:
             t0 = time.perf_counter()
@@ -335,8 +365,10 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
             n_resp = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in micro)
             loss_sum = 0.0
             for batch, _ in micro:
-                batch = {k: v.to(cfg.device) for k, v in batch.items()}
+                batch = {k: v[shard].to(device) for k, v in batch.items()}  # (B, T) of this rank's rows
                 n = int((batch["labels"][:, 1:] != -100).sum())
+                if n == 0:
+                    continue  # no response token in this rank's rows: nothing to add (CE would be 0/0)
                 with torch.autocast(**autocast):
                     out = model(**batch)  # out.loss: mean CE over this micro-batch's response tokens
                 loss = out.loss * (n / n_resp)  # token-weighted over the whole step
@@ -345,6 +377,7 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
                 loss.backward()
                 loss_sum += float(loss.detach())
                 del out, loss  # free the (B, T, V) logits before the next forward
+            loss_sum = all_reduce_sum(params, loss_sum, d)  # Σ over ranks: the global batch's gradient and loss
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
                          else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
             if not torch.isfinite(grad_norm):
@@ -365,8 +398,9 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
                    "memory_mb": memory_mb(cfg.device), "epoch": state.pos.epoch}
             if sorsa_value is not None:
                 row["sorsa_reg"] = sorsa_value
-            if eval_examples and ((cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == total):
-                row["eval_loss"] = evaluate_loss(model, eval_examples, cfg.batch_size, pad_id, cfg.device,
+            if d.is_main and eval_examples and ((cfg.eval_every and state.step % cfg.eval_every == 0)
+                                                or state.step == total):
+                row["eval_loss"] = evaluate_loss(model, eval_examples, cfg.batch_size, pad_id, device,
                                                  cfg.precision)
             log(row)
             bar.update(task, completed=state.step, info=(
@@ -375,15 +409,50 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
             if (cfg.save_every and state.step % cfg.save_every == 0) or state.step == stop_at < total:
                 last_good = save()
 
-    plot_losses(run, rows)
+    if d.is_main:
+        plot_losses(run, rows)
     summary: dict[str, Any] = {"run": str(run), "steps": state.step, "total_steps": total,
                                "train_loss": rows[-1]["loss"] if rows else None,
                                "eval_loss": next((r["eval_loss"] for r in reversed(rows) if "eval_loss" in r), None),
                                "tokens": state.tokens, "elapsed_s": state.elapsed_s, "checkpoint": str(last_good)}
     if state.step >= total:
-        summary["adapter"] = str(save_final(run, model, cfg.save_dtype, full))
-    write_json(run / "summary.json", summary)
-    return summary
+        summary["adapter"] = str(run / ("model" if full else "adapter"))
+        if d.is_main:
+            save_final(run, model, cfg.save_dtype, full)
+    if d.is_main:
+        write_json(run / "summary.json", summary)
+    return distributed.broadcast(d, summary)  # every rank returns rank 0's summary (its eval loss included)
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+def sync_from_rank0(params: list[torch.nn.Parameter], d: distributed.Dist) -> None:
+    """Every rank starts from rank 0's trainable weights (they load the same files; this makes it certain)."""
+    if not d.enabled:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        dist.broadcast(p.data, src=0)
+
+
+def all_reduce_sum(params: list[torch.nn.Parameter], loss_sum: float, d: distributed.Dist) -> float:
+    """Sum gradients and the step loss over ranks, in place; returns the global step loss.
+
+    Each rank's loss is Σ_its-tokens CE / N_global, so Σ_ranks ∇ = ∇(Σ_all-tokens CE / N_global):
+    exactly the single-process gradient of the global batch (no division by the world size).
+    """
+    if not d.enabled:
+        return loss_sum
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:  # a rank whose rows held no response token
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+    total = torch.tensor([loss_sum], dtype=torch.float64, device=params[0].device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return float(total)
 
 
 def save_final(run: Path, model, save_dtype: str, full: bool) -> Path:
