@@ -28,7 +28,8 @@ def main() -> None:
     try:
         app()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        sys.stderr.write(f"error: {err}\n")  # one write: lines from several ranks never interleave
+        sys.stderr.flush()
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -299,7 +299,7 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
         raise UserError(f"{cfg.model}: no trainable parameters (adapter not marked trainable)")
     d = distributed.detect()
     device = distributed.rank_device(cfg.device, d)  # cuda:LOCAL_RANK under torchrun
-    sync_from_rank0(params, d)
+    distributed.sync_from_rank0(params, d)
     per_step = cfg.batch_size * d.world_size * cfg.grad_accum  # examples per optimizer step (global)
     total = cfg.steps or max(1, int(cfg.epochs * len(examples) // per_step))
     warmup = int(round(cfg.warmup_ratio * total))
@@ -373,11 +373,11 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
                     out = model(**batch)  # out.loss: mean CE over this micro-batch's response tokens
                 loss = out.loss * (n / n_resp)  # token-weighted over the whole step
                 if not torch.isfinite(loss):
-                    diverged(f"loss became {float(out.loss)}")
+                    diverged(f"loss became {float(out.loss.detach())}")
                 loss.backward()
                 loss_sum += float(loss.detach())
                 del out, loss  # free the (B, T, V) logits before the next forward
-            loss_sum = all_reduce_sum(params, loss_sum, d)  # Σ over ranks: the global batch's gradient and loss
+            loss_sum = distributed.all_reduce_sum(params, loss_sum, d)  # Σ over ranks: the global batch's gradient and loss
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
                          else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
             if not torch.isfinite(grad_norm):
@@ -425,34 +425,6 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
 
 
 # ----------------------------------------------------------------------------- data parallel
-
-def sync_from_rank0(params: list[torch.nn.Parameter], d: distributed.Dist) -> None:
-    """Every rank starts from rank 0's trainable weights (they load the same files; this makes it certain)."""
-    if not d.enabled:
-        return
-    import torch.distributed as dist
-
-    for p in params:
-        dist.broadcast(p.data, src=0)
-
-
-def all_reduce_sum(params: list[torch.nn.Parameter], loss_sum: float, d: distributed.Dist) -> float:
-    """Sum gradients and the step loss over ranks, in place; returns the global step loss.
-
-    Each rank's loss is Σ_its-tokens CE / N_global, so Σ_ranks ∇ = ∇(Σ_all-tokens CE / N_global):
-    exactly the single-process gradient of the global batch (no division by the world size).
-    """
-    if not d.enabled:
-        return loss_sum
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is None:  # a rank whose rows held no response token
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-    total = torch.tensor([loss_sum], dtype=torch.float64, device=params[0].device)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return float(total)
 
 
 def save_final(run: Path, model, save_dtype: str, full: bool) -> Path:
