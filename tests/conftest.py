@@ -123,3 +123,16 @@ def load_fp32():
         return model.eval()
 
     return load
+
+
+@pytest.fixture(scope="session")
+def tiny_data(gsm8k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 8 shortest of the first 200 GSM8K train rows (fit max_length=128): shared by the training tests."""
+    import json
+
+    with open(gsm8k_dir / "train.jsonl") as fh:
+        rows = [json.loads(next(fh)) for _ in range(200)]
+    rows = sorted(rows, key=lambda r: len(r["question"]) + len(r["answer"]))[:8]
+    path = tmp_path_factory.mktemp("data") / "tiny.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -33,17 +33,6 @@ def decomposed(smollm2_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_data(gsm8k_dir: Path, tmp_path_factory) -> Path:
-    """The 8 shortest of the first 200 GSM8K train rows (fit max_length=128)."""
-    with open(gsm8k_dir / "train.jsonl") as fh:
-        rows = [json.loads(next(fh)) for _ in range(200)]
-    rows = sorted(rows, key=lambda r: len(r["question"]) + len(r["answer"]))[:8]
-    path = tmp_path_factory.mktemp("data") / "tiny.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def make_cfg(model: Path, data: Path, output: Path, **kw) -> TrainConfig:
     base = dict(model=str(model), data=str(data), output=str(output), steps=6, batch_size=2, lr=5e-4,
                 warmup_ratio=0.0, save_every=2, keep_last=2, seed=0, progress=False,

@@ -26,17 +26,6 @@ from qpissa.train import TrainConfig, train
 STEPS, LR = 2, 2e-5
 
 
-@pytest.fixture(scope="module")
-def tiny_data(gsm8k_dir: Path, tmp_path_factory) -> Path:
-    """The 8 shortest of the first 200 GSM8K train rows (fit max_length=128)."""
-    with open(gsm8k_dir / "train.jsonl") as fh:
-        rows = [json.loads(next(fh)) for _ in range(200)]
-    rows = sorted(rows, key=lambda r: len(r["question"]) + len(r["answer"]))[:8]
-    path = tmp_path_factory.mktemp("ddp_data") / "tiny.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
