@@ -23,7 +23,7 @@ import torch
 from qpissa import __version__, distributed
 from qpissa.atomic import write_json
 from qpissa.errors import UserError
-from qpissa.formats import (TensorInfo, adapter_config, adapter_key, copy_side_files, entry_of,
+from qpissa.formats import (TensorInfo, adapter_config, adapter_key, copy_side_files,
                             is_within, load_tensor, save_tensors, scan_checkpoint, write_index, write_safetensors)
 from qpissa.linalg import error_norms
 from qpissa.methods import METHODS, QUANTIZED_METHODS, Method, SvdOptions, adapter_scale, initialize, loftq
@@ -146,10 +146,11 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig) -> t
                       adapter_dtype=adapter_dtype, refit=cfg.refit)
     if init.residual is not None:  # measure what is stored: the residual in the checkpoint's dtype
         init.residual = init.residual.to(_source_dtype(target))
+    error = error_norms(w - init.reconstruction().to(dtype), cfg.spectral_norms)
+    # for qlora (B = 0) the method's error is the QLoRA baseline; otherwise quantize W once more here
+    qlora_error = error if cfg.method == "qlora" else error_norms(w - nf4_roundtrip(w, spec)[1], cfg.spectral_norms)
     metrics = {"module": target.module, "tensor": target.weight.name, "shape": list(target.shape),
-               "method": error_norms(w - init.reconstruction().to(dtype), cfg.spectral_norms),
-               "qlora": error_norms(w - nf4_roundtrip(w, spec)[1], cfg.spectral_norms),
-               "info": init.info}
+               "method": error, "qlora": qlora_error, "info": init.info}
     if cfg.method == "loftq":
         metrics["loftq"] = metrics["method"]
     elif cfg.loftq_baseline:
@@ -316,7 +317,7 @@ def _assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets
         config["quantization_config"] = quantization_config(cfg.spec(), sorted(others))
     write_json(residual_dir / "config.json", config)
     adapter = {}
-    for i, t in enumerate(targets):
+    for t in targets:
         with safe_open(str(part_of[t.weight.name]), framework="pt") as f:
             adapter[adapter_key(t.module, "lora_A")] = f.get_tensor("__lora_A__")
             adapter[adapter_key(t.module, "lora_B")] = f.get_tensor("__lora_B__")

@@ -17,7 +17,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 
 from qpissa.data import DataConfig
