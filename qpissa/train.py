@@ -137,6 +137,24 @@ def keep_4bit_layout_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def compute_in_fp32(model) -> None:
+    """Make ``--precision fp32`` mean fp32 for the frozen base too.
+
+    transformers loads the non-quantized tensors of a pre-quantized NF4 checkpoint in bf16, and
+    ``Linear4bit`` casts its input to ``bnb_4bit_compute_dtype`` (bf16 in our configs): without this,
+    an "fp32" run computed the base in bf16, and its loss changed by ~1% with the CPU thread count
+    and the batch composition (measured on SmolLM2: 1.3937 vs 1.4051 for one batch at 1 vs 2 threads).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype = torch.float32
+    for p in model.parameters():
+        if not isinstance(p, bnb.nn.Params4bit) and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def load_model(cfg: TrainConfig):
     """Build (model, tokenizer, description) for cfg.method; only trainable params require grad."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -177,6 +195,8 @@ def load_model(cfg: TrainConfig):
         tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = False
     keep_4bit_layout_trainable(model)
+    if cfg.precision == "fp32":
+        compute_in_fp32(model)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.kernels == "triton":
