@@ -319,20 +319,30 @@ def stage_decompose(c: Check) -> dict:
     return out
 
 
+def _complete(out: Path) -> Path | None:
+    """A finished decompose OUT from an earlier run with the same --work (e.g. ``--stages train``)."""
+    try:
+        return out if json.loads((out / "manifest.json").read_text()).get("status") == "complete" else None
+    except (OSError, ValueError):
+        return None
+
+
 def stage_train(c: Check) -> dict:
     tt = sibling("train_throughput")
-    steps, batch, seq = (3, 2, 32) if c.dry else (c.args.steps, 4, 512)
+    steps, batch, seq = (3, 2, 256) if c.dry else (c.args.steps, 8, 256)
     smol = c.smollm2()
     work = c.work / "train"
     work.mkdir(exist_ok=True)
     argv = ["--model", str(smol), "--gsm8k", str(gsm8k_dir()), "--work", str(work), "--steps", str(steps),
             "--batch-size", str(batch), "--seq-len", str(seq), "--rank", str(RANK), "--device", c.device]
     tt.prepare(tt.parse(argv))  # HF side: transformers NF4 + PEFT LoRA init (QLoRA), shared by tt's workers
-    qpissa_out = c.models.get("out-smollm2")
+    qpissa_out = c.models.get("out-smollm2") or _complete(c.work / "out-smollm2")
     ours_init = "qpissa (decompose stage output)" if qpissa_out else "qlora init (decompose stage failed)"
     ours_argv = argv + (["--train-out", str(qpissa_out)] if qpissa_out else [])
     runs = {"qpissa_bnb": ("ours", ours_argv + ["--kernels", "none"], None),
-            "qpissa_triton": ("ours", ours_argv + ["--kernels", "triton"], {"TRITON_INTERPRET": "1"} if c.dry else None),
+            # dry run: no CUDA, so --kernels triton logs and falls back to bitsandbytes (the Triton interpreter takes
+            # minutes per step here); the kernels stage runs the kernels themselves under TRITON_INTERPRET
+            "qpissa_triton": ("ours", ours_argv + ["--kernels", "triton"], None),
             "hf_trainer_peft_qlora": ("hf", argv, None)}
     out: dict[str, Any] = {"steps": steps, "batch_size": batch, "seq_len": seq, "rank": RANK, "ours_init": ours_init,
                            "tokens_per_step": batch * seq, "warmup_steps_excluded": 2}
@@ -490,7 +500,8 @@ def print_table(result: dict) -> None:
     for col in ("stage", "status", "s", "figures"):
         table.add_column(col, justify="right" if col == "s" else "left", overflow="fold")
     for name, s in result["stages"].items():
-        err = s.get("error") or "; ".join(s.get("errors", []) or s.get("failures", []))
+        errs = [s["error"]] if s.get("error") else (s.get("errors") or s.get("failures") or [])
+        err = "; ".join(e.strip().splitlines()[-1] for e in errs if e.strip())  # the last line says what failed
         text = figures(name, s) + (f"  [red]{err[:300]}[/]" if s["status"] != "ok" and err else "")
         table.add_row(name, s["status"], _fmt(s.get("seconds"), ".0f"), text)
     Console(width=200).print(table)
