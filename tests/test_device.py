@@ -259,3 +259,32 @@ def test_cuda_decompose_matches_cpu(smollm2_dir, tmp_path):
     assert a_cpu.keys() == a_gpu.keys()
     for k in a_cpu:
         assert a_gpu[k].dtype == a_cpu[k].dtype and a_gpu[k].shape == a_cpu[k].shape
+
+
+def test_device_cuda_without_a_gpu_is_one_user_error():
+    from qpissa.devices import resolve_device
+    from qpissa.errors import UserError
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match="choose one of auto, cpu, cuda"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+@CUDA
+def test_cuda_merge_matches_cpu(smollm2_decomposed, tmp_path):
+    """merge on CUDA (NF4 dequantized on the card) writes the same fp32 model as on CPU, up to float rounding."""
+    from safetensors.torch import load_file
+
+    from qpissa.merge import MergeConfig, merge
+
+    run = smollm2_decomposed["qpissa"]
+    merge(run["residual"], run["trained"], tmp_path / "cpu", MergeConfig(dtype="float32", device="cpu"))
+    merge(run["residual"], run["trained"], tmp_path / "gpu", MergeConfig(dtype="float32", device="cuda"))
+    cpu, gpu = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cpu", "gpu"))
+    assert cpu.keys() == gpu.keys()
+    for k in cpu:
+        torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-5, atol=1e-5)
