@@ -36,7 +36,7 @@ import math
 import random
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -265,8 +265,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     Under torchrun this process joins the group (gloo on CPU, nccl on CUDA) for the whole run.
     """
-    from dataclasses import replace
-
     from qpissa.devices import resolve_device
 
     cfg = replace(cfg, device=resolve_device(cfg.device))  # auto → cuda when available; cuda without a GPU: error
