@@ -8,7 +8,9 @@ after the first two (warm-up), peak memory is the process's max RSS on CPU (ru_m
 torch.cuda.max_memory_allocated on CUDA.
 
 Usage:  python benchmarks/train_throughput.py [--steps 12 --batch-size 4 --seq-len 256 --rounds 2]
-Writes benchmarks/results/train_throughput.json.
+        [--device auto|cpu|cuda] [--kernels none|triton] [--train-out OUT]
+Writes benchmarks/results/train_throughput.json. ``benchmarks/gpu_check.py`` runs the workers of this
+script (:func:`run_side`) on CUDA.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ DEFAULT_GSM8K = HERE.parent.parent / "shared" / "assets" / "gsm8k"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--gsm8k", type=Path, default=DEFAULT_GSM8K)
@@ -39,8 +41,12 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda when available)")
+    ap.add_argument("--kernels", choices=["none", "triton"], default="none", help="our side's NF4 kernels")
+    ap.add_argument("--train-out", type=Path, default=None,
+                    help="our side trains this decompose OUT (e.g. a QPiSSA one) instead of the shared QLoRA init")
     ap.add_argument("--worker", choices=["ours", "hf"], default=None)
-    return ap.parse_args()
+    return ap.parse_args(argv)
 
 
 def prepare(args) -> Path:
@@ -71,12 +77,18 @@ def packed_rows(args, tokenizer) -> list:
     return [r for r in rows if len(r.input_ids) == args.seq_len]
 
 
-def peak_mb() -> float:
+def device_of(args) -> str:
+    from qpissa.devices import resolve_device
+
+    return resolve_device(args.device)
+
+
+def peak_mb(device: str = "auto") -> float:
     import resource
 
     import torch
 
-    if torch.cuda.is_available():
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -85,16 +97,18 @@ def worker_ours(args, out: Path) -> dict:
     from qpissa.data import DataConfig
     from qpissa.train import TrainConfig, load_model, fit
 
-    cfg = TrainConfig(model=str(out), data="-", output=str(args.work / "run-ours"), steps=args.steps,
-                      batch_size=args.batch_size, lr=2e-4, save_every=0, progress=False,
-                      data_cfg=DataConfig(max_length=args.seq_len, template="{text}"))
+    device = device_of(args)
+    cfg = TrainConfig(model=str(args.train_out or out), data="-", output=str(args.work / "run-ours"),
+                      steps=args.steps, batch_size=args.batch_size, lr=2e-4, save_every=0, progress=False,
+                      data_cfg=DataConfig(max_length=args.seq_len, template="{text}"), device=device,
+                      kernels=args.kernels)
     import shutil
 
     shutil.rmtree(cfg.output, ignore_errors=True)
     model, tok = load_model(cfg)
     fit(cfg, model, tok, packed_rows(args, tok), [])
     steps = [json.loads(line) for line in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
-    return {"step_s": [s["step_s"] for s in steps], "peak_mb": peak_mb()}
+    return {"step_s": [s["step_s"] for s in steps], "peak_mb": peak_mb(device)}
 
 
 def worker_hf(args, out: Path) -> dict:
@@ -102,7 +116,8 @@ def worker_hf(args, out: Path) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    base = AutoModelForCausalLM.from_pretrained(out / "residual", device_map="cpu")
+    device = device_of(args)
+    base = AutoModelForCausalLM.from_pretrained(out / "residual", device_map=device)
     model = PeftModel.from_pretrained(base, out / "adapter", is_trainable=True)
     tok = AutoTokenizer.from_pretrained(out / "residual")
     rows = packed_rows(args, tok)
@@ -119,12 +134,24 @@ def worker_hf(args, out: Path) -> dict:
 
     targs = TrainingArguments(output_dir=str(args.work / "run-hf"), per_device_train_batch_size=args.batch_size,
                               max_steps=args.steps, learning_rate=2e-4, lr_scheduler_type="cosine",
-                              warmup_steps=int(round(0.03 * args.steps)), bf16=True, use_cpu=not torch.cuda.is_available(),
+                              warmup_steps=int(round(0.03 * args.steps)), bf16=True, use_cpu=device == "cpu",
                               logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
                               optim="adamw_torch", max_grad_norm=1.0, seed=0, disable_tqdm=True)
     collate = lambda feats: {k: torch.stack([f[k] for f in feats]) for k in feats[0]}  # noqa: E731
     Trainer(model=model, args=targs, train_dataset=data, data_collator=collate, callbacks=[Clock()]).train()
-    return {"step_s": times, "peak_mb": peak_mb()}
+    return {"step_s": times, "peak_mb": peak_mb(device)}
+
+
+def run_side(side: str, argv: list[str], work: Path, timeout: float | None = None,
+             env: dict[str, str] | None = None) -> dict:
+    """One worker (``ours``/``hf``) in its own process (its own peak memory); returns its RESULT dict."""
+    cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--worker", side, *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        raise RuntimeError(f"{side} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[0][7:])
 
 
 def main() -> None:
@@ -143,12 +170,10 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"ours": [], "hf": []}
     for _ in range(args.rounds):
         for side in ("ours", "hf"):
-            cmd = [sys.executable, __file__, "--worker", side, *sys.argv[1:]]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=args.work)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                raise SystemExit(f"{side} worker failed:\n{proc.stderr[-3000:]}")
-            runs[side].append(json.loads(line[0][7:]))
+            try:
+                runs[side].append(run_side(side, sys.argv[1:], args.work))
+            except RuntimeError as err:
+                raise SystemExit(str(err)) from None
     tokens_per_step = args.batch_size * args.seq_len
     summary = {}
     for side, rs in runs.items():

@@ -43,7 +43,7 @@ def decompose(
     oversample: int = typer.Option(16, help="randomized SVD oversampling"),
     power_iters: int = typer.Option(4, help="randomized SVD power iterations"),
     seed: int = typer.Option(0, help="seed"),
-    device: str = typer.Option("auto", help="cpu | cuda | auto (cuda when available)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda (auto: cuda when available)"),
     dtype: str = typer.Option("float32", help="SVD precision: float32 | float64"),
     adapter_dtype: str = typer.Option("bfloat16", help="stored adapter dtype"),
     refit: bool = typer.Option(True, help="qpissa: refit A,B on the stored Q"),
@@ -54,12 +54,7 @@ def decompose(
     quiet: bool = typer.Option(False, help="no progress bar"),
 ) -> None:
     """Split each target weight into principal adapter + (NF4) residual; write residual/, adapter/, reports."""
-    import torch
-
     from qpissa.decompose import decompose as run
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     report = run(model, out, method=method, rank=rank, alpha=alpha, rslora=rslora, iters=iters, targets=targets,
                  blocksize=blocksize, double_quant=double_quant, svd=svd, oversample=oversample,
                  power_iters=power_iters, seed=seed, device=device, dtype=dtype, adapter_dtype=adapter_dtype,

@@ -8,6 +8,7 @@ import typer
 
 from qpissa.cli import app
 from qpissa.data import DataConfig
+from qpissa.devices import DEVICES
 from qpissa.errors import UserError
 from qpissa.train import TrainConfig
 
@@ -48,7 +49,7 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help=_TRAIN_HELP["resume"]),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help=_TRAIN_HELP["stop_after"]),
     seed: int = typer.Option(0, "--seed", help=_TRAIN_HELP["seed"]),
-    device: str = typer.Option("cpu", "--device", help=_TRAIN_HELP["device"]),
+    device: str = typer.Option("auto", "--device", help=_TRAIN_HELP["device"]),
     precision: str = typer.Option("bf16", "--precision", help=_TRAIN_HELP["precision"]),
     save_dtype: str = typer.Option("float32", "--save-dtype", help=_TRAIN_HELP["save_dtype"]),
     kernels: str = typer.Option("none", "--kernels", help=_TRAIN_HELP["kernels"]),
@@ -61,7 +62,7 @@ def train_command(
     from qpissa.train import train
 
     choices = {"method": (method, ("from-out", "lora", "full")), "schedule": (schedule, ("cosine", "linear", "constant")),
-               "optim": (optim, ("adamw", "adamw8bit", "paged_adamw8bit")), "device": (device, ("cpu", "cuda")),
+               "optim": (optim, ("adamw", "adamw8bit", "paged_adamw8bit")), "device": (device, DEVICES),
                "precision": (precision, ("bf16", "fp32")), "save-dtype": (save_dtype, ("float32", "bfloat16")),
                "kernels": (kernels, ("none", "triton"))}
     for name, (value, allowed) in choices.items():

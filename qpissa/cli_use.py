@@ -54,6 +54,7 @@ def merge_cmd(
     quantize: str = typer.Option("none", help="none | nf4 (re-quantize merged weights; extra error reported)"),
     init: Optional[Path] = typer.Option(None, "--init", help="initial adapter: also report what training changed"),
     overwrite: bool = typer.Option(False, help="replace a model already in --output"),
+    device: str = typer.Option("auto", help="where to compute: auto | cpu | cuda (auto: cuda when available)"),
 ) -> None:
     """Standalone model = deq(residual) + s·B·A, loadable with plain transformers (optionally NF4 again)."""
     from rich.progress import Progress
@@ -68,7 +69,8 @@ def merge_cmd(
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("merging", total=None)
         report = merge(residual, adapter, output, MergeConfig(dtype=dtype, quantize=quantize, overwrite=overwrite,
-                                                              init_adapter=str(init) if init else None),  # type: ignore[arg-type]
+                                                              init_adapter=str(init) if init else None,
+                                                              device=device),  # type: ignore[arg-type]
                        progress=lambda name: bar.update(task, description=f"merging {name}"))
     console.print(_table("merged model", {k: v for k, v in report.items() if k != "modules"}))
 
@@ -89,12 +91,13 @@ def eval_cmd(
     stride: int = typer.Option(512, help="perplexity: new tokens scored per later window"),
     text_field: str = typer.Option("text", help="perplexity: JSONL field(s), comma-separated"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 (NF4 models compute per their config)"),
-    device: str = typer.Option("cpu", help="cpu | cuda"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda (auto: cuda when available)"),
 ) -> None:
     """GSM8K accuracy (batched greedy) or token-weighted perplexity, with plain transformers + peft."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from qpissa import evaluate as ev
+    from qpissa.devices import resolve_device
     from qpissa.errors import UserError
 
     if task not in ("gsm8k", "perplexity"):
@@ -105,6 +108,7 @@ def eval_cmd(
         raise UserError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
     if not data.exists():
         raise UserError(f"--data {data}: file not found")
+    device = resolve_device(device)
     base, adapter_dir = ev.resolve_model(model, adapter)
     model_obj, tokenizer = ev.load_model(base, adapter_dir, dtype, device)  # type: ignore[arg-type]
     columns = (TextColumn(f"[bold]{task}"), BarColumn(), MofNCompleteColumn(), TextColumn("eta"), TimeRemainingColumn())

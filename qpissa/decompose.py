@@ -22,6 +22,7 @@ import torch
 
 from qpissa import __version__, distributed
 from qpissa.atomic import write_json
+from qpissa.devices import DEVICE_HELP, resolve_device
 from qpissa.errors import UserError
 from qpissa.formats import (TensorInfo, adapter_config, adapter_key, copy_side_files,
                             is_within, load_tensor, save_tensors, scan_checkpoint, write_index, write_safetensors)
@@ -57,7 +58,7 @@ class DecomposeConfig:
     refit: bool = field(default=True, metadata={"help": "qpissa: final refit of A,B on the stored Q"})
     loftq_baseline: bool = field(default=True, metadata={"help": "also measure LoftQ(T) as a baseline"})
     spectral_norms: bool = field(default=True, metadata={"help": "nuclear + spectral norms (one svdvals each)"})
-    device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
+    device: str = field(default="cpu", metadata={"help": DEVICE_HELP})
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -79,8 +80,7 @@ class DecomposeConfig:
             self.spec()
         except ValueError as err:
             raise UserError(f"--blocksize: {err}") from None
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {self.device} requested but CUDA is not available; use --device cpu")
+        resolve_device(self.device)
 
     def spec(self) -> NF4Spec:
         return NF4Spec(self.blocksize, self.double_quant, self.compute_dtype)
@@ -180,6 +180,7 @@ def decompose(model_dir: str | Path | None = None, out_dir: str | Path = "out", 
     and every rank returns the same report.
     """
     cfg = DecomposeConfig(**kwargs)
+    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))  # auto → cuda when available
     cfg.validate()
     with distributed.session(cfg.device) as d:
         cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device, d))

@@ -7,11 +7,25 @@ same seed gives the same factors (PEFT's ``pissa_niter_k`` uses no oversampling 
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
 SvdMethod = Literal["exact", "randomized"]
+
+
+def seeded_draw(sample: Callable[..., torch.Tensor], shape: tuple[int, ...], seed: int, dtype: torch.dtype,
+                device: torch.device | str) -> torch.Tensor:
+    """``sample(*shape)`` (``torch.rand``/``torch.randn``) from a fresh CPU generator seeded with ``seed``, moved to
+    ``device``.
+
+    Why the CPU generator even for a CUDA weight: CUDA's Philox stream differs from the CPU's Mersenne
+    Twister, so a per-device generator would make the same ``--seed`` give different adapters on a GPU
+    and a CPU. Drawing on the CPU keeps the factors device-independent (and byte-identical to earlier
+    releases on CPU); the copy is r×n or n×(r+p) numbers, small beside the m×n weight on the device.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return sample(*shape, generator=gen, dtype=dtype).to(device)
 
 
 def canonical_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,8 +57,7 @@ def randomized_svd(
     """
     m, n = w.shape
     k = min(rank + oversample, m, n)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(n, k, generator=gen, dtype=w.dtype).to(w.device)  # (n, k)
+    omega = seeded_draw(torch.randn, (n, k), seed, w.dtype, w.device)  # (n, k)
     if start is not None:  # warm start: a row space close to the answer needs one power iteration
         omega[:, : start.shape[0]] = start.T.to(omega)
         power_iters = min(power_iters, 1)

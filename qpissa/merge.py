@@ -26,6 +26,7 @@ import torch
 
 from qpissa.atomic import write_json
 from qpissa.convert import module_scale, read_adapter
+from qpissa.devices import DEVICE_HELP, resolve_device
 from qpissa.errors import UserError
 from qpissa.formats import (TensorInfo, copy_side_files, entry_of, is_within, load_tensor,
                             scan_checkpoint, write_index, write_safetensors)
@@ -46,15 +47,16 @@ class MergeConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing model in the output dir"})
     init_adapter: str | None = field(default=None, metadata={
         "help": "the adapter training started from: report ‖s·(BA − B₀A₀)‖ (what fine-tuning changed) per module"})
+    device: str = field(default="cpu", metadata={"help": "where deq(R) + s·B·A is computed: " + DEVICE_HELP})
 
 
-def _read_nf4(weight: TensorInfo, by_name: dict[str, TensorInfo]) -> torch.Tensor:
-    """Dequantize one serialized bitsandbytes NF4 weight (packed bytes + companions) to fp32 (m×n)."""
+def _read_nf4(weight: TensorInfo, by_name: dict[str, TensorInfo], device: str = "cpu") -> torch.Tensor:
+    """Dequantize one serialized bitsandbytes NF4 weight (packed bytes + companions) to fp32 (m×n) on ``device``."""
     from bitsandbytes.functional import QuantState
 
     parts = {s: load_tensor(by_name[f"{weight.name}.{s}"]) for s in _COMPANIONS if f"{weight.name}.{s}" in by_name}
-    state = QuantState.from_dict(parts, device=torch.device("cpu"))
-    return dequantize_nf4(NF4Tensor(load_tensor(weight), state))  # (m, n)
+    state = QuantState.from_dict(parts, device=torch.device(device))
+    return dequantize_nf4(NF4Tensor(load_tensor(weight).to(device), state))  # (m, n)
 
 
 def _nf4_spec_of(weight: TensorInfo, by_name: dict[str, TensorInfo]) -> NF4Spec:
@@ -91,6 +93,7 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
         raise UserError(f"{out} already holds a model; pass --overwrite or choose a new directory")
     if not (residual / "config.json").exists():
         raise UserError(f"{residual}: no config.json; RESIDUAL must be a HF model dir (e.g. OUT/residual)")
+    device = resolve_device(cfg.device)
     adapter = read_adapter(adapter_dir)
     if adapter.extra:
         raise UserError(f"{adapter.path}: extra tensors {sorted(adapter.extra)[:2]} (modules_to_save?) "
@@ -119,12 +122,14 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
             keys = [name] + [k for k in (f"{name}.{s}" for s in _COMPANIONS) if k in by_name]
             return {k: load_tensor(by_name[k]) for k in keys}
         if name in quantized_in:
-            w = _read_nf4(info, by_name)  # (m, n) fp32
+            w = _read_nf4(info, by_name, device)  # (m, n) fp32
         else:
             w = load_tensor(info)
+        if name in deltas or name in requant:
+            w = w.to(device)
         if name in deltas:
             module = deltas[name]
-            a, b = adapter.factors[module]  # (r, n), (m, r)
+            a, b = (f.to(device) for f in adapter.factors[module])  # (r, n), (m, r)
             delta = module_scale(adapter.config, module) * (b.float() @ a.float())  # (m, n)
             if fan_in_fan_out:
                 delta = delta.T  # Conv1D stores (n, m)
@@ -134,7 +139,7 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
             w = w.float() + delta
             row = {"module": module, "adapter_fro": float(delta.norm())}
             if module in init:
-                a0, b0 = init[module]  # (r, n), (m, r)
+                a0, b0 = (f.to(device) for f in init[module])  # (r, n), (m, r)
                 d0 = module_scale(adapter.config, module) * (b0.float() @ a0.float())  # (m, n)
                 row["finetune_delta_fro"] = float((delta - (d0.T if fan_in_fan_out else d0)).norm())
         else:
@@ -148,7 +153,7 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
             return q.serialized(name)
         if row is not None:
             stats.append({**row, "weight_fro": float(w.norm())})
-        return {name: w.to(dtype) if w.is_floating_point() else w}
+        return {name: (w.to(dtype) if w.is_floating_point() else w).cpu()}
 
     names = [n for n in by_name if n not in companion]
     shards: list[list[str]] = [[]]

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from qpissa.linalg import SvdMethod, low_rank_factors
+from qpissa.linalg import SvdMethod, low_rank_factors, seeded_draw
 from qpissa.quant import NF4Spec, NF4Tensor, dequantize_nf4, quantize_nf4
 
 Method = Literal["lora", "qlora", "pissa", "qpissa", "loftq"]
@@ -78,26 +78,28 @@ def _frob(e: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(e))
 
 
-def kaiming_a(rank: int, n: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """PEFT's default lora_A init: kaiming_uniform(a=√5) → U(−1/√n, 1/√n), seeded per tensor."""
-    gen = torch.Generator().manual_seed(seed)
+def kaiming_a(rank: int, n: int, seed: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """PEFT's default lora_A init: kaiming_uniform(a=√5) → U(−1/√n, 1/√n), seeded per tensor, on ``device``
+    (drawn on the CPU generator, see :func:`qpissa.linalg.seeded_draw`, so every device gets the same A)."""
     bound = 1.0 / math.sqrt(n)
-    return (torch.rand(rank, n, generator=gen, dtype=torch.float32) * 2 - 1).mul_(bound).to(dtype)
+    u = seeded_draw(torch.rand, (rank, n), seed, torch.float32, device)  # (r, n) in [0, 1)
+    return (u * 2 - 1).mul_(bound).to(dtype)
 
 
 def lora(w: torch.Tensor, rank: int, scale: float, *, seed: int = 0, adapter_dtype=torch.bfloat16) -> Init:
     """Plain LoRA (Hu et al. 2021): base W unchanged, A Kaiming-uniform, B = 0."""
     m, n = w.shape
-    a = kaiming_a(rank, n, seed, adapter_dtype)
-    return Init(a, torch.zeros(m, rank, dtype=adapter_dtype), scale, residual=w, info={"iters": 0})
+    a = kaiming_a(rank, n, seed, adapter_dtype, w.device)
+    return Init(a, w.new_zeros(m, rank, dtype=adapter_dtype), scale, residual=w, info={"iters": 0})
 
 
 def qlora(w: torch.Tensor, rank: int, scale: float, *, spec: NF4Spec = NF4Spec(), seed: int = 0,
           adapter_dtype=torch.bfloat16) -> Init:
     """QLoRA (Dettmers et al. 2023): Q = NF4(W), A Kaiming-uniform, B = 0."""
     m, n = w.shape
-    a = kaiming_a(rank, n, seed, adapter_dtype)
-    return Init(a, torch.zeros(m, rank, dtype=adapter_dtype), scale, quantized=quantize_nf4(w, spec), info={"iters": 0})
+    a = kaiming_a(rank, n, seed, adapter_dtype, w.device)
+    return Init(a, w.new_zeros(m, rank, dtype=adapter_dtype), scale, quantized=quantize_nf4(w, spec),
+                info={"iters": 0})
 
 
 def pissa(w: torch.Tensor, rank: int, scale: float, *, svd: SvdOptions = SvdOptions(),
@@ -144,8 +146,8 @@ def loftq(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF4
     Q = NF4(W − s·B·A); (A,B) = SVD_r(W − deq(Q)). Ends on the SVD step; correct for any α and rsLoRA.
     """
     m, n = w.shape
-    a = torch.zeros(rank, n, dtype=adapter_dtype)
-    b = torch.zeros(m, rank, dtype=adapter_dtype)
+    a = w.new_zeros(rank, n, dtype=adapter_dtype)  # (r, n) on w's device
+    b = w.new_zeros(m, rank, dtype=adapter_dtype)  # (m, r)
     history = []
     for _ in range(iters):
         q = quantize_nf4(w - _delta(a, b, scale, w), spec)

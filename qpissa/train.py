@@ -36,7 +36,7 @@ import math
 import random
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,7 +89,8 @@ class TrainConfig:
     stop_after: int | None = field(default=None, metadata={"help": "stop (with a checkpoint) after this step; "
                                                                     "the schedule still spans --steps"})
     seed: int = field(default=0, metadata={"help": "seed for data order and initialization"})
-    device: Literal["cpu", "cuda"] = field(default="cpu", metadata={"help": "where to train"})
+    device: Literal["auto", "cpu", "cuda"] = field(default="cpu", metadata={
+        "help": "where to train: auto | cpu | cuda (auto: cuda when available)"})
     precision: Literal["bf16", "fp32"] = field(default="bf16", metadata={"help": "autocast dtype for compute"})
     save_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={
         "help": "dtype of RUN/adapter (checkpoints are always fp32)"})
@@ -284,13 +285,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     Under torchrun this process joins the group (gloo on CPU, nccl on CUDA) for the whole run.
     """
+    from qpissa.devices import resolve_device
+
+    cfg = replace(cfg, device=resolve_device(cfg.device))  # auto → cuda when available; cuda without a GPU: error
+    if cfg.device not in ("cpu", "cuda"):
+        raise UserError(f"--device {cfg.device}: train takes cpu or cuda (under torchrun each rank uses its LOCAL_RANK)")
     with distributed.session(cfg.device):
         return _train(cfg)
 
 
 def _train(cfg: TrainConfig) -> dict[str, Any]:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but torch sees no CUDA device; use --device cpu")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise UserError("--batch-size and --grad-accum must be at least 1")
     records = load_records(cfg.data)  # fail fast on bad data, before loading weights
