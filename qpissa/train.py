@@ -276,6 +276,9 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         raise UserError("--device cuda but torch sees no CUDA device; use --device cpu")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise UserError("--batch-size and --grad-accum must be at least 1")
+    kind_dir = Path(cfg.model) / "residual" if cfg.method == "from-out" else Path(cfg.model)
+    if (kind_dir / "config.json").exists():
+        require_causal_lm(kind_dir, "train")  # an encoder: one line before any data or weights are read
     records = load_records(cfg.data)  # fail fast on bad data, before loading weights
     eval_records = load_records(cfg.eval_data) if cfg.eval_data else []
     existing = ckpt_lib.list_checkpoints(Path(cfg.output))
