@@ -11,7 +11,7 @@ from pathlib import Path
 
 from qpissa.errors import UserError
 
-EXAMPLE_HINT = "qpissa example smollm2 smollm2 && qpissa decompose smollm2 -o out/smollm2"
+EXAMPLE_HINT = "qpissa example smollm2 out/smollm2-hf && qpissa decompose out/smollm2-hf -o out/smollm2"
 
 
 def architecture(model_dir: str | Path) -> tuple[str, str]:
