@@ -158,7 +158,6 @@ def test_resume_into_a_foreign_folder_says_there_is_nothing_to_resume(monkeypatc
 
 def test_second_run_into_a_locked_folder_and_stale_lock(monkeypatch, capsys, tiny_bert, tmp_path):
     """A live lock holder stops a second run with one line; a dead one's lock (kill -9) is taken over."""
-    import os
     import socket
 
     out = tmp_path / "o"
@@ -173,7 +172,6 @@ def test_second_run_into_a_locked_folder_and_stale_lock(monkeypatch, capsys, tin
     finally:
         holder.kill()
         holder.wait()
-    assert not os.path.exists(f"/proc/{holder.pid}") or holder.returncode is not None
     code, err = run_cli(monkeypatch, capsys, str(tiny_bert), "-o", str(out), "--rank", "4")  # stale now
     assert code == 0, err
     assert "stale lock" in err and not (out / ".lock").exists() and (out / "adapter" / "adapter_config.json").exists()

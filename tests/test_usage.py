@@ -50,3 +50,17 @@ def test_train_and_eval_on_an_encoder_are_one_line(minilm_out: Path, command: st
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: ") and "BertModel (bert)" in lines[0] and "AutoModel" in lines[0]
     assert f"qpissa {command}" in lines[0] and "qpissa example smollm2" in lines[0]
+
+
+def test_train_help_lists_the_allowed_values(tmp_path: Path) -> None:
+    import os
+
+    proc = subprocess.run([*CLI, "train", "--help"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "COLUMNS": "300", "NO_COLOR": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = " ".join(proc.stdout.split())
+    for values in ("cosine, linear, constant", "adamw, adamw8bit, paged_adamw8bit", "cpu, cuda", "bf16, fp32"):
+        assert f"(one of: {values})" in text, values
+    bad = subprocess.run([*CLI, "train", "x", "--data", "d.jsonl", "-o", "r", "--schedule", "cos"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --schedule 'cos': choose one of cosine, linear, constant"
