@@ -1,4 +1,4 @@
-"""Thin command line on top of the library: ``qpissa decompose | report | train | convert | merge | eval | plan``.
+"""Thin command line on top of the library: ``qpissa decompose | report | train | convert | merge | eval | plan | example``.
 
 Each command parses options, calls one library function and prints a rich table.
 User errors (:class:`qpissa.errors.UserError`) become one line on stderr and exit code 2.
@@ -20,6 +20,7 @@ from qpissa import cli_decompose  # noqa: E402,F401
 from qpissa import cli_train  # noqa: E402,F401
 from qpissa import cli_use  # noqa: E402,F401
 from qpissa import cli_plan  # noqa: E402,F401
+from qpissa import cli_example  # noqa: E402,F401
 # --- end command modules ---
 
 

@@ -66,6 +66,10 @@ def decompose(
         return
     print_summary(report)
     console.print(f"wrote {out}/residual, {out}/adapter, {out}/report.{{json,csv,md}}, {out}/error_by_layer.png")
+    from qpissa.usage import load_snippet
+
+    console.print("load it with plain transformers + peft:")
+    console.print(load_snippet(out), markup=False, highlight=False)
 
 
 @app.command()

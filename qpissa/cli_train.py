@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Optional
+from typing import Literal, Optional, get_args, get_origin, get_type_hints
 
 import typer
 
 from qpissa.cli import app
 from qpissa.data import DataConfig
-from qpissa.devices import DEVICES
 from qpissa.errors import UserError
 from qpissa.train import TrainConfig
 
 _TRAIN_HELP = {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
 _DATA_HELP = {f.name: f.metadata.get("help", "") for f in fields(DataConfig)}
+# allowed values come from TrainConfig's Literal types (declared once there)
+_ALLOWED = {name: get_args(hint) for name, hint in get_type_hints(TrainConfig).items() if get_origin(hint) is Literal}
+for _name, _values in _ALLOWED.items():
+    _TRAIN_HELP[_name] = f"{_TRAIN_HELP[_name]} (one of: {', '.join(_values)})"
 
 
 @app.command("train")
@@ -61,13 +64,11 @@ def train_command(
 
     from qpissa.train import train
 
-    choices = {"method": (method, ("from-out", "lora", "full")), "schedule": (schedule, ("cosine", "linear", "constant")),
-               "optim": (optim, ("adamw", "adamw8bit", "paged_adamw8bit")), "device": (device, DEVICES),
-               "precision": (precision, ("bf16", "fp32")), "save-dtype": (save_dtype, ("float32", "bfloat16")),
-               "kernels": (kernels, ("none", "triton"))}
-    for name, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise UserError(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
+    given = {"method": method, "schedule": schedule, "optim": optim, "device": device, "precision": precision,
+             "save_dtype": save_dtype, "kernels": kernels}
+    for name, value in given.items():
+        if value not in _ALLOWED[name]:
+            raise UserError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(_ALLOWED[name])}")
     if method_from_out and method != "from-out":
         raise UserError("--method-from-out and --method are exclusive")
     cfg = TrainConfig(

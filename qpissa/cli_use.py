@@ -14,7 +14,8 @@ from rich.table import Table
 
 from qpissa.cli import app
 
-console = Console(stderr=True)
+console = Console()  # results (tables) on stdout
+log = Console(stderr=True)  # progress and warnings on stderr
 
 
 def _table(title: str, rows: dict) -> Table:
@@ -42,7 +43,7 @@ def convert_cmd(
     summary = convert_pissa_to_lora(trained, init, output, ConvertConfig(dtype, base_model, overwrite))  # type: ignore[arg-type]
     console.print(_table("converted adapter", summary))
     if not summary["base_model_found"]:
-        console.print("[yellow]original model unknown: pass --base-model so the LoRA loads on the original weights")
+        log.print("[yellow]original model unknown: pass --base-model so the LoRA loads on the original weights")
 
 
 @app.command("merge")
@@ -66,13 +67,15 @@ def merge_cmd(
         raise UserError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
     if quantize not in ("none", "nf4"):
         raise UserError(f"--quantize {quantize!r}: choose none or nf4")
-    with Progress(console=console, transient=True) as bar:
+    with Progress(console=log, transient=True) as bar:
         task = bar.add_task("merging", total=None)
         report = merge(residual, adapter, output, MergeConfig(dtype=dtype, quantize=quantize, overwrite=overwrite,
                                                               init_adapter=str(init) if init else None,
                                                               device=device),  # type: ignore[arg-type]
                        progress=lambda name: bar.update(task, description=f"merging {name}"))
-    console.print(_table("merged model", {k: v for k, v in report.items() if k != "modules"}))
+    console.print(_table("merged model", {k: v for k, v in report.items() if k not in ("modules", "warning")}))
+    if report.get("warning"):
+        log.print(f"[bold yellow]warning:[/] {report['warning']}")
 
 
 @app.command("eval")
@@ -112,7 +115,7 @@ def eval_cmd(
     base, adapter_dir = ev.resolve_model(model, adapter)
     model_obj, tokenizer = ev.load_model(base, adapter_dir, dtype, device)  # type: ignore[arg-type]
     columns = (TextColumn(f"[bold]{task}"), BarColumn(), MofNCompleteColumn(), TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    with Progress(*columns, console=log, transient=True) as bar:
         if task == "gsm8k":
             cfg = ev.Gsm8kConfig(limit, batch_size, max_new_tokens, prompt_style, instruction)  # type: ignore[arg-type]
             n = len(ev.read_jsonl(data, limit))

@@ -137,6 +137,9 @@ def convert_factors(trained: tuple[torch.Tensor, torch.Tensor], init: tuple[torc
 
 
 def _check_compatible(trained: Adapter, init: Adapter) -> None:
+    if trained.path.resolve() == init.path.resolve():
+        raise UserError(f"--init {init.path} is the trained adapter itself; pass the adapter training started "
+                        "from (decompose's OUT/adapter)")
     keys = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
     for key in keys:
         t, i = trained.config.get(key) or None, init.config.get(key) or None
@@ -181,6 +184,10 @@ def convert_pissa_to_lora(trained_dir: str | Path, init_dir: str | Path, out_dir
     if (out / "adapter_config.json").exists() and not cfg.overwrite:
         raise UserError(f"{out} already holds an adapter; pass --overwrite or choose a new directory")
     _check_compatible(trained, init)
+    if all(torch.equal(a, init.factors[m][0]) and torch.equal(b, init.factors[m][1])
+           for m, (a, b) in trained.factors.items()):
+        raise UserError(f"{trained.path} and --init {init.path} hold identical factors, so the LoRA would be zero; "
+                        "--init must be the adapter training started from (decompose's OUT/adapter)")
     tensors: dict[str, torch.Tensor] = {}
     for module, pair in trained.factors.items():
         dtype = pair[0].dtype if cfg.dtype == "same" else getattr(torch, cfg.dtype)

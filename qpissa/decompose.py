@@ -27,6 +27,7 @@ from qpissa.errors import UserError
 from qpissa.formats import (TensorInfo, adapter_config, adapter_key, copy_side_files,
                             is_within, load_tensor, save_tensors, scan_checkpoint, write_index, write_safetensors)
 from qpissa.linalg import error_norms
+from qpissa.lock import LOCK_NAME, OutputLock
 from qpissa.methods import METHODS, QUANTIZED_METHODS, Method, SvdOptions, adapter_scale, initialize, loftq
 from qpissa.quant import NF4Spec, nf4_roundtrip, quantization_config
 from qpissa.targets import Target, find_targets
@@ -93,8 +94,10 @@ class DecomposeConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_ONLY_FIELDS}
 
 
-def _prepare_out(model_dir: Path, out_dir: Path, cfg: DecomposeConfig, wipe: bool = True) -> dict | None:
-    """Check MODEL/OUT; return the manifest to resume from, if any (``wipe``: this process clears for --overwrite)."""
+def _prepare_out(model_dir: Path, out_dir: Path, cfg: DecomposeConfig, wipe: bool = True,
+                 lock: OutputLock | None = None) -> dict | None:
+    """Check MODEL/OUT, take OUT's lock (``lock``: the writing process); return the manifest to resume from,
+    if any (``wipe``: this process clears for --overwrite)."""
     if not model_dir.is_dir():
         raise UserError(f"model directory {model_dir} does not exist or is not a directory")
     if not (model_dir / "config.json").is_file():
@@ -103,6 +106,8 @@ def _prepare_out(model_dir: Path, out_dir: Path, cfg: DecomposeConfig, wipe: boo
         raise UserError(f"output {out_dir} is the model directory or inside it; choose a separate folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output {out_dir} exists and is not a directory")
+    if lock is not None:
+        lock.acquire()  # before any wipe: a concurrent run's files are never touched
     manifest_path = out_dir / "manifest.json"
     if cfg.overwrite:
         for name in OUTPUTS if wipe else ():
@@ -115,7 +120,10 @@ def _prepare_out(model_dir: Path, out_dir: Path, cfg: DecomposeConfig, wipe: boo
             raise UserError(f"{manifest_path}: --resume with different arguments or model than the interrupted "
                             "run; repeat its arguments or use --overwrite")
         return manifest
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
+        if cfg.resume:
+            raise UserError(f"output {out_dir} has no manifest.json, so there is no interrupted run to resume there; "
+                            "choose a new or empty folder, or pass --overwrite to replace it")
         raise UserError(f"output {out_dir} is not empty; pass --resume to continue or --overwrite to replace")
     return None
 
@@ -182,17 +190,22 @@ def decompose(model_dir: str | Path | None = None, out_dir: str | Path = "out", 
     cfg = DecomposeConfig(**kwargs)
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))  # auto → cuda when available
     cfg.validate()
+    lock = OutputLock(Path(out_dir))
     with distributed.session(cfg.device) as d:
         cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device, d))
-        return _decompose(model_dir, Path(out_dir), cfg, d)
+        try:
+            return _decompose(model_dir, Path(out_dir), cfg, d, lock if d.is_main else None)
+        finally:
+            lock.release()  # only if this process took it
 
 
-def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig, d: distributed.Dist) -> dict:
+def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig, d: distributed.Dist,
+               lock: OutputLock | None = None) -> dict:
     from qpissa.report import build_report, write_report
 
     try:  # every rank checks the same inputs before any rank writes
         model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-        manifest = _prepare_out(model_dir, out_dir, cfg, wipe=d.is_main)
+        manifest = _prepare_out(model_dir, out_dir, cfg, wipe=d.is_main, lock=lock)
         tensors = scan_checkpoint(model_dir)
         targets, others, arch, task = find_targets(model_dir, tensors, cfg.targets)
         for t in targets:
@@ -259,7 +272,9 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, j
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn())
     metrics: list[dict] = []
-    with Progress(*columns, disable=not cfg.progress, transient=False) as bar:
+    from rich.console import Console
+
+    with Progress(*columns, disable=not cfg.progress, transient=False, console=Console(stderr=True)) as bar:  # logs: stderr
         task = bar.add_task(f"{label}{cfg.method} r={cfg.rank}", total=len(indices))
         for index in indices:
             target = targets[index]

@@ -119,6 +119,9 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
     """Plain ``AutoModelForCausalLM.from_pretrained`` (NF4 residuals load pre-quantized) + ``PeftModel``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from qpissa.usage import require_causal_lm
+
+    require_causal_lm(model_dir, "eval")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype), device_map=device)
     if adapter is not None:
         from peft import PeftModel

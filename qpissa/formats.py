@@ -155,7 +155,31 @@ def copy_side_files(src: Path, dest: Path) -> list[str]:
             with atomic_path(dest / path.name) as tmp:
                 tmp.write_bytes(path.read_bytes())
             copied.append(path.name)
+    for folder in referenced_folders(src):  # e.g. sentence-transformers' 1_Pooling/ (named in modules.json)
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            rel = path.relative_to(src)
+            with atomic_path(dest / rel) as tmp:
+                tmp.write_bytes(path.read_bytes())
+            copied.append(rel.as_posix())
     return copied
+
+
+def referenced_folders(src: Path) -> list[Path]:
+    """Sub-folders of ``src`` that its ``modules.json`` (sentence-transformers) points at and that exist."""
+    modules = src / "modules.json"
+    if not modules.is_file():
+        return []
+    try:
+        entries = json.loads(modules.read_text())
+    except json.JSONDecodeError:
+        return []
+    found = []
+    for entry in entries if isinstance(entries, list) else []:
+        rel = entry.get("path") if isinstance(entry, dict) else None
+        folder = src / rel if rel else None
+        if folder is not None and folder.is_dir() and is_within(folder, src) and folder.resolve() != src.resolve():
+            found.append(folder)
+    return found
 
 
 def adapter_key(module: str, which: str) -> str:

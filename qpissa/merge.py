@@ -220,7 +220,12 @@ def _report(stats: list[dict[str, Any]], cfg: MergeConfig, residual: Path, adapt
         "finetune_delta_fro_total": total("finetune_delta_fro")}
     if cfg.quantize == "nf4":
         err, weight, ft = total("requant_error_fro"), total("weight_fro"), report["finetune_delta_fro_total"]
+        ratio = err / ft if ft else None
         report.update({"requant_error_fro_total": err, "requant_error_relative": err / weight if weight else 0.0,
-                       "requant_error_over_finetune_delta": err / ft if ft else None})
+                       "requant_error_over_finetune_delta": ratio})
+        if ratio is not None and ratio > 1:
+            report["warning"] = (f"re-quantizing to NF4 moved the weights {ratio:.3g}× as far as fine-tuning did "
+                                 "(‖requant error‖ / ‖s·(BA − B₀A₀)‖, Frobenius); the NF4 merge erases the "
+                                 "fine-tuning: keep the adapter on the residual, or merge without --quantize")
     report["modules"] = stats
     return report

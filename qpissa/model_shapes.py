@@ -69,6 +69,7 @@ class ModelShapes:
     dtype: str                     # torch_dtype of the checkpoint ("bfloat16", "float32", …)
     params: list[ParamGroup] = field(default_factory=list)
     attention_dropout: float = 0.0
+    max_positions: int = 0         # max_position_embeddings (0: unknown)
 
     @property
     def linears(self) -> list[ParamGroup]:
@@ -148,7 +149,7 @@ def _decoder(cfg: dict) -> ModelShapes:
     if not tied:
         ps.append(ParamGroup("lm_head", "lm_head", "head", (v, h)))
     return ModelShapes(mt, "llama", h, i, n, a, kv, hd, v, tied, True, _dtype(cfg), ps,
-                       float(cfg.get("attention_dropout", 0.0) or 0.0))
+                       float(cfg.get("attention_dropout", 0.0) or 0.0), int(cfg.get("max_position_embeddings") or 0))
 
 
 def _encoder(cfg: dict) -> ModelShapes:
@@ -174,7 +175,7 @@ def _encoder(cfg: dict) -> ModelShapes:
     ]
     ps.append(ParamGroup("pooler.dense", "dense", "linear", (h, h), 1, "other", h))
     return ModelShapes(mt, "bert", h, i, n, a, a, h // a, v, True, False, _dtype(cfg), ps,
-                       float(cfg.get("attention_probs_dropout_prob", 0.0) or 0.0))
+                       float(cfg.get("attention_probs_dropout_prob", 0.0) or 0.0), pos)
 
 
 def _dtype(cfg: dict) -> str:

@@ -46,6 +46,7 @@ Optim = Literal["adamw", "adamw8bit", "paged_adamw8bit", "sgd"]
 DType = Literal["bf16", "fp16", "fp32"]
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
 QUANTIZED: tuple[str, ...] = ("qpissa", "qlora", "loftq")
+DECOMPOSED: tuple[str, ...] = (*QUANTIZED, "pissa")  # the model comes from `qpissa decompose`
 GiB = 1024 ** 3
 
 
@@ -132,6 +133,13 @@ def select_targets(shapes: ModelShapes, targets: str) -> list[ParamGroup]:
         raise UserError(f"--targets: no linear named {', '.join(unknown) or targets!r} in this {shapes.model_type} "
                         f"model; choose all|attn|mlp or some of {', '.join(sorted({p.short for p in lin}))}")
     return chosen
+
+
+def decompose_targets(shapes: ModelShapes, targets: str) -> list[ParamGroup]:
+    """What ``qpissa decompose`` adapts (and NF4-quantizes): ``all`` = the linears inside blocks, its
+    default, so a BERT pooler stays as it is; other selections as :func:`select_targets`."""
+    chosen = select_targets(shapes, targets)
+    return [p for p in chosen if p.group != "other"] if targets == "all" else chosen
 
 
 def adapter_params(targets: list[ParamGroup], rank: int) -> int:
@@ -223,13 +231,15 @@ def activation_components(s: ModelShapes, cfg: PlanConfig, targets: list[ParamGr
         saved = T * (s.layers * c * s.hidden + edge)
         recompute = T * per_layer
         peak_extra = max(logits, recompute + T * widest)
+        block = f"one block {per_layer:,} B/token + grads"
         return [Component("activations", saved, f"checkpointed block inputs {s.layers}×{c}·h B/token"),
-                Component("recompute+loss", peak_extra,
-                          f"max(logits {T}×V×{max(c + 8, 12)} B, one block {per_layer:,} B/token + grads)"),
+                Component("recompute+loss" if s.causal_lm else "recompute", peak_extra,
+                          f"max(logits {T}×V×{max(c + 8, 12)} B, {block})" if s.causal_lm else block),
                 Component("transient", dequant, "one dequantized base weight in backward")]
     return [Component("activations", T * (s.layers * per_layer + edge),
                       f"{s.layers} blocks × {per_layer:,} B/token × {T} tokens"),
-            Component("loss (logits)", logits, f"{T} tokens × vocab {s.vocab} × {max(c + 8, 12)} B"),
+            *([Component("loss (logits)", logits, f"{T} tokens × vocab {s.vocab} × {max(c + 8, 12)} B")]
+              if s.causal_lm else []),  # an encoder without LM head has no logits
             Component("transient", dequant + (0 if logits else T * widest),
                       "one dequantized base weight + activation grads of the widest layer")]
 
@@ -240,22 +250,28 @@ def plan(s: ModelShapes, cfg: PlanConfig) -> Plan:
     """Bytes per component for one training step of micro-batch ``batch_size``."""
     if cfg.rank < 1 or cfg.batch_size < 1 or cfg.seq_len < 1:
         raise UserError("--rank, --batch-size and --seq-len must be positive integers")
+    if s.max_positions and s.family == "bert" and cfg.seq_len > s.max_positions:
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds max_position_embeddings {s.max_positions} of this "
+                        f"{s.model_type} model (absolute positions); use --seq-len {s.max_positions} or less")
     c, ad = BYTES[cfg.dtype], BYTES[cfg.adapter_dtype]
     quantized = cfg.method in QUANTIZED
-    targets = select_targets(s, cfg.targets) if cfg.method != "full" else []
+    pick = decompose_targets if cfg.method in DECOMPOSED else select_targets
+    targets = pick(s, cfg.targets) if cfg.method != "full" else []
     lin = [p for p in s.params if p.kind == "linear"]
+    # NF4: what decompose quantizes (its targets, and every block linear by default), not a BERT pooler
+    nf4_lin = [p for p in lin if p.group != "other" or p in targets] if quantized else []
     comps: list[Component] = []
     if quantized:
         nf = {"packed": 0, "absmax": 0, "quant_map": 0}
-        for p in lin:
+        for p in nf4_lin:
             for key, val in nf4_bytes(p.numel, cfg.blocksize, cfg.double_quant).items():
                 nf[key] += val * p.count
         dq = "double-quant " if cfg.double_quant else ""
-        comps += [Component("nf4 weights", nf["packed"], f"{sum(p.numel * p.count for p in lin):,} params / 2"),
+        comps += [Component("nf4 weights", nf["packed"], f"{sum(p.numel * p.count for p in nf4_lin):,} params / 2"),
                   Component("nf4 absmax+maps", nf["absmax"] + nf["quant_map"], f"{dq}block {cfg.blocksize}")]
     rest = sum(p.total for p in s.params if p.kind != "linear")
     biases = sum(p.bias * p.count for p in lin)
-    base_lin = 0 if quantized else sum(p.numel * p.count for p in lin)
+    base_lin = sum(p.numel * p.count for p in lin if p not in nf4_lin)
     comps.append(Component("unquantized weights", c * (rest + biases + base_lin),
                            f"embeddings, norms, biases{', head' if not s.tied else ''}"
                            f"{', base linears' if base_lin else ''} in {cfg.dtype}"))
@@ -269,7 +285,8 @@ def plan(s: ModelShapes, cfg: PlanConfig) -> Plan:
         trainable = sum(sizes)
         comps += [Component("adapters", ad * trainable, f"{trainable:,} params × {ad} B ({cfg.adapter_dtype})"),
                   Component("adapter gradients", ad * trainable, f"{cfg.adapter_dtype}"),
-                  Component("fp32 master copy", 4 * trainable if ad < 4 else 0, "16-bit adapters")]
+                  Component("fp32 master copy", 4 * trainable if ad < 4 else 0,
+                            "16-bit adapters" if ad < 4 else "none: the adapters are fp32")]
     comps.append(Component("optimizer states", optimizer_bytes(sizes, cfg.optim), cfg.optim))
     comps += activation_components(s, cfg, targets)
     comps.append(Component("overhead", cfg.overhead, "CUDA context, cuBLAS workspace"))
@@ -354,7 +371,7 @@ def decompose_estimate(s: ModelShapes, rank: int = 128, iterations: int = 1, tar
     rates = {**DEFAULT_RATES, **(rates or (rates_from(measured) if measured else {}))}
     fp32_copies = rates["fp32_copies"]
     src = BYTES.get(s.dtype, 2)
-    tg = select_targets(s, targets)
+    tg = decompose_targets(s, targets)
     m, n = max((p.shape for p in tg), key=lambda sh: sh[0] * sh[1])
     peak = baseline + int(m * n * (src + 4 * fp32_copies) + 12 * (m + n) * (rank + 16))
     seconds = 0.0

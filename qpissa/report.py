@@ -120,8 +120,8 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, dest: Path) -> None:
-    """Frobenius error per block index for the method, QLoRA and LoftQ (sum over modules of a block)."""
+def error_figure(report: dict):
+    """The matplotlib figure behind :func:`plot`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,18 +134,35 @@ def plot(report: dict, dest: Path) -> None:
             if r.get(which):
                 series[which][idx] += r[which]["frobenius"]
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
-    labels = {"method": report["arguments"]["method"], "qlora": "QLoRA (NF4 of W)", "loftq": "LoftQ"}
+    labels = plot_labels(report["arguments"])
     for which, values in series.items():
         xs = sorted(values)
         ax.plot(xs, [values[x] for x in xs], marker="o", label=labels[which])
     ax.set_xlabel("block index")
     ax.set_ylabel("Σ ‖W − Ŵ‖_F over the block")
     ax.set_title(f"Reconstruction error by layer (r={report['arguments']['rank']})")
+    ax.set_ylim(bottom=0)  # from 0: a cut axis exaggerates the gaps between methods
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot_labels(arguments: dict) -> dict[str, str]:
+    """Legend entries; the iterative methods name their T (LoftQ is measured with the same T)."""
+    t = f" T={arguments.get('iters', 1)}"
+    method = arguments["method"]
+    return {"method": method + (t if method in ("qpissa", "loftq") else ""), "qlora": "QLoRA (NF4 of W)",
+            "loftq": "LoftQ" + t}
+
+
+def plot(report: dict, dest: Path) -> None:
+    """Frobenius error per block index for the method, QLoRA and LoftQ (sum over modules of a block)."""
+    fig = error_figure(report)
     with atomic_path(dest) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})
+    import matplotlib.pyplot as plt
+
     plt.close(fig)
 
 

@@ -80,17 +80,32 @@ def matches(module: str, patterns: list[str]) -> bool:
     return False
 
 
+def check_patterns(patterns: list[str]) -> None:
+    """Every --targets pattern must compile, even when another one matches (no silent drop)."""
+    for pat in patterns:
+        try:
+            re.compile(pat)
+        except re.error as err:
+            raise UserError(f"--targets {pat!r}: not a valid regular expression ({err}); fix or remove it") from None
+
+
 def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str] | None) -> tuple[list[Target], list[str], str, str | None]:
     """Resolve targets; returns (targets, non-target linear module names, arch, task type)."""
+    if patterns:
+        check_patterns(patterns)
     linears, arch, task = linear_modules(model_dir)
     by_name = {t.name: t for t in tensors}
     targets, others = [], []
     for module, conv in linears.items():
         chosen = matches(module, patterns) if patterns else bool(BLOCK_INDEX.search(module))
-        info = _checkpoint_key(module, by_name) if chosen else None
-        if info is None or len(info.shape) != 2:
+        if not chosen:
             others.append(module)
             continue
+        info = _checkpoint_key(module, by_name)
+        if info is None or len(info.shape) != 2:
+            what = "no tensor" if info is None else f"a {len(info.shape)}-D tensor {info.name}"
+            raise UserError(f"{model_dir}: target module {module} has {what} for {module}.weight in the checkpoint; "
+                            "exclude it with --targets or fix the checkpoint")
         targets.append(Target(module, info, conv))
     if not targets:
         what = f"--targets {' '.join(patterns)}" if patterns else "the default (linear layers inside blocks)"

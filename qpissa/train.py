@@ -47,6 +47,7 @@ from qpissa import checkpoint as ckpt_lib
 from qpissa import distributed
 from qpissa.data import DataConfig, Example, batches, build_examples, eval_batches, load_records
 from qpissa.errors import UserError
+from qpissa.usage import require_causal_lm
 from qpissa.sorsa import adapter_pairs, sorsa_step
 
 
@@ -172,6 +173,7 @@ def load_model(cfg: TrainConfig):
                             f"`qpissa decompose` into {root} (or --resume it)")
         from peft import PeftModel
 
+        require_causal_lm(residual, "train")
         base = AutoModelForCausalLM.from_pretrained(residual, device_map=device_map)
         _check_adapter_fits(base, adapter)
         model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
@@ -181,6 +183,7 @@ def load_model(cfg: TrainConfig):
             raise UserError(f"{root}/config.json not found: --method {cfg.method} needs an HF model directory")
         if "quantization_config" in json.loads((root / "config.json").read_text()):
             raise UserError(f"{root} is a quantized checkpoint; --method {cfg.method} needs unquantized weights")
+        require_causal_lm(root, "train")
         dtype = torch.float32 if cfg.method == "full" else "auto"
         model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, device_map=device_map)
         if cfg.method == "lora":
@@ -297,6 +300,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise UserError("--batch-size and --grad-accum must be at least 1")
+    kind_dir = Path(cfg.model) / "residual" if cfg.method == "from-out" else Path(cfg.model)
+    if (kind_dir / "config.json").exists():
+        require_causal_lm(kind_dir, "train")  # an encoder: one line before any data or weights are read
     records = load_records(cfg.data)  # fail fast on bad data, before loading weights
     eval_records = load_records(cfg.eval_data) if cfg.eval_data else []
     existing = ckpt_lib.list_checkpoints(Path(cfg.output))
@@ -381,7 +387,9 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-    with Progress(*columns, disable=not (cfg.progress and d.is_main)) as bar:
+    from rich.console import Console
+
+    with Progress(*columns, disable=not (cfg.progress and d.is_main), console=Console(stderr=True)) as bar:
         task = bar.add_task("train", total=total, completed=state.step, info="")
         while state.step < stop_at:
             t0 = time.perf_counter()

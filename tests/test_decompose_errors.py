@@ -145,3 +145,73 @@ def test_real_process_prints_no_traceback(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+
+
+def test_resume_into_a_foreign_folder_says_there_is_nothing_to_resume(monkeypatch, capsys, tiny_bert, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run_cli(monkeypatch, capsys, str(tiny_bert), "-o", str(out), "--rank", "4", "--resume")
+    assert_one_line_error(code, err, "no manifest.json", "no interrupted run", "--overwrite")
+    assert "pass --resume" not in err and (out / "keep.txt").read_text() == "mine"
+
+
+def test_second_run_into_a_locked_folder_and_stale_lock(monkeypatch, capsys, tiny_bert, tmp_path):
+    """A live lock holder stops a second run with one line; a dead one's lock (kill -9) is taken over."""
+    import socket
+
+    out = tmp_path / "o"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "token": "x",
+                                               "started": "now", "command": "qpissa decompose"}))
+        code, err = run_cli(monkeypatch, capsys, str(tiny_bert), "-o", str(out), "--rank", "4", "--overwrite")
+        assert_one_line_error(code, err, "in use by another qpissa decompose", f"pid {holder.pid}", ".lock")
+        assert (out / ".lock").exists() and not (out / "residual").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    code, err = run_cli(monkeypatch, capsys, str(tiny_bert), "-o", str(out), "--rank", "4")  # stale now
+    assert code == 0, err
+    assert "stale lock" in err and not (out / ".lock").exists() and (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_bad_regex_among_good_targets_and_missing_target_weight(monkeypatch, capsys, tiny_bert, tmp_path):
+    code, err = run_cli(monkeypatch, capsys, str(tiny_bert), "-o", str(tmp_path / "a"), "--rank", "4",
+                        "--targets", "query", "--targets", "encoder.layer.(0")
+    assert_one_line_error(code, err, "'encoder.layer.(0'", "not a valid regular expression")
+    broken = copy_model(tiny_bert, tmp_path / "broken")
+    from safetensors.torch import load_file
+    tensors = load_file(str(broken / "model.safetensors"))
+    del tensors["encoder.layer.1.attention.self.value.weight"]
+    save_file(tensors, str(broken / "model.safetensors"))
+    code, err = run_cli(monkeypatch, capsys, str(broken), "-o", str(tmp_path / "b"), "--rank", "4")
+    assert_one_line_error(code, err, "encoder.layer.1.attention.self.value", "no tensor")
+
+
+def test_side_folders_results_on_stdout_and_encoder_snippet(monkeypatch, capsys, tiny_bert, tmp_path):
+    """OUT/residual gets the sentence-transformers folders modules.json names; table + load snippet on stdout,
+    progress on stderr; the printed snippet (AutoModel for an encoder) runs."""
+    model = copy_model(tiny_bert, tmp_path / "st")
+    (model / "1_Pooling").mkdir()
+    (model / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (model / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    out = tmp_path / "o"
+    monkeypatch.setattr(sys, "argv", ["qpissa", "decompose", str(model), "-o", str(out), "--rank", "4"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    captured = capsys.readouterr()
+    assert exc.value.code in (0, None), captured.err
+    assert (out / "residual" / "1_Pooling" / "config.json").read_text() == '{"pooling_mode_mean_tokens": true}'
+    assert (out / "residual" / "modules.json").exists() and not (out / "residual" / "2_Normalize").exists()
+    assert "reduction" in captured.out and "reduction" not in captured.err  # the table: stdout only
+    snippet = captured.out[captured.out.index("from transformers import"):]
+    assert "AutoModel.from_pretrained" in snippet and "AutoModelForCausalLM" not in snippet
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - the exact text we print
+    assert type(scope["model"]).__name__ == "PeftModel"
+    assert scope["model"].base_model.model.encoder.layer[0].attention.self.query.base_layer.weight.dtype == torch.uint8

@@ -123,6 +123,7 @@ def test_cli_eval_perplexity_on_a_decompose_run(smollm2_decomposed, gsm8k_dir, t
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "ev" / "perplexity_summary.json").read_text())
     assert summary["adapter"] == str(run["init"]) and summary["documents"] == 2
+    assert "perplexity →" in proc.stdout and "perplexity →" not in proc.stderr  # results on stdout
     lines = (tmp_path / "ev" / "perplexity_examples.jsonl").read_text().splitlines()
     assert sum(json.loads(x)["tokens_scored"] for x in lines) == summary["tokens_scored"]
     assert 1 < summary["perplexity"] < 100

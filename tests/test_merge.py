@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from qpissa.errors import UserError
 from qpissa.merge import MergeConfig, merge
@@ -128,3 +129,26 @@ def test_adapter_for_another_model_is_a_user_error(smollm2_decomposed, minilm_di
     run = smollm2_decomposed["pissa"]
     with pytest.raises(UserError, match="no unique weight|is ADAPTER for this RESIDUAL"):
         merge(minilm_dir, run["trained"], tmp_path / "x")
+
+
+def test_requantization_that_erases_the_finetuning_warns(smollm2_decomposed, tmp_path):
+    """merge --quantize nf4 --init: a warning (stderr) exactly when ‖requant error‖ > ‖s·(BA − B₀A₀)‖; table on stdout."""
+    run = smollm2_decomposed["qpissa"]
+    cmd = [sys.executable, "-c", "from qpissa.cli import main; main()", "merge", str(run["residual"]), str(run["trained"]),
+           "--output", str(tmp_path / "q"), "--quantize", "nf4", "--init", str(run["init"])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "q" / "merge_report.json").read_text())
+    ratio = report["requant_error_over_finetune_delta"]
+    assert ratio > 1  # the fixture's 5% moves are smaller than NF4's rounding of the whole weight
+    assert "merged model" in proc.stdout and "requant_error_over_finetune_delta" in proc.stdout
+    assert "warning:" in proc.stderr and "erases the" in proc.stderr and "warning" not in proc.stdout
+    # a large fine-tuning step (B moved by 3·B₀ on top) is not erased: no warning
+    big = tmp_path / "big"
+    big.mkdir()
+    tensors = load_file(str(run["trained"] / "adapter_model.safetensors"))
+    save_file({k: (v.float() * 4).to(v.dtype) if "lora_B" in k else v for k, v in tensors.items()},
+              str(big / "adapter_model.safetensors"))
+    shutil.copy(run["trained"] / "adapter_config.json", big / "adapter_config.json")
+    quiet = merge(run["residual"], big, tmp_path / "q2", MergeConfig(quantize="nf4", init_adapter=str(run["init"])))
+    assert quiet["requant_error_over_finetune_delta"] < 1 and "warning" not in quiet

@@ -77,8 +77,8 @@ def test_nf4_bytes_match_bitsandbytes(shape, double_quant, blocksize):
 def test_minilm_4bit_model_bytes_match_loaded_model(minilm_dir):
     """Every byte of a bitsandbytes-quantized BertModel (packed weights, quant states, fp32 rest)."""
     import transformers
-    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                        bnb_4bit_compute_dtype=torch.float32)
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",  # as decompose writes it:
+                                        bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["pooler"])
     model = transformers.AutoModel.from_pretrained(minilm_dir, dtype=torch.float32, quantization_config=q)
     packed = absmax = other = 0
     for _, prm in model.named_parameters():
@@ -88,7 +88,7 @@ def test_minilm_4bit_model_bytes_match_loaded_model(minilm_dir):
         else:
             packed += prm.numel() * prm.element_size()
             absmax += st.absmax.numel() * st.absmax.element_size() + st.code.numel() * st.code.element_size()
-    p = plan(shapes_from_config(load_config(minilm_dir)), PlanConfig(method="qlora", rank=8, dtype="fp32"))
+    p = plan(shapes_from_config(load_config(minilm_dir)), PlanConfig(method="qlora", rank=8, dtype="fp32", seq_len=128))
     assert (p.get("nf4 weights"), p.get("nf4 absmax+maps"), p.get("unquantized weights")) == (packed, absmax, other)
 
 
@@ -114,7 +114,7 @@ def test_adapter_params_match_peft_minilm(minilm_dir):
     model = transformers.AutoModel.from_pretrained(minilm_dir)
     trainable, total = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear")).get_nb_trainable_parameters()
     s = shapes_from_config(load_config(minilm_dir))
-    assert plan(s, PlanConfig(rank=4, method="lora")).trainable == trainable
+    assert plan(s, PlanConfig(rank=4, method="lora", seq_len=128)).trainable == trainable
     assert s.n_params == total - trainable
 
 
@@ -248,3 +248,22 @@ def test_cli_plan_json_and_error(tmp_path):
     bad = subprocess.run([*CLI, "plan", str(tmp_path / "nope.json")],
                          capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and "nope.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bert_plan_matches_what_decompose_makes(minilm_dir, tmp_path):
+    """No logits row (no LM head), fp32 adapters need no master copy, the pooler is neither adapted nor NF4,
+    and --seq-len beyond the position table is refused."""
+    s = shapes_from_config(load_config(minilm_dir))
+    p = plan(s, PlanConfig(method="qpissa", rank=8, seq_len=128, adapter_dtype="fp32"))
+    names = [c.name for c in p.components]
+    assert "loss (logits)" not in names
+    master = next(c for c in p.components if c.name == "fp32 master copy")
+    assert master.bytes == 0 and "16-bit" not in master.detail
+    block_linears = 6 * (4 * 384 * 384 + 2 * 384 * 1536)  # 6 layers: q,k,v,o + intermediate + output
+    assert p.get("nf4 weights") == block_linears // 2
+    assert p.trainable == 6 * 8 * (4 * (384 + 384) + 2 * (384 + 1536))  # the 36 block linears, not pooler.dense
+    with pytest.raises(UserError, match="max_position_embeddings 512"):
+        plan(s, PlanConfig(method="qpissa", rank=8, seq_len=2048))
+    proc = subprocess.run([sys.executable, "-c", "from qpissa.cli import main; main()", "plan", str(minilm_dir),
+                           "--seq-len", "2048", "--device", "cpu"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--seq-len 2048" in proc.stderr

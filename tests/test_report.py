@@ -49,3 +49,16 @@ def test_frobenius_only_reports_leave_other_norms_empty(tmp_path):
     assert "| overall | 1 | — | 50.00% | — |" in to_markdown(rep)
     write_report(rep, tmp_path)
     assert (tmp_path / "error_by_layer.png").stat().st_size > 1000
+
+
+def test_error_plot_starts_at_zero_and_names_t():
+    import matplotlib.pyplot as plt
+
+    from qpissa.report import error_figure
+
+    rows = [metric(f"layers.{i}.q", 14.0 + i, 16.0 + i, 15.0 + i) for i in range(3)]
+    fig = error_figure(build_report(rows, {"method": "qpissa", "rank": 2, "iters": 5}, "m"))
+    ax = fig.axes[0]
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] > 18
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["LoftQ T=5", "QLoRA (NF4 of W)", "qpissa T=5"]
+    plt.close(fig)

@@ -1,0 +1,53 @@
+"""What a model folder is for: a causal LM (train, eval, generate) or an encoder; how to load ours.
+
+``qpissa train`` and ``qpissa eval`` fine-tune / score next-token prediction, so they need a causal
+LM head (``…ForCausalLM``); an encoder such as all-MiniLM-L6-v2 (``BertModel``) has none. Its
+decompose output still loads with plain transformers + peft, via ``AutoModel``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qpissa.errors import UserError
+
+EXAMPLE_HINT = "qpissa example smollm2 out/smollm2-hf && qpissa decompose out/smollm2-hf -o out/smollm2"
+
+
+def architecture(model_dir: str | Path) -> tuple[str, str]:
+    """(architecture class, model_type) from ``config.json``; '?' where absent."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "?", "?"
+    return (config.get("architectures") or ["?"])[0], str(config.get("model_type", "?"))
+
+
+def is_causal_lm(model_dir: str | Path) -> bool:
+    """True for ``…ForCausalLM`` / ``…LMHeadModel`` classes that transformers maps to AutoModelForCausalLM."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    arch, _ = architecture(model_dir)
+    return arch.endswith("ForCausalLM") or arch in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def require_causal_lm(model_dir: str | Path, command: str) -> None:
+    """One clear line instead of a traceback deep inside transformers when MODEL is an encoder."""
+    if is_causal_lm(model_dir):
+        return
+    arch, model_type = architecture(model_dir)
+    raise UserError(f"{model_dir}: {arch} ({model_type}) has no causal language-model head; `qpissa {command}` "
+                    f"needs a causal LM (…ForCausalLM). Load this one with transformers.AutoModel + peft.PeftModel; "
+                    f"to try {command}, use the example causal LM: {EXAMPLE_HINT}")
+
+
+def load_snippet(out_dir: str | Path) -> str:
+    """Python that loads a decompose output with plain transformers + peft (the right Auto class)."""
+    residual, adapter = Path(out_dir) / "residual", Path(out_dir) / "adapter"
+    auto = "AutoModelForCausalLM" if is_causal_lm(residual) else "AutoModel"
+    quantized = "quantization_config" in json.loads((residual / "config.json").read_text())
+    return (f"from transformers import {auto}\n"
+            "from peft import PeftModel\n"
+            f"model = {auto}.from_pretrained({str(residual)!r})"
+            f"{'  # 4-bit NF4, frozen' if quantized else ''}\n"
+            f"model = PeftModel.from_pretrained(model, {str(adapter)!r}, is_trainable=True)")
