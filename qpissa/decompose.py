@@ -33,6 +33,10 @@ from qpissa.targets import Target, find_targets
 OUTPUTS = ("residual", "adapter", ".parts", "manifest.json", "report.json", "report.csv", "report.md",
            "error_by_layer.png")
 RUN_ONLY_FIELDS = ("resume", "overwrite", "progress", "device")  # may differ between a run and its resume
+# "auto" metrics (None): LoftQ baseline and full-spectrum norms only while the targets hold at most this many
+# weights: all-MiniLM-L6-v2 (10.6M) gets them, SmolLM2-135M (106M) and larger models get Frobenius + QLoRA only
+AUTO_FULL_METRICS_MAX_WEIGHTS = 32_000_000
+JOURNAL_EVERY_S = 2.0  # rewrite manifest.json at most this often (and at the end): O(n) bytes, not O(n²)
 
 
 @dataclass
@@ -48,15 +52,17 @@ class DecomposeConfig:
     blocksize: int = field(default=64, metadata={"help": "NF4 block size"})
     double_quant: bool = field(default=False, metadata={"help": "NF4 double quantization"})
     compute_dtype: str = field(default="bfloat16", metadata={"help": "bnb_4bit_compute_dtype in config"})
-    svd: str = field(default="exact", metadata={"help": "exact | randomized"})
+    svd: str = field(default="randomized", metadata={"help": "randomized (default) | exact"})
     oversample: int = field(default=16, metadata={"help": "randomized SVD oversampling"})
     power_iters: int = field(default=4, metadata={"help": "randomized SVD power iterations"})
     seed: int = field(default=0, metadata={"help": "seed for randomized SVD and LoRA init"})
     dtype: str = field(default="float32", metadata={"help": "SVD precision: float32 | float64"})
     adapter_dtype: str = field(default="bfloat16", metadata={"help": "stored adapter dtype"})
     refit: bool = field(default=True, metadata={"help": "qpissa: final refit of A,B on the stored Q"})
-    loftq_baseline: bool = field(default=True, metadata={"help": "also measure LoftQ(T) as a baseline"})
-    spectral_norms: bool = field(default=True, metadata={"help": "nuclear + spectral norms (one svdvals each)"})
+    loftq_baseline: bool | None = field(default=None, metadata={
+        "help": "also measure LoftQ(T) as a baseline (default auto: when the targets hold ≤ 32M weights)"})
+    spectral_norms: bool | None = field(default=None, metadata={
+        "help": "nuclear + spectral norms, one svdvals each (default auto: when the targets hold ≤ 32M weights)"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
     resume: bool = False
     overwrite: bool = False
@@ -91,6 +97,28 @@ class DecomposeConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that define the output (a resume must match them)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_ONLY_FIELDS}
+
+    def resolved(self, target_weights: int) -> "DecomposeConfig":
+        """``loftq_baseline`` / ``spectral_norms`` left at auto (None) become True for targets holding at
+        most :data:`AUTO_FULL_METRICS_MAX_WEIGHTS` weights in all, else False."""
+        small = target_weights <= AUTO_FULL_METRICS_MAX_WEIGHTS
+        return dataclasses.replace(self, loftq_baseline=small if self.loftq_baseline is None else self.loftq_baseline,
+                                   spectral_norms=small if self.spectral_norms is None else self.spectral_norms)
+
+    def metrics_computed(self, target_weights: int) -> dict[str, str]:
+        """What the report measured and how (for report.json/csv/md and the console)."""
+        r = self.resolved(target_weights)
+        auto = [n for n, v in (("loftq_baseline", self.loftq_baseline), ("spectral_norms", self.spectral_norms))
+                if v is None]
+        how = "exact (svdvals)" if r.spectral_norms else "skipped"
+        loftq = "exact" if (r.loftq_baseline or self.method == "loftq") else "skipped"
+        out = {"frobenius": "exact", "nuclear": how, "spectral": how, "qlora_baseline": "exact",
+               "loftq_baseline": loftq, "svd": self.svd}
+        if auto:
+            out["auto"] = (f"{', '.join(auto)} auto: targets hold {target_weights:,} weights "
+                           f"{'≤' if target_weights <= AUTO_FULL_METRICS_MAX_WEIGHTS else '>'} "
+                           f"{AUTO_FULL_METRICS_MAX_WEIGHTS:,}; pass --loftq-baseline / --spectral-norms to force them")
+        return out
 
 
 def _prepare_out(model_dir: Path, out_dir: Path, cfg: DecomposeConfig, wipe: bool = True) -> dict | None:
@@ -138,6 +166,8 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig) -> t
     w = (w.T if target.transposed else w).to(device=cfg.device, dtype=dtype)  # (m, n)
     if not torch.isfinite(w).all():
         raise UserError(f"{target.weight.file}: tensor {target.weight.name} contains NaN or Inf; fix the checkpoint")
+    if cfg.loftq_baseline is None or cfg.spectral_norms is None:
+        cfg = cfg.resolved(w.numel())
     spec, svd = cfg.spec(), cfg.svd_options()
     scale = adapter_scale(cfg.rank, cfg.alpha, cfg.rslora)
     adapter_dtype = getattr(torch, cfg.adapter_dtype)
@@ -202,6 +232,8 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         distributed.agree(d, str(err))
         raise
     distributed.agree(d, None)
+    target_weights = sum(t.shape[0] * t.shape[1] for t in targets)
+    computed, run_cfg = cfg.metrics_computed(target_weights), cfg.resolved(target_weights)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts_dir = out_dir / ".parts"
     parts_dir.mkdir(exist_ok=True)
@@ -214,10 +246,10 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         write_json(out_dir / "manifest.json", manifest)
     distributed.agree(d, None)  # manifest.json exists before any rank writes a part (a resume needs it)
     if not d.enabled:
-        metrics = _run_targets(targets, cfg, parts_dir, out_dir / "manifest.json", manifest, range(len(targets)))
+        metrics = _run_targets(targets, run_cfg, parts_dir, out_dir / "manifest.json", manifest, range(len(targets)))
         distributed.remove_fragments(parts_dir)
     else:
-        _run_rank(targets, cfg, parts_dir, known, d)
+        _run_rank(targets, run_cfg, parts_dir, known, d)
         if not d.is_main:  # rank 0 assembles; the others wait for its report
             return distributed.broadcast(d, None)
         manifest["tensors"] = distributed.merge_fragments(parts_dir, d.world_size, [t.module for t in targets])
@@ -225,7 +257,7 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         distributed.remove_fragments(parts_dir)
         metrics = [manifest["tensors"][t.module]["metrics"] for t in targets]
     _assemble(model_dir, out_dir, tensors, targets, others, cfg, task)
-    report = build_report(metrics, cfg.identity(), str(model_dir))
+    report = build_report(metrics, cfg.identity(), str(model_dir), computed)
     write_report(report, out_dir)
     manifest["status"] = "complete"
     write_json(out_dir / "manifest.json", manifest)
@@ -258,6 +290,7 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, j
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn())
     metrics: list[dict] = []
+    last_journal, journal_cost = time.monotonic(), 0.0
     with Progress(*columns, disable=not cfg.progress, transient=False) as bar:
         task = bar.add_task(f"{label}{cfg.method} r={cfg.rank}", total=len(indices))
         for index in indices:
@@ -274,9 +307,13 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, j
             save_tensors(part, tensors)
             manifest["tensors"][target.module] = {"part": part.name, "sha256": _sha256(part), "metrics": m,
                                                   "seconds": round(time.perf_counter() - start, 4)}
-            write_json(journal, manifest)
+            if time.monotonic() - last_journal >= max(JOURNAL_EVERY_S, 20 * journal_cost):
+                t0 = time.monotonic()  # ≤ 5% of the run rewrites the journal; a part not journaled is recomputed
+                write_json(journal, manifest)
+                last_journal, journal_cost = time.monotonic(), time.monotonic() - t0
             metrics.append(m)
             bar.advance(task)
+    write_json(journal, manifest)
     return metrics
 
 

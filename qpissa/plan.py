@@ -134,6 +134,12 @@ def select_targets(shapes: ModelShapes, targets: str) -> list[ParamGroup]:
     return chosen
 
 
+def quantized_linears(s: ModelShapes, cfg: PlanConfig) -> list[ParamGroup]:
+    """The linears ``qpissa decompose --targets`` stores in NF4 for a quantized method: exactly the targets
+    (every other linear stays full precision, listed in ``llm_int8_skip_modules``)."""
+    return select_targets(s, cfg.targets) if cfg.method in QUANTIZED else []
+
+
 def adapter_params(targets: list[ParamGroup], rank: int) -> int:
     """r·(in + out) per target module (lora_A: r×in, lora_B: out×r)."""
     return sum(rank * (p.shape[0] + p.shape[1]) * p.count for p in targets)
@@ -217,7 +223,7 @@ def activation_components(s: ModelShapes, cfg: PlanConfig, targets: list[ParamGr
     widest = 3 * c * s.intermediate
     if s.family == "bert" and s.attention_dropout > 0 and cfg.device == "cpu":
         widest = max(widest, 2 * c * s.heads * cfg.seq_len)
-    quant = [p for p in s.params if p.kind == "linear"] if cfg.method in QUANTIZED else []
+    quant = quantized_linears(s, cfg)
     dequant = max((p.numel for p in quant), default=0) * BYTES.get(s.dtype, 2)
     if cfg.grad_checkpointing:
         saved = T * (s.layers * c * s.hidden + edge)
@@ -244,21 +250,24 @@ def plan(s: ModelShapes, cfg: PlanConfig) -> Plan:
     quantized = cfg.method in QUANTIZED
     targets = select_targets(s, cfg.targets) if cfg.method != "full" else []
     lin = [p for p in s.params if p.kind == "linear"]
+    quant = quantized_linears(s, cfg)
     comps: list[Component] = []
     if quantized:
         nf = {"packed": 0, "absmax": 0, "quant_map": 0}
-        for p in lin:
+        for p in quant:
             for key, val in nf4_bytes(p.numel, cfg.blocksize, cfg.double_quant).items():
                 nf[key] += val * p.count
         dq = "double-quant " if cfg.double_quant else ""
-        comps += [Component("nf4 weights", nf["packed"], f"{sum(p.numel * p.count for p in lin):,} params / 2"),
+        comps += [Component("nf4 weights", nf["packed"], f"{sum(p.numel * p.count for p in quant):,} params / 2 "
+                                                         f"(the {len(quant)} target kinds, as decompose writes)"),
                   Component("nf4 absmax+maps", nf["absmax"] + nf["quant_map"], f"{dq}block {cfg.blocksize}")]
     rest = sum(p.total for p in s.params if p.kind != "linear")
     biases = sum(p.bias * p.count for p in lin)
-    base_lin = 0 if quantized else sum(p.numel * p.count for p in lin)
+    base_lin = sum(p.numel * p.count for p in lin if p not in quant)
     comps.append(Component("unquantized weights", c * (rest + biases + base_lin),
                            f"embeddings, norms, biases{', head' if not s.tied else ''}"
-                           f"{', base linears' if base_lin else ''} in {cfg.dtype}"))
+                           f"{', non-target linears' if base_lin and quantized else ', base linears' if base_lin else ''}"
+                           f" in {cfg.dtype}"))
     if cfg.method == "full":
         sizes = [p.numel + p.bias for p in s.params for _ in range(p.count)]
         trainable = sum(sizes)

@@ -92,6 +92,37 @@ def test_minilm_4bit_model_bytes_match_loaded_model(minilm_dir):
     assert (p.get("nf4 weights"), p.get("nf4 absmax+maps"), p.get("unquantized weights")) == (packed, absmax, other)
 
 
+def test_nf4_and_full_precision_bytes_match_decompose_output_for_a_targets_subset(minilm_dir, tmp_path):
+    """`plan --targets query,value` counts NF4 bytes for exactly the linears `decompose --targets query value`
+    quantizes (double quant: nested absmax too), and full precision for every other weight it writes (not
+    counted: the serialized quant-state blob, bnb's load-time metadata, and the int64 position_ids buffer)."""
+    double_quant = True
+    from safetensors import safe_open
+
+    from qpissa.decompose import decompose
+    out = tmp_path / "out"
+    decompose(minilm_dir, out, method="qlora", rank=4, targets=["query", "value"], double_quant=double_quant,
+              progress=False)
+    packed = absmax = other = 0
+    with safe_open(str(out / "residual" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        for k in keys:
+            n = f.get_slice(k)
+            size = math.prod(n.get_shape()) * {"F32": 4, "U8": 1, "I64": 8}[n.get_dtype()]
+            if f"{k}.absmax" in keys:
+                packed += size
+                absmax += 4  # double quant's fp32 offset: in memory a tensor, on disk a field of the quant-state blob
+            elif k.rsplit(".", 1)[-1] in ("absmax", "quant_map") or ".nested_" in k:
+                absmax += size
+            elif ".quant_state." not in k and n.get_dtype() != "I64":
+                other += size
+    assert packed > 0 and other > 0
+    p = plan(shapes_from_config(load_config(minilm_dir)),
+             PlanConfig(method="qpissa", rank=4, targets="query,value", dtype="fp32", double_quant=double_quant))
+    assert (p.get("nf4 weights"), p.get("nf4 absmax+maps"), p.get("unquantized weights")) == (packed, absmax, other)
+    assert packed == 6 * 2 * 384 * 384 // 2                     # query and value of 6 blocks; the rest stays fp32
+
+
 # ------------------------------------------------------------------ adapters vs PEFT
 
 @pytest.mark.parametrize("targets,peft_targets", [("all", "all-linear"),
