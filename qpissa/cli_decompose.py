@@ -53,6 +53,8 @@ def decompose(
     spectral_norms: Optional[bool] = typer.Option(
         None, "--spectral-norms/--no-spectral-norms",
         help="nuclear/spectral norms too, one svdvals each (default: auto, on when the targets hold ≤ 32M weights)"),
+    workers: Optional[int] = typer.Option(
+        None, help="tensors decomposed at once (default: auto, 2 on a multi-core CPU while every target ≤ 16M weights)"),
     resume: bool = typer.Option(False, help="continue an interrupted run"),
     overwrite: bool = typer.Option(False, help="replace an existing output"),
     quiet: bool = typer.Option(False, help="no progress bar"),
@@ -67,7 +69,7 @@ def decompose(
     report = run(model, out, method=method, rank=rank, alpha=alpha, rslora=rslora, iters=iters, targets=targets,
                  blocksize=blocksize, double_quant=double_quant, svd=svd, oversample=oversample,
                  power_iters=power_iters, seed=seed, device=device, dtype=dtype, adapter_dtype=adapter_dtype,
-                 refit=refit, loftq_baseline=loftq_baseline, spectral_norms=spectral_norms, resume=resume,
+                 refit=refit, loftq_baseline=loftq_baseline, spectral_norms=spectral_norms, workers=workers, resume=resume,
                  overwrite=overwrite, progress=not quiet)
     from qpissa.distributed import detect
 

@@ -14,6 +14,9 @@ import json
 import math
 import shutil
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,10 +35,11 @@ from qpissa.targets import Target, find_targets
 
 OUTPUTS = ("residual", "adapter", ".parts", "manifest.json", "report.json", "report.csv", "report.md",
            "error_by_layer.png")
-RUN_ONLY_FIELDS = ("resume", "overwrite", "progress", "device")  # may differ between a run and its resume
+RUN_ONLY_FIELDS = ("resume", "overwrite", "progress", "device", "workers")  # may differ between a run and its resume
 # "auto" metrics (None): LoftQ baseline and full-spectrum norms only while the targets hold at most this many
 # weights: all-MiniLM-L6-v2 (10.6M) gets them, SmolLM2-135M (106M) and larger models get Frobenius + QLoRA only
 AUTO_FULL_METRICS_MAX_WEIGHTS = 32_000_000
+AUTO_PARALLEL_MAX_WEIGHTS = 16 * 2**20  # auto workers: two tensors at a time while the largest is this small
 JOURNAL_EVERY_S = 2.0  # rewrite manifest.json at most this often (and at the end): O(n) bytes, not O(n²)
 
 
@@ -64,6 +68,8 @@ class DecomposeConfig:
     spectral_norms: bool | None = field(default=None, metadata={
         "help": "nuclear + spectral norms, one svdvals each (default auto: when the targets hold ≤ 32M weights)"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
+    workers: int | None = field(default=None, metadata={
+        "help": "tensors decomposed at once (default auto: 2 on a multi-core CPU while every target ≤ 16M weights)"})
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -283,38 +289,75 @@ def _run_rank(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, know
 def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, journal: Path, manifest: dict,
                  indices: Sequence[int], label: str = "") -> list[dict]:
     """Process targets ``indices`` not already done (resume), journaling ``manifest`` to ``journal``
-    after each; with a progress bar; returns their metrics."""
+    (throttled); with a progress bar; returns their metrics in target order.
+
+    With ``workers`` > 1, that many tensors are read, decomposed and written at once (one torch thread
+    each): small matrices use cores better side by side than split by intra-op threads, and reading and
+    writing overlap compute. Every tensor's result is independent of the others, so outputs are the same.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn())
-    metrics: list[dict] = []
+    metrics: dict[int, dict] = {}
     last_journal, journal_cost = time.monotonic(), 0.0
-    with Progress(*columns, disable=not cfg.progress, transient=False) as bar:
+    workers = _workers(cfg, [targets[i] for i in indices])
+    with Progress(*columns, disable=not cfg.progress, transient=False) as bar, \
+            ThreadPoolExecutor(workers, thread_name_prefix="qpissa-decompose") as pool, _torch_threads(workers):
         task = bar.add_task(f"{label}{cfg.method} r={cfg.rank}", total=len(indices))
-        for index in indices:
-            target = targets[index]
-            part = parts_dir / _part_name(index)
-            done = manifest["tensors"].get(target.module)
-            if done and part.exists() and done.get("sha256") == _sha256(part):
-                metrics.append(done["metrics"])
-                bar.advance(task)
-                continue
-            bar.update(task, description=f"{label}{cfg.method} {target.module}")
-            start = time.perf_counter()
-            tensors, m = decompose_tensor(target, load_tensor(target.weight), cfg)
-            save_tensors(part, tensors)
-            manifest["tensors"][target.module] = {"part": part.name, "sha256": _sha256(part), "metrics": m,
-                                                  "seconds": round(time.perf_counter() - start, 4)}
-            if time.monotonic() - last_journal >= max(JOURNAL_EVERY_S, 20 * journal_cost):
-                t0 = time.monotonic()  # ≤ 5% of the run rewrites the journal; a part not journaled is recomputed
-                write_json(journal, manifest)
-                last_journal, journal_cost = time.monotonic(), time.monotonic() - t0
-            metrics.append(m)
-            bar.advance(task)
+        running: deque = deque()
+        for index in [*indices, None]:
+            if index is not None:
+                target, part = targets[index], parts_dir / _part_name(index)
+                done = manifest["tensors"].get(target.module)
+                if done and part.exists() and done.get("sha256") == _sha256(part):
+                    metrics[index] = done["metrics"]
+                    bar.advance(task)
+                    continue
+                running.append((index, pool.submit(_process_one, target, part, cfg)))
+            while running and (len(running) >= workers or index is None):
+                done_index, future = running.popleft()
+                entry = future.result()
+                manifest["tensors"][targets[done_index].module] = entry
+                metrics[done_index] = entry["metrics"]
+                bar.update(task, advance=1, description=f"{label}{cfg.method} {targets[done_index].module}")
+                if time.monotonic() - last_journal >= max(JOURNAL_EVERY_S, 20 * journal_cost):
+                    t0 = time.monotonic()  # ≤ 5% of the run rewrites the journal; a part not journaled is recomputed
+                    write_json(journal, manifest)
+                    last_journal, journal_cost = time.monotonic(), time.monotonic() - t0
     write_json(journal, manifest)
-    return metrics
+    return [metrics[i] for i in indices]
+
+
+def _process_one(target: Target, part: Path, cfg: DecomposeConfig) -> dict:
+    """Read, decompose and write one target; its manifest entry."""
+    start = time.perf_counter()
+    tensors, m = decompose_tensor(target, load_tensor(target.weight), cfg)
+    save_tensors(part, tensors, durable=False)  # no fsync: the checksum in the manifest catches a torn part
+    return {"part": part.name, "sha256": _sha256(part), "metrics": m, "seconds": round(time.perf_counter() - start, 4)}
+
+
+def _workers(cfg: DecomposeConfig, targets: list[Target]) -> int:
+    """``workers`` or auto: on CPU, 2 tensors at a time while the largest target is small enough that two in
+    flight stay within the memory of one large one (≤ 16M weights); else 1 (one tensor's peak at a time)."""
+    if cfg.workers is not None:
+        return max(1, cfg.workers)
+    largest = max((t.shape[0] * t.shape[1] for t in targets), default=0)
+    cpus = torch.get_num_threads()
+    return 2 if (cfg.device == "cpu" and cpus >= 2 and largest <= AUTO_PARALLEL_MAX_WEIGHTS) else 1
+
+
+@contextmanager
+def _torch_threads(workers: int):
+    """Split torch's intra-op threads among ``workers`` concurrent tensors; restored afterwards."""
+    before = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(max(1, before // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets: list[Target],

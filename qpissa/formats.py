@@ -108,10 +108,12 @@ def write_safetensors(
     entries: Iterable[tuple[str, str, tuple[int, ...], int]],
     fetch: Callable[[str], torch.Tensor],
     metadata: dict[str, str] | None = None,
+    durable: bool = True,
 ) -> None:
     """Stream a safetensors file: ``entries`` = (name, dtype, shape, nbytes); ``fetch(name)`` gives data.
 
-    Tensors are sorted by name so the file is byte-identical for identical inputs.
+    Tensors are sorted by name so the file is byte-identical for identical inputs. ``durable=False`` skips
+    the fsync (for files a checksum guards, such as decompose's parts).
     """
     entries = sorted(entries)
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
@@ -121,7 +123,7 @@ def write_safetensors(
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
+    with atomic_path(dest, durable=durable) as tmp, open(tmp, "wb") as fh:
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
         for name, _, _, nbytes in entries:
@@ -135,9 +137,10 @@ def entry_of(name: str, t: torch.Tensor) -> tuple[str, str, tuple[int, ...], int
     return name, DTYPE_NAMES[t.dtype], tuple(t.shape), t.numel() * t.element_size()
 
 
-def save_tensors(dest: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(dest: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                 durable: bool = True) -> None:
     """Write an in-memory dict of (small) tensors atomically and deterministically."""
-    write_safetensors(dest, [entry_of(k, v) for k, v in tensors.items()], tensors.__getitem__, metadata)
+    write_safetensors(dest, [entry_of(k, v) for k, v in tensors.items()], tensors.__getitem__, metadata, durable)
 
 
 def write_index(dest_dir: Path, weight_map: dict[str, str], total_size: int) -> None:

@@ -249,3 +249,13 @@ def test_report_command_regenerates_identical_files(minilm_t5, monkeypatch, caps
     md = before["report.md"].decode()
     t5 = json.loads(before["report.json"])["overall"]
     assert f"{100 * t5['reduction_vs_qlora']['nuclear']:.2f}%" in md
+
+
+def test_parallel_workers_give_identical_files(minilm_dir, tmp_path):
+    """Two tensors at a time (the auto default for small models on a multi-core CPU) writes the same bytes as
+    one at a time: each tensor's result is independent of the others and of the intra-op thread count."""
+    args = dict(method="qpissa", rank=4, iters=2, targets=["value", "output.dense"], progress=False)
+    one = decompose(minilm_dir, tmp_path / "one", workers=1, **args)
+    two = decompose(minilm_dir, tmp_path / "two", workers=2, **args)
+    assert tree_digest(tmp_path / "one") == tree_digest(tmp_path / "two")
+    assert one == two and one["metrics_computed"]["loftq_baseline"] == "exact"  # 10.6M weights: auto = on

@@ -14,7 +14,7 @@ import torch
 from qpissa.errors import UserError
 from qpissa.model_shapes import load_config, shapes_from_config
 from qpissa.plan import (PlanConfig, adapter_params, bert_layer_bytes, decompose_estimate, largest_batch,
-                         largest_rank, llama_layer_bytes, nf4_bytes, parse_size, plan, rates_from, rsvd_flops,
+                         largest_rank, llama_layer_bytes, nf4_bytes, parse_size, plan,
                          select_targets)
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
@@ -225,19 +225,31 @@ def test_largest_batch_and_rank_are_the_boundary():
     assert largest_batch(s, replace(cfg, gpu_memory=parse_size("4GB"))) == 0
 
 
-def test_decompose_estimate_scales_with_largest_tensor():
+def test_decompose_estimate_uses_the_driver_cost_model():
     s = shapes("llama-3-70b")
-    est = decompose_estimate(s, rank=128, rates={"svd_gflops": 100.0, "quant_elems_per_s": 1e9,
-                                                 "other_elems_per_s": 1e9, "fp32_copies": 4.0})
+    rates = {"oversample": 16, "s_per_weight": {"base": 2e-8, "per_k": 1e-10, "per_extra_iter": 5e-9},
+             "import_s": 7.0, "other_s_per_byte": 1e-9, "peak_bytes_per_weight": 12.0}
+    est = decompose_estimate(s, rank=128, iterations=3, rates=rates)
     assert est["largest"] == [28672, 8192] and est["tensors"] == 560
-    assert est["peak_bytes"] == 512 * 2**20 + 28672 * 8192 * 18 + 12 * (28672 + 8192) * 144
+    assert est["peak_bytes"] == 512 * 2**20 + 12 * 28672 * 8192
     mn = 80 * (2 * 8192 * 8192 + 2 * 1024 * 8192 + 3 * 28672 * 8192)            # elements of all 560 linears
-    assert est["seconds"] == pytest.approx(2 * mn / 1e9 + 80 * (
-        2 * rsvd_flops(8192, 8192, 128) + 2 * rsvd_flops(1024, 8192, 128) + 3 * rsvd_flops(28672, 8192, 128)) / 1e11)
-    measured = [{"svd": "randomized", "m": 100, "n": 200, "rank": 8, "svd_s": 1.0, "quant_s": 0.5, "total_s": 2.0,
-                 "peak_rss": 100 * 200 * 30}]
-    assert rates_from(measured) == {"svd_gflops": rsvd_flops(100, 200, 8) / 1e9, "quant_elems_per_s": 40000.0,
-                                    "other_elems_per_s": 40000.0, "fp32_copies": 7.0}
+    assert est["seconds"] == pytest.approx(7.0 + 2 * 70_553_706_496 * 1e-9 + mn * (2e-8 + 144e-10 + 2 * 5e-9))
+
+
+def test_fit_rates_recovers_the_cost_model():
+    from qpissa.decompose_cost import fit_rates, per_weight_seconds
+    truth = {"oversample": 16, "s_per_weight": {"base": 3e-8, "per_k": 2e-10, "per_extra_iter": 7e-9}}
+    runs = [{"rank": r, "iters": t, "weights": 10**8, "tensor_seconds": 10**8 * per_weight_seconds(truth, r, t)}
+            for r, t in ((16, 1), (128, 1), (16, 5))]
+    assert fit_rates(runs) == pytest.approx(truth["s_per_weight"])
+
+
+def test_packaged_rates_come_from_timing_the_driver():
+    from qpissa.decompose_cost import load_rates
+    rates = load_rates()
+    assert "qpissa.decompose" in rates["source"]
+    assert [(r["rank"], r["iters"]) for r in rates["calibration"]] == [(16, 1), (128, 1), (16, 5)]
+    assert all(v > 0 for v in rates["s_per_weight"].values()) and rates["peak_bytes_per_weight"] > 0
 
 
 # ------------------------------------------------------------------ user errors
