@@ -23,6 +23,11 @@ RATES_PATH = Path(__file__).with_name("decompose_rates.json")
 
 def load_rates(path: Path = RATES_PATH) -> dict:
     """The packaged rates table (from the rehearsal benchmark on the machine named inside it)."""
+    if not path.is_file():
+        from qpissa.errors import UserError
+
+        raise UserError(f"{path} is missing; measure it with `python benchmarks/decompose_rehearsal.py "
+                        "--only-calibration --write-rates`")
     return json.loads(path.read_text())
 
 
