@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -51,13 +52,14 @@ PROBE = textwrap.dedent('''
     transformers.LlamaForCausalLM, transformers.LlamaConfig
     import qpissa.decompose, qpissa.report, matplotlib.pyplot
     import_s = time.perf_counter() - t0
+    c0 = time.process_time()
     base = status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     io0, t1, c1 = io(), time.perf_counter(), time.process_time()
     result = {}
     exec(compile(sys.argv[1], "job", "exec"))
     io1 = io()
-    result.update(import_s=import_s, seconds=time.perf_counter() - t1, cpu_s=time.process_time() - c1,
+    result.update(import_s=import_s, import_cpu_s=c0, seconds=time.perf_counter() - t1, cpu_s=time.process_time() - c1,
                   import_rss=base, peak_above_import=status("VmHWM") - base,
                   read_bytes=io1["rchar"] - io0["rchar"], written_bytes=io1["wchar"] - io0["wchar"])
     print(json.dumps(result))
@@ -74,17 +76,14 @@ result["report"] = json.loads((Path(out) / "report.json").read_text())["overall"
 
 CALIBRATE = '''
 from qpissa.decompose import decompose
-import shutil
 ckpt, out = sys.argv[2], sys.argv[3]
-targets = [sys.argv[4]]
 result["runs"] = []
-for rank, iters in ((16, 1), (128, 1), (16, 5)):
-    t = time.perf_counter()
-    decompose(ckpt, out, progress=False, rank=rank, iters=iters, targets=targets, overwrite=True)
+for rank, iters, target in ((16, 1, sys.argv[4]), (128, 1, sys.argv[4]), (16, 5, sys.argv[4]), (16, 1, sys.argv[5])):
+    t, c = time.perf_counter(), time.process_time()
+    decompose(ckpt, out, progress=False, rank=rank, iters=iters, targets=[target], overwrite=True)
     m = json.loads((Path(out) / "manifest.json").read_text())
-    result["runs"].append({"rank": rank, "iters": iters, "seconds": time.perf_counter() - t,
-                           "peak_above_import": status("VmHWM") - base,
-                           "tensor_seconds": sum(v["seconds"] for v in m["tensors"].values()),
+    result["runs"].append({"rank": rank, "iters": iters, "targets": target, "wall_s": time.perf_counter() - t,
+                           "seconds": time.process_time() - c, "peak_above_import": status("VmHWM") - base,
                            "weights": sum(v["metrics"]["shape"][0] * v["metrics"]["shape"][1]
                                           for v in m["tensors"].values())})
 '''
@@ -127,11 +126,14 @@ def layer_weights(config: Path) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CKPT)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in each child (default 1: CPU seconds "
+                        "then equal a quiet machine's wall time and the calibration is not skewed by load)")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-calibration", action="store_true")
     parser.add_argument("--write-rates", action="store_true", help="store the fit as qpissa/decompose_rates.json")
-    parser.add_argument("--calibration-targets", default=r"model\.layers\.0\.self_attn\.q_proj")
+    parser.add_argument("--calibration-targets", nargs=2, default=[r"model\.layers\.0\.self_attn\.q_proj",
+                                                                    r"model\.layers\.0\.self_attn\.k_proj"],
+                        help="two regexes: the main calibration target and a smaller one (separates fixed cost)")
     parser.add_argument("--only-calibration", action="store_true", help="skip the end-to-end runs")
     parser.add_argument("--output", type=Path, default=RESULT)
     args = parser.parse_args()
@@ -150,19 +152,20 @@ def main() -> None:
                  "cpu_count": os.cpu_count(), "largest_fp32_tensor_bytes": largest_fp32}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_calibration:
-            cal = child(CALIBRATE, str(ckpt), f"{tmp}/cal", args.calibration_targets, threads=args.threads)
+            cal = child(CALIBRATE, str(ckpt), f"{tmp}/cal", *args.calibration_targets, threads=args.threads)
             res["calibration"] = cal["runs"]
-            first = cal["runs"][0]
-            rates = {"source": "benchmarks/decompose_rehearsal.py (timing qpissa.decompose on a synthetic "
-                               f"Llama-3-8B-shaped checkpoint, targets {args.calibration_targets})",
-                     "machine": f"{os.cpu_count()} CPUs, torch threads {res['threads']}, load average "
+            per_weight, fixed = fit_rates(cal["runs"])
+            rates = {"source": "benchmarks/decompose_rehearsal.py (CPU seconds of qpissa.decompose, 1 torch thread, "
+                               f"synthetic Llama-3-8B-shaped checkpoint, targets {args.calibration_targets})",
+                     "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
                                 f"{os.getloadavg()[0]:.1f} at the end of the calibration",
-                     "oversample": 16, "s_per_weight": fit_rates(cal["runs"]), "import_s": cal["import_s"],
-                     "other_s_per_byte": max(first["seconds"] - first["tensor_seconds"], 0.0) / ckpt_bytes,
-                     "peak_bytes_per_weight": max(r["peak_above_import"] for r in cal["runs"]) / first["weights"],
+                     "oversample": 16, "s_per_weight": per_weight, "import_s": cal["import_cpu_s"],
+                     "other_s_per_byte": max(fixed, 0.0) / ckpt_bytes,
+                     "peak_bytes_per_weight": max(r["peak_above_import"] for r in cal["runs"]) / cal["runs"][0]["weights"],
                      "calibration": cal["runs"]}
             res["rates"] = rates
-            print(f"calibration: {[round(r['seconds'], 1) for r in cal['runs']]} s; rates {rates['s_per_weight']}")
+            print(f"calibration CPU s: {[round(r['seconds'], 1) for r in cal['runs']]}; rates {per_weight}, "
+                  f"fixed {fixed:.1f} s")
             if args.write_rates:
                 write_json(ROOT / "qpissa" / "decompose_rates.json", rates)
         if args.only_calibration:
@@ -192,7 +195,7 @@ def main() -> None:
         shapes = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096),
                   (4096, 14336)] * 2
         predicted = estimate_seconds(res["rates"], shapes, 16, 1, ckpt_bytes)
-        measured = ours["import_s"] + ours["seconds"]
+        measured = ours["import_cpu_s"] + ours["cpu_s"]  # CPU seconds, like the calibration (1 thread ≈ quiet wall)
         res["planner"] = {"predicted_s": predicted, "measured_s": measured, "predicted_over_measured": predicted / measured,
                           "predicted_peak_above_import": res["rates"]["peak_bytes_per_weight"] * 14336 * 4096}
     print(f"{'':28}{'ours':>12}{'PEFT':>12}")

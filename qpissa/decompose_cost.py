@@ -10,7 +10,8 @@ imports + setup (``import_s``) and the stream over the checkpoint's bytes when a
 shards (``other_s_per_byte``). Peak memory above the import baseline is ``peak_bytes_per_weight`` times
 the largest target's m·n. ``benchmarks/decompose_rehearsal.py`` measures α, β, γ by running
 :func:`qpissa.decompose.decompose` on a synthetic Llama-3-8B-shaped checkpoint at (r, T) = (16, 1),
-(128, 1) and (16, 5), and writes them to ``decompose_rates.json`` beside this module.
+(128, 1), (16, 5) on one target and (16, 1) on a smaller one — CPU seconds with one torch thread, so a loaded
+machine does not skew the fit — and writes them to ``decompose_rates.json`` beside this module.
 """
 from __future__ import annotations
 
@@ -37,15 +38,19 @@ def per_weight_seconds(rates: dict, rank: int, iters: int = 1) -> float:
     return s["base"] + s["per_k"] * (rank + rates.get("oversample", 16)) + (iters - 1) * s["per_extra_iter"]
 
 
-def fit_rates(runs: Sequence[dict], oversample: int = 16) -> dict[str, float]:
-    """α, β, γ from runs ``{"rank", "iters", "weights", "tensor_seconds"}``: two ranks at T = 1, one T > 1."""
-    spw = {(r["rank"], r["iters"]): r["tensor_seconds"] / r["weights"] for r in runs}
-    (r1, _), (r2, _) = sorted(k for k in spw if k[1] == 1)[:2]
-    beta = (spw[(r2, 1)] - spw[(r1, 1)]) / (r2 - r1)
-    alpha = spw[(r1, 1)] - beta * (r1 + oversample)
-    rt, t = next(k for k in spw if k[1] > 1)
-    gamma = (spw[(rt, t)] - spw[(rt, 1)]) / (t - 1) if (rt, 1) in spw else 0.0
-    return {"base": alpha, "per_k": beta, "per_extra_iter": gamma}
+def fit_rates(runs: Sequence[dict], oversample: int = 16) -> tuple[dict[str, float], float]:
+    """Least-squares α, β, γ and the per-run fixed seconds F from runs ``{"rank", "iters", "weights", "seconds"}``
+    of ``decompose`` on one checkpoint: seconds = F + weights·(α + β·(r + p) + (T − 1)·γ). Needs two ranks,
+    some T > 1 and two target sizes (four independent runs)."""
+    import torch
+
+    rows = [[1.0, r["weights"], r["weights"] * (r["rank"] + oversample), r["weights"] * (r["iters"] - 1)]
+            for r in runs]  # (runs, 4)
+    a = torch.tensor(rows, dtype=torch.float64)
+    y = torch.tensor([[r["seconds"]] for r in runs], dtype=torch.float64)
+    scale = a.abs().amax(dim=0).clamp(min=1e-30)  # columns span 1 … 1e10: normalize before lstsq
+    x = (torch.linalg.lstsq(a / scale, y).solution[:, 0] / scale).tolist()
+    return {"base": x[1], "per_k": x[2], "per_extra_iter": x[3]}, x[0]
 
 
 def estimate_seconds(rates: dict, shapes: Sequence[tuple[int, int]], rank: int, iters: int = 1,

@@ -239,16 +239,17 @@ def test_decompose_estimate_uses_the_driver_cost_model():
 def test_fit_rates_recovers_the_cost_model():
     from qpissa.decompose_cost import fit_rates, per_weight_seconds
     truth = {"oversample": 16, "s_per_weight": {"base": 3e-8, "per_k": 2e-10, "per_extra_iter": 7e-9}}
-    runs = [{"rank": r, "iters": t, "weights": 10**8, "tensor_seconds": 10**8 * per_weight_seconds(truth, r, t)}
-            for r, t in ((16, 1), (128, 1), (16, 5))]
-    assert fit_rates(runs) == pytest.approx(truth["s_per_weight"])
+    runs = [{"rank": r, "iters": t, "weights": w, "seconds": 9.0 + w * per_weight_seconds(truth, r, t)}
+            for r, t, w in ((16, 1, 10**8), (128, 1, 10**8), (16, 5, 10**8), (16, 1, 2 * 10**7))]
+    rates, fixed = fit_rates(runs)
+    assert rates == pytest.approx(truth["s_per_weight"], rel=1e-6) and fixed == pytest.approx(9.0, rel=1e-6)
 
 
 def test_packaged_rates_come_from_timing_the_driver():
     from qpissa.decompose_cost import load_rates
     rates = load_rates()
     assert "qpissa.decompose" in rates["source"]
-    assert [(r["rank"], r["iters"]) for r in rates["calibration"]] == [(16, 1), (128, 1), (16, 5)]
+    assert [(r["rank"], r["iters"]) for r in rates["calibration"]] == [(16, 1), (128, 1), (16, 5), (16, 1)]
     assert all(v > 0 for v in rates["s_per_weight"].values()) and rates["peak_bytes_per_weight"] > 0
 
 
