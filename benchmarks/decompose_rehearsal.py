@@ -191,6 +191,10 @@ def main() -> None:
         if "peft" in res:
             row["peft_hours"] = (res["peft"]["import_s"] + layers * scale * res["peft"]["seconds"] / 2) / 3600
         res["extrapolation"][name] = row
+    if "rates" not in res:  # --skip-calibration: check the packaged table instead
+        from qpissa.decompose_cost import load_rates
+
+        res["rates"] = load_rates()
     if "rates" in res:
         shapes = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096),
                   (4096, 14336)] * 2
