@@ -80,7 +80,9 @@ ckpt, out = sys.argv[2], sys.argv[3]
 result["runs"] = []
 for rank, iters, target in ((16, 1, sys.argv[4]), (128, 1, sys.argv[4]), (16, 5, sys.argv[4]), (16, 1, sys.argv[5])):
     t, c = time.perf_counter(), time.process_time()
-    decompose(ckpt, out, progress=False, rank=rank, iters=iters, targets=[target], overwrite=True)
+    # the metrics the defaults use at scale (a single small target would switch the auto LoftQ/svdvals on)
+    decompose(ckpt, out, progress=False, rank=rank, iters=iters, targets=[target], overwrite=True,
+              loftq_baseline=False, spectral_norms=False)
     m = json.loads((Path(out) / "manifest.json").read_text())
     result["runs"].append({"rank": rank, "iters": iters, "targets": target, "wall_s": time.perf_counter() - t,
                            "seconds": time.process_time() - c, "peak_above_import": status("VmHWM") - base,
