@@ -1,16 +1,19 @@
-"""Decomposition benchmark: ours vs PEFT's PiSSA path, and error reduction vs QLoRA across ranks.
+"""Decomposition benchmark: `qpissa decompose` (DEFAULT settings) vs PEFT's PiSSA path, and error sweep.
 
-1. Path comparison (each side in a fresh subprocess, run one after the other in this run):
-   ours  = `decompose(method="qpissa", iters=1, svd="randomized", spectral_norms=False)`: streams tensor by
-           tensor, refits A,B on the stored Q and measures its own and QLoRA's Frobenius error on the way
-   peer  = PEFT: load the fp model, `get_peft_model(..., init_lora_weights="pissa_niter_4")`, save the
-           residual (unload) and the adapter, reload the residual in 4-bit (bnb NF4) + the adapter.
-   Reported: wall time, peak RSS (ru_maxrss of the child) and Σ‖W − deq(Q) − s·B·A‖_F, with ratios.
-2. Error sweep: reduction vs QLoRA (Frobenius and nuclear, summed over modules) for qpissa(T=1,5)
+1. Path comparison, r=16, each run a fresh subprocess timed by this process (wall, interpreter start to exit),
+   the sides ALTERNATING (ours T=1, PEFT, ours T=5, then again for --repeats) so load hits them alike:
+   ours T=1 = the CLI `qpissa decompose MODEL --rank 16 --quiet` with DEFAULT settings (QPiSSA T=1, randomized
+             SVD, refit, QLoRA baseline; LoftQ and nuclear/spectral norms auto by size)
+   ours T=5 = the same with `--iters 5`
+   peer     = PEFT: load the fp32 model, `get_peft_model(..., init_lora_weights="pissa_niter_4")`, save the
+              residual (unload) and the adapter, reload the residual in 4-bit (bnb NF4) + the adapter.
+   Reported: median wall time, peak RSS (ru_maxrss of the child), Σ‖W − deq(Q) − s·B·A‖_F and the ratios
+   ours/PEFT (goals: T=1 ≤ 0.7, T=5 ≤ 2, error ≤ PEFT's).
+2. Error sweep (--sweep): reduction vs QLoRA (Frobenius and nuclear, summed over modules) for qpissa(T=1,5)
    and loftq(T=5) at r ∈ {8, 16, 64, 128}.
 
-Usage: python benchmarks/decompose.py [--smollm2 DIR] [--quick]
-Writes benchmarks/results/decompose.json and prints tables.
+Usage: python benchmarks/decompose.py [--smollm2 DIR] [--threads N] [--repeats K] [--sweep [--quick]]
+Writes benchmarks/results/decompose.json and prints tables. On a loaded machine say so beside the figures.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,14 +45,16 @@ console = Console(width=160)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 CHILD_OURS = textwrap.dedent('''
-    import json, resource, sys, time
-    t = time.perf_counter()
-    from qpissa.decompose import decompose
-    model, out, rank, targets = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
-    decompose(model, out, method="qpissa", rank=rank, iters=1, svd="randomized", power_iters=4, oversample=16,
-              targets=targets, loftq_baseline=False, spectral_norms=False, progress=False)
-    print(json.dumps({"seconds": time.perf_counter() - t,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    import json, resource, sys
+    from qpissa.cli import main
+    sys.argv = ["qpissa", "decompose", *sys.argv[1:]]
+    try:
+        main()
+    except SystemExit as err:
+        if err.code:
+            raise
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"peak_rss_mb": ru.ru_maxrss / 1024, "cpu_s": ru.ru_utime + ru.ru_stime}))
 ''')
 
 CHILD_PEFT = textwrap.dedent('''
@@ -69,19 +75,23 @@ CHILD_PEFT = textwrap.dedent('''
     q = cls.from_pretrained(out + "/residual", quantization_config=BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
     q = PeftModel.from_pretrained(q, out + "/adapter")
-    print(json.dumps({"seconds": time.perf_counter() - t,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"peak_rss_mb": ru.ru_maxrss / 1024, "cpu_s": ru.ru_utime + ru.ru_stime}))
 ''')
 
 
-def run_child(code: str, *args: str) -> dict:
+def run_child(code: str, *args: str, threads: int | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter; its last stdout line is JSON; ``seconds`` = wall time seen from here."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "child.py"
         script.write_text(code)
-        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=tmp)
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=tmp, env=env)
+        seconds = time.perf_counter() - start
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-3000:])
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {**json.loads(proc.stdout.strip().splitlines()[-1]), "seconds": seconds}
 
 
 def peft_error(model_dir: Path, out: Path, modules: list[str]) -> float:
@@ -110,19 +120,36 @@ def peft_error(model_dir: Path, out: Path, modules: list[str]) -> float:
     return total
 
 
-def compare_paths(name: str, model_dir: Path, rank: int, auto: str) -> dict:
+def compare_paths(name: str, model_dir: Path, rank: int, auto: str, repeats: int, threads: int | None) -> dict:
+    """Alternate ours T=1, PEFT, ours T=5 ``repeats`` times; medians and ratios ours/PEFT."""
     targets, *_ = find_targets(model_dir, scan_checkpoint(model_dir), None)
     modules = [t.module for t in targets]
-    with tempfile.TemporaryDirectory() as tmp:
-        ours = run_child(CHILD_OURS, str(model_dir), f"{tmp}/ours", str(rank), json.dumps(modules))
-        report = json.loads(Path(f"{tmp}/ours/report.json").read_text())
-        ours["error_frobenius"] = report["overall"]["method"]["frobenius"]
-        peer = run_child(CHILD_PEFT, str(model_dir), f"{tmp}/peft", str(rank), json.dumps(modules), auto)
-        peer["error_frobenius"] = peft_error(model_dir, Path(f"{tmp}/peft"), modules)
-    return {"model": name, "rank": rank, "modules": len(modules), "ours": ours, "peft": peer,
-            "time_ratio_peft_over_ours": peer["seconds"] / ours["seconds"],
-            "rss_ratio_peft_over_ours": peer["peak_rss_mb"] / ours["peak_rss_mb"],
-            "error_ratio_ours_over_peft": ours["error_frobenius"] / peer["error_frobenius"]}
+    runs: dict[str, list[dict]] = {"ours_t1": [], "peft": [], "ours_t5": []}
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            for key, extra in (("ours_t1", []), ("peft", None), ("ours_t5", ["--iters", "5"])):
+                out = f"{tmp}/{key}"
+                if extra is None:
+                    r = run_child(CHILD_PEFT, str(model_dir), out, str(rank), json.dumps(modules), auto, threads=threads)
+                    r["error_frobenius"] = peft_error(model_dir, Path(out), modules)
+                else:
+                    r = run_child(CHILD_OURS, str(model_dir), "--rank", str(rank), "--output", out, "--quiet", *extra,
+                                  threads=threads)
+                    report = json.loads(Path(f"{out}/report.json").read_text())
+                    r["error_frobenius"] = report["overall"]["method"]["frobenius"]
+                    r["metrics_computed"] = report.get("metrics_computed")
+                runs[key].append(r)
+    med = {k: {f: statistics.median(r[f] for r in v) for f in ("seconds", "cpu_s", "peak_rss_mb", "error_frobenius")}
+           for k, v in runs.items()}
+    return {"model": name, "rank": rank, "modules": len(modules), "repeats": repeats, "runs": runs, "median": med,
+            "metrics_computed": runs["ours_t1"][0]["metrics_computed"],
+            "time_ratio_ours_t1_over_peft": med["ours_t1"]["seconds"] / med["peft"]["seconds"],
+            "time_ratio_ours_t5_over_peft": med["ours_t5"]["seconds"] / med["peft"]["seconds"],
+            "error_ratio_ours_t1_over_peft": med["ours_t1"]["error_frobenius"] / med["peft"]["error_frobenius"],
+            "error_ratio_ours_t5_over_peft": med["ours_t5"]["error_frobenius"] / med["peft"]["error_frobenius"],
+            "cpu_ratio_ours_t1_over_peft": med["ours_t1"]["cpu_s"] / med["peft"]["cpu_s"],
+            "cpu_ratio_ours_t5_over_peft": med["ours_t5"]["cpu_s"] / med["peft"]["cpu_s"],
+            "rss_ratio_ours_t1_over_peft": med["ours_t1"]["peak_rss_mb"] / med["peft"]["peak_rss_mb"]}
 
 
 def sweep(name: str, model_dir: Path, ranks: list[int], every_nth_layer: int = 1) -> list[dict]:
@@ -154,44 +181,57 @@ def sweep(name: str, model_dir: Path, ranks: list[int], every_nth_layer: int = 1
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smollm2", type=Path, default=Path.home() / ".cache/qpissa-test-assets/smollm2-135m-instruct")
-    parser.add_argument("--quick", action="store_true", help="ranks 8,16 only; SmolLM2 every 10th layer")
-    parser.add_argument("--skip-paths", action="store_true")
-    parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of every child (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating rounds (medians reported)")
+    parser.add_argument("--minilm", action="store_true", help="also compare on all-MiniLM-L6-v2")
+    parser.add_argument("--sweep", action="store_true", help="also run the error sweep (slow)")
+    parser.add_argument("--quick", action="store_true", help="sweep: ranks 8,16 only; SmolLM2 every 10th layer")
     parser.add_argument("--output", type=Path, default=RESULTS / "decompose.json")
     args = parser.parse_args()
-    minilm = default_model_dir()
-    models = [("all-MiniLM-L6-v2", minilm, "AutoModel", 1)]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = [("all-MiniLM-L6-v2", default_model_dir(), "AutoModel", 1)] if args.minilm else []
     if (args.smollm2 / "model.safetensors").exists():
         models.append(("SmolLM2-135M-Instruct", args.smollm2, "AutoModelForCausalLM", 10 if args.quick else 5))
     else:
         console.print(f"[yellow]SmolLM2 not found at {args.smollm2}; materialize it with ../shared/assets/smollm2.py")
     ranks = [8, 16] if args.quick else [8, 16, 64, 128]
-    result = {"device": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-              "cpu_count": os.cpu_count(), "paths": [], "sweep": []}
-    if not args.skip_paths:
-        for name, d, auto, _ in models:
-            result["paths"].append(compare_paths(name, d, 16, auto))
-        t = Table(title="decompose: ours (randomized SVD q=4 p=16, QPiSSA T=1) vs PEFT pissa_niter_4 + NF4 reload, r=16")
-        for c in ("model", "modules", "ours s", "PEFT s", "time PEFT/ours", "ours RSS MB", "PEFT RSS MB",
-                  "RSS PEFT/ours", "err ours/PEFT"):
-            t.add_column(c, justify="right")
-        for p in result["paths"]:
-            t.add_row(p["model"], str(p["modules"]), f"{p['ours']['seconds']:.1f}", f"{p['peft']['seconds']:.1f}",
-                      f"{p['time_ratio_peft_over_ours']:.2f}", f"{p['ours']['peak_rss_mb']:.0f}",
-                      f"{p['peft']['peak_rss_mb']:.0f}", f"{p['rss_ratio_peft_over_ours']:.2f}",
-                      f"{p['error_ratio_ours_over_peft']:.4f}")
-        console.print(t)
-    start = time.perf_counter()
-    for name, d, _, nth in models if not args.skip_sweep else ():
-        result["sweep"] += sweep(name, d, ranks, nth)
-    result["sweep_seconds"] = time.perf_counter() - start
-    t = Table(title="error reduction vs QLoRA (NF4 of W), exact SVD, blocksize 64, α = r")
-    for c in ("model", "modules", "rank", "variant", "Frobenius", "nuclear"):
+    result = {"device": platform.processor() or platform.machine(), "threads": args.threads or torch.get_num_threads(),
+              "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(), "paths": [], "sweep": []}
+    for name, d, auto, _ in models:
+        result["paths"].append(compare_paths(name, d, 16, auto, args.repeats, args.threads))
+    result["loadavg_end"] = os.getloadavg()
+    t = Table(title="`qpissa decompose MODEL --rank 16` (DEFAULT settings) vs PEFT pissa_niter_4 + save + NF4 reload; "
+                    "wall s of each process, sides alternating")
+    for c in ("model", "modules", "ours T=1 s", "ours T=5 s", "PEFT s", "T=1/PEFT (≤0.7)", "T=5/PEFT (≤2)",
+              "CPU s T=1/T=5/PEFT", "err T=1/PEFT (≤1)", "err T=5/PEFT", "RSS MB ours/PEFT"):
         t.add_column(c, justify="right")
-    for row in result["sweep"]:
-        t.add_row(row["model"], str(row["modules"]), str(row["rank"]), row["variant"],
-                  f"{100 * row['reduction_frobenius']:.1f}%", f"{100 * row['reduction_nuclear']:.1f}%")
+    for p in result["paths"]:
+        m = p["median"]
+        t.add_row(p["model"], str(p["modules"]), f"{m['ours_t1']['seconds']:.1f}", f"{m['ours_t5']['seconds']:.1f}",
+                  f"{m['peft']['seconds']:.1f}", f"{p['time_ratio_ours_t1_over_peft']:.2f}",
+                  f"{p['time_ratio_ours_t5_over_peft']:.2f}",
+                  f"{m['ours_t1']['cpu_s']:.1f}/{m['ours_t5']['cpu_s']:.1f}/{m['peft']['cpu_s']:.1f}",
+                  f"{p['error_ratio_ours_t1_over_peft']:.4f}",
+                  f"{p['error_ratio_ours_t5_over_peft']:.4f}",
+                  f"{m['ours_t1']['peak_rss_mb']:.0f}/{m['peft']['peak_rss_mb']:.0f}")
     console.print(t)
+    for p in result["paths"]:
+        console.print(f"{p['model']}: metrics computed by the default run: {p['metrics_computed']}")
+    console.print(f"load average at start {result['loadavg_start']}, at end {result['loadavg_end']} "
+                  f"on {os.cpu_count()} CPUs")
+    if args.sweep:
+        start = time.perf_counter()
+        for name, d, _, nth in models:
+            result["sweep"] += sweep(name, d, ranks, nth)
+        result["sweep_seconds"] = time.perf_counter() - start
+        t = Table(title="error reduction vs QLoRA (NF4 of W), exact SVD, blocksize 64, α = r")
+        for c in ("model", "modules", "rank", "variant", "Frobenius", "nuclear"):
+            t.add_column(c, justify="right")
+        for row in result["sweep"]:
+            t.add_row(row["model"], str(row["modules"]), str(row["rank"]), row["variant"],
+                      f"{100 * row['reduction_frobenius']:.1f}%", f"{100 * row['reduction_nuclear']:.1f}%")
+        console.print(t)
     write_json(args.output, result)
     console.print(f"wrote {args.output}")
 

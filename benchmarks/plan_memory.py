@@ -10,7 +10,8 @@ planner's ``overhead=0``). The planner sees only config.json.
 
 Part 2 (decompose): times exact and randomized SVD (r=128) + bitsandbytes NF4 on real-shaped synthetic
 weights with a decaying spectrum (8192×8192 and 8192×28672), peak RSS per shape in a fresh subprocess,
-and extrapolates to all 560 linears of Llama-3-70B with :func:`qpissa.plan.decompose_estimate`.
+for reference; the 70B figure is :func:`qpissa.plan.decompose_estimate`, whose rates come from timing the real
+driver (benchmarks/decompose_rehearsal.py → qpissa/decompose_rates.json), not from these per-op timings.
 
 Run: ``python benchmarks/plan_memory.py [--quick] [--skip-decompose]`` → benchmarks/results/plan_memory.json
 """
@@ -331,7 +332,7 @@ def main() -> None:
             console.print(f"decompose {svd} {m}×{n}: {meas['total_s']:.1f} s, peak {meas['peak_rss'] / 2**30:.2f} GiB")
         console.print(dt)
     if results["decompose"]:
-        est = decompose_estimate(s70, rank=128, measured=results["decompose"])
+        est = decompose_estimate(s70, rank=128)  # rates timed on qpissa.decompose (decompose_rehearsal.py)
         results["decompose_70b"] = est
         console.print(f"Llama-3-70B streaming decompose (r=128, randomized, 560 linears): "
                       f"peak ≈ {est['peak_bytes'] / 2**30:.1f} GiB, "

@@ -15,11 +15,11 @@ console = Console(width=None if Console().is_terminal else 130)
 
 def print_summary(report: dict) -> None:
     """Rich table: overall and per layer type reductions vs QLoRA and LoftQ."""
-    from qpissa.report import SUMMARY_HEADER, summary_rows
+    from qpissa.report import SUMMARY_HEADER, metrics_line, summary_rows
 
     args = report["arguments"]
     table = Table(title=f"{args['method']} r={args['rank']} T={args['iters']}: reduction of ‖W − Ŵ‖ "
-                        "(nuclear, Frobenius, spectral) vs QLoRA and vs LoftQ")
+                        "(nuclear, Frobenius, spectral) vs QLoRA and vs LoftQ", caption=metrics_line(report))
     for col in SUMMARY_HEADER:
         table.add_column(col, justify="left" if col == "scope" else "right", no_wrap=col != "scope")
     for row in summary_rows(report):
@@ -39,7 +39,7 @@ def decompose(
     targets: Optional[list[str]] = typer.Option(None, help="module names or regexes (repeatable)"),
     blocksize: int = typer.Option(64, help="NF4 block size"),
     double_quant: bool = typer.Option(False, help="NF4 double quantization"),
-    svd: str = typer.Option("exact", help="exact | randomized"),
+    svd: str = typer.Option("randomized", help="randomized (default: p=16, q=4, seeded) | exact (LAPACK, slow)"),
     oversample: int = typer.Option(16, help="randomized SVD oversampling"),
     power_iters: int = typer.Option(4, help="randomized SVD power iterations"),
     seed: int = typer.Option(0, help="seed"),
@@ -47,8 +47,14 @@ def decompose(
     dtype: str = typer.Option("float32", help="SVD precision: float32 | float64"),
     adapter_dtype: str = typer.Option("bfloat16", help="stored adapter dtype"),
     refit: bool = typer.Option(True, help="qpissa: refit A,B on the stored Q"),
-    loftq_baseline: bool = typer.Option(True, help="measure LoftQ(T) too (off for speed)"),
-    spectral_norms: bool = typer.Option(True, help="nuclear/spectral norms too (off: Frobenius only, faster)"),
+    loftq_baseline: Optional[bool] = typer.Option(
+        None, "--loftq-baseline/--no-loftq-baseline",
+        help="measure LoftQ(T) too (default: auto, on when the targets hold ≤ 32M weights)"),
+    spectral_norms: Optional[bool] = typer.Option(
+        None, "--spectral-norms/--no-spectral-norms",
+        help="nuclear/spectral norms too, one svdvals each (default: auto, on when the targets hold ≤ 32M weights)"),
+    workers: Optional[int] = typer.Option(
+        None, help="tensors decomposed at once (default: auto, 2 on a multi-core CPU while every target ≤ 16M weights)"),
     resume: bool = typer.Option(False, help="continue an interrupted run"),
     overwrite: bool = typer.Option(False, help="replace an existing output"),
     quiet: bool = typer.Option(False, help="no progress bar"),
@@ -58,7 +64,7 @@ def decompose(
     report = run(model, out, method=method, rank=rank, alpha=alpha, rslora=rslora, iters=iters, targets=targets,
                  blocksize=blocksize, double_quant=double_quant, svd=svd, oversample=oversample,
                  power_iters=power_iters, seed=seed, device=device, dtype=dtype, adapter_dtype=adapter_dtype,
-                 refit=refit, loftq_baseline=loftq_baseline, spectral_norms=spectral_norms, resume=resume,
+                 refit=refit, loftq_baseline=loftq_baseline, spectral_norms=spectral_norms, workers=workers, resume=resume,
                  overwrite=overwrite, progress=not quiet)
     from qpissa.distributed import detect
 

@@ -78,9 +78,10 @@ def plan_cmd(
     if decompose and cfg.method in ("qpissa", "loftq", "pissa"):
         est = decompose_estimate(shapes, rank=cfg.rank, targets=cfg.targets)
         m, n = est["largest"]
-        console.print(f"decompose stage (streaming, randomized SVD r={cfg.rank}, one tensor at a time): peak ≈ "
+        console.print(f"decompose stage (`qpissa decompose` defaults, r={cfg.rank}, one tensor at a time): peak ≈ "
                       f"{est['peak_bytes'] / GiB:.1f} GiB (largest {m}×{n}), ≈ {est['seconds'] / 60:.0f} min "
-                      f"for {est['tensors']} tensors at {est['rates']['svd_gflops']:.0f} GFLOP/s (CPU rate)")
+                      f"for {est['tensors']} tensors (rates measured by timing qpissa.decompose on "
+                      f"{est['rates'].get('machine', 'the machine in qpissa/decompose_rates.json')})")
         out["decompose"] = est
     if json_out:
         from qpissa.atomic import write_json

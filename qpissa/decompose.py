@@ -14,6 +14,9 @@ import json
 import math
 import shutil
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,7 +37,12 @@ from qpissa.targets import Target, find_targets
 
 OUTPUTS = ("residual", "adapter", ".parts", "manifest.json", "report.json", "report.csv", "report.md",
            "error_by_layer.png")
-RUN_ONLY_FIELDS = ("resume", "overwrite", "progress", "device")  # may differ between a run and its resume
+RUN_ONLY_FIELDS = ("resume", "overwrite", "progress", "device", "workers")  # may differ between a run and its resume
+# "auto" metrics (None): LoftQ baseline and full-spectrum norms only while the targets hold at most this many
+# weights: all-MiniLM-L6-v2 (10.6M) gets them, SmolLM2-135M (106M) and larger models get Frobenius + QLoRA only
+AUTO_FULL_METRICS_MAX_WEIGHTS = 32_000_000
+AUTO_PARALLEL_MAX_WEIGHTS = 16 * 2**20  # auto workers: two tensors at a time while the largest is this small
+JOURNAL_EVERY_S = 2.0  # rewrite manifest.json at most this often (and at the end): O(n) bytes, not O(n²)
 
 
 @dataclass
@@ -50,16 +58,20 @@ class DecomposeConfig:
     blocksize: int = field(default=64, metadata={"help": "NF4 block size"})
     double_quant: bool = field(default=False, metadata={"help": "NF4 double quantization"})
     compute_dtype: str = field(default="bfloat16", metadata={"help": "bnb_4bit_compute_dtype in config"})
-    svd: str = field(default="exact", metadata={"help": "exact | randomized"})
+    svd: str = field(default="randomized", metadata={"help": "randomized (default) | exact"})
     oversample: int = field(default=16, metadata={"help": "randomized SVD oversampling"})
     power_iters: int = field(default=4, metadata={"help": "randomized SVD power iterations"})
     seed: int = field(default=0, metadata={"help": "seed for randomized SVD and LoRA init"})
     dtype: str = field(default="float32", metadata={"help": "SVD precision: float32 | float64"})
     adapter_dtype: str = field(default="bfloat16", metadata={"help": "stored adapter dtype"})
     refit: bool = field(default=True, metadata={"help": "qpissa: final refit of A,B on the stored Q"})
-    loftq_baseline: bool = field(default=True, metadata={"help": "also measure LoftQ(T) as a baseline"})
-    spectral_norms: bool = field(default=True, metadata={"help": "nuclear + spectral norms (one svdvals each)"})
+    loftq_baseline: bool | None = field(default=None, metadata={
+        "help": "also measure LoftQ(T) as a baseline (default auto: when the targets hold ≤ 32M weights)"})
+    spectral_norms: bool | None = field(default=None, metadata={
+        "help": "nuclear + spectral norms, one svdvals each (default auto: when the targets hold ≤ 32M weights)"})
     device: str = field(default="cpu", metadata={"help": DEVICE_HELP})
+    workers: int | None = field(default=None, metadata={
+        "help": "tensors decomposed at once (default auto: 2 on a multi-core CPU while every target ≤ 16M weights)"})
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -92,6 +104,28 @@ class DecomposeConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that define the output (a resume must match them)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_ONLY_FIELDS}
+
+    def resolved(self, target_weights: int) -> "DecomposeConfig":
+        """``loftq_baseline`` / ``spectral_norms`` left at auto (None) become True for targets holding at
+        most :data:`AUTO_FULL_METRICS_MAX_WEIGHTS` weights in all, else False."""
+        small = target_weights <= AUTO_FULL_METRICS_MAX_WEIGHTS
+        return dataclasses.replace(self, loftq_baseline=small if self.loftq_baseline is None else self.loftq_baseline,
+                                   spectral_norms=small if self.spectral_norms is None else self.spectral_norms)
+
+    def metrics_computed(self, target_weights: int) -> dict[str, str]:
+        """What the report measured and how (for report.json/csv/md and the console)."""
+        r = self.resolved(target_weights)
+        auto = [n for n, v in (("loftq_baseline", self.loftq_baseline), ("spectral_norms", self.spectral_norms))
+                if v is None]
+        how = "exact (svdvals)" if r.spectral_norms else "skipped"
+        loftq = "exact" if (r.loftq_baseline or self.method == "loftq") else "skipped"
+        out = {"frobenius": "exact", "nuclear": how, "spectral": how, "qlora_baseline": "exact",
+               "loftq_baseline": loftq, "svd": self.svd}
+        if auto:
+            out["auto"] = (f"{', '.join(auto)} auto: targets hold {target_weights:,} weights "
+                           f"{'≤' if target_weights <= AUTO_FULL_METRICS_MAX_WEIGHTS else '>'} "
+                           f"{AUTO_FULL_METRICS_MAX_WEIGHTS:,}; pass --loftq-baseline / --spectral-norms to force them")
+        return out
 
 
 def _prepare_out(model_dir: Path, out_dir: Path, cfg: DecomposeConfig, wipe: bool = True,
@@ -146,6 +180,8 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig) -> t
     w = (w.T if target.transposed else w).to(device=cfg.device, dtype=dtype)  # (m, n)
     if not torch.isfinite(w).all():
         raise UserError(f"{target.weight.file}: tensor {target.weight.name} contains NaN or Inf; fix the checkpoint")
+    if cfg.loftq_baseline is None or cfg.spectral_norms is None:
+        cfg = cfg.resolved(w.numel())
     spec, svd = cfg.spec(), cfg.svd_options()
     scale = adapter_scale(cfg.rank, cfg.alpha, cfg.rslora)
     adapter_dtype = getattr(torch, cfg.adapter_dtype)
@@ -216,6 +252,8 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         distributed.agree(d, str(err))
         raise
     distributed.agree(d, None)
+    target_weights = sum(t.shape[0] * t.shape[1] for t in targets)
+    computed, run_cfg = cfg.metrics_computed(target_weights), cfg.resolved(target_weights)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts_dir = out_dir / ".parts"
     parts_dir.mkdir(exist_ok=True)
@@ -228,10 +266,10 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         write_json(out_dir / "manifest.json", manifest)
     distributed.agree(d, None)  # manifest.json exists before any rank writes a part (a resume needs it)
     if not d.enabled:
-        metrics = _run_targets(targets, cfg, parts_dir, out_dir / "manifest.json", manifest, range(len(targets)))
+        metrics = _run_targets(targets, run_cfg, parts_dir, out_dir / "manifest.json", manifest, range(len(targets)))
         distributed.remove_fragments(parts_dir)
     else:
-        _run_rank(targets, cfg, parts_dir, known, d)
+        _run_rank(targets, run_cfg, parts_dir, known, d)
         if not d.is_main:  # rank 0 assembles; the others wait for its report
             return distributed.broadcast(d, None)
         manifest["tensors"] = distributed.merge_fragments(parts_dir, d.world_size, [t.module for t in targets])
@@ -239,7 +277,7 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         distributed.remove_fragments(parts_dir)
         metrics = [manifest["tensors"][t.module]["metrics"] for t in targets]
     _assemble(model_dir, out_dir, tensors, targets, others, cfg, task)
-    report = build_report(metrics, cfg.identity(), str(model_dir))
+    report = build_report(metrics, cfg.identity(), str(model_dir), computed)
     write_report(report, out_dir)
     manifest["status"] = "complete"
     write_json(out_dir / "manifest.json", manifest)
@@ -265,35 +303,77 @@ def _run_rank(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, know
 def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, journal: Path, manifest: dict,
                  indices: Sequence[int], label: str = "") -> list[dict]:
     """Process targets ``indices`` not already done (resume), journaling ``manifest`` to ``journal``
-    after each; with a progress bar; returns their metrics."""
+    (throttled); with a progress bar; returns their metrics in target order.
+
+    With ``workers`` > 1, that many tensors are read, decomposed and written at once (one torch thread
+    each): small matrices use cores better side by side than split by intra-op threads, and reading and
+    writing overlap compute. Every tensor's result is independent of the others, so outputs are the same.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn())
-    metrics: list[dict] = []
+    metrics: dict[int, dict] = {}
+    last_journal, journal_cost = time.monotonic(), 0.0
+    workers = _workers(cfg, [targets[i] for i in indices])
     from rich.console import Console
 
-    with Progress(*columns, disable=not cfg.progress, transient=False, console=Console(stderr=True)) as bar:  # logs: stderr
+    with Progress(*columns, disable=not cfg.progress, transient=False, console=Console(stderr=True)) as bar, \
+            ThreadPoolExecutor(workers, thread_name_prefix="qpissa-decompose") as pool, _torch_threads(workers):
         task = bar.add_task(f"{label}{cfg.method} r={cfg.rank}", total=len(indices))
-        for index in indices:
-            target = targets[index]
-            part = parts_dir / _part_name(index)
-            done = manifest["tensors"].get(target.module)
-            if done and part.exists() and done.get("sha256") == _sha256(part):
-                metrics.append(done["metrics"])
-                bar.advance(task)
-                continue
-            bar.update(task, description=f"{label}{cfg.method} {target.module}")
-            start = time.perf_counter()
-            tensors, m = decompose_tensor(target, load_tensor(target.weight), cfg)
-            save_tensors(part, tensors)
-            manifest["tensors"][target.module] = {"part": part.name, "sha256": _sha256(part), "metrics": m,
-                                                  "seconds": round(time.perf_counter() - start, 4)}
-            write_json(journal, manifest)
-            metrics.append(m)
-            bar.advance(task)
-    return metrics
+        running: deque = deque()
+        for index in [*indices, None]:
+            if index is not None:
+                target, part = targets[index], parts_dir / _part_name(index)
+                done = manifest["tensors"].get(target.module)
+                if done and part.exists() and done.get("sha256") == _sha256(part):
+                    metrics[index] = done["metrics"]
+                    bar.advance(task)
+                    continue
+                running.append((index, pool.submit(_process_one, target, part, cfg)))
+            while running and (len(running) >= workers or index is None):
+                done_index, future = running.popleft()
+                entry = future.result()
+                manifest["tensors"][targets[done_index].module] = entry
+                metrics[done_index] = entry["metrics"]
+                bar.update(task, advance=1, description=f"{label}{cfg.method} {targets[done_index].module}")
+                if time.monotonic() - last_journal >= max(JOURNAL_EVERY_S, 20 * journal_cost):
+                    t0 = time.monotonic()  # ≤ 5% of the run rewrites the journal; a part not journaled is recomputed
+                    write_json(journal, manifest)
+                    last_journal, journal_cost = time.monotonic(), time.monotonic() - t0
+    write_json(journal, manifest)
+    return [metrics[i] for i in indices]
+
+
+def _process_one(target: Target, part: Path, cfg: DecomposeConfig) -> dict:
+    """Read, decompose and write one target; its manifest entry."""
+    start = time.perf_counter()
+    tensors, m = decompose_tensor(target, load_tensor(target.weight), cfg)
+    save_tensors(part, tensors, durable=False)  # no fsync: the checksum in the manifest catches a torn part
+    return {"part": part.name, "sha256": _sha256(part), "metrics": m, "seconds": round(time.perf_counter() - start, 4)}
+
+
+def _workers(cfg: DecomposeConfig, targets: list[Target]) -> int:
+    """``workers`` or auto: on CPU, 2 tensors at a time while the largest target is small enough that two in
+    flight stay within the memory of one large one (≤ 16M weights); else 1 (one tensor's peak at a time)."""
+    if cfg.workers is not None:
+        return max(1, cfg.workers)
+    largest = max((t.shape[0] * t.shape[1] for t in targets), default=0)
+    cpus = torch.get_num_threads()
+    return 2 if (cfg.device == "cpu" and cpus >= 2 and largest <= AUTO_PARALLEL_MAX_WEIGHTS) else 1
+
+
+@contextmanager
+def _torch_threads(workers: int):
+    """Split torch's intra-op threads among ``workers`` concurrent tensors; restored afterwards."""
+    before = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(max(1, before // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets: list[Target],

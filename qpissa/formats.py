@@ -103,15 +103,23 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def tensor_buffer(t: torch.Tensor) -> memoryview:
+    """The tensor's little-endian bytes without a copy (when already contiguous on the CPU): writing a shard
+    then holds each tensor once, not twice as ``bytes`` would."""
+    return memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+
+
 def write_safetensors(
     dest: Path,
     entries: Iterable[tuple[str, str, tuple[int, ...], int]],
     fetch: Callable[[str], torch.Tensor],
     metadata: dict[str, str] | None = None,
+    durable: bool = True,
 ) -> None:
     """Stream a safetensors file: ``entries`` = (name, dtype, shape, nbytes); ``fetch(name)`` gives data.
 
-    Tensors are sorted by name so the file is byte-identical for identical inputs.
+    Tensors are sorted by name so the file is byte-identical for identical inputs. ``durable=False`` skips
+    the fsync (for files a checksum guards, such as decompose's parts).
     """
     entries = sorted(entries)
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
@@ -121,13 +129,13 @@ def write_safetensors(
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
+    with atomic_path(dest, durable=durable) as tmp, open(tmp, "wb") as fh:
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
         for name, _, _, nbytes in entries:
-            data = tensor_bytes(fetch(name))
-            if len(data) != nbytes:
-                raise RuntimeError(f"{name}: expected {nbytes} bytes, got {len(data)}")
+            data = tensor_buffer(fetch(name))
+            if data.nbytes != nbytes:
+                raise RuntimeError(f"{name}: expected {nbytes} bytes, got {data.nbytes}")
             fh.write(data)
 
 
@@ -135,9 +143,10 @@ def entry_of(name: str, t: torch.Tensor) -> tuple[str, str, tuple[int, ...], int
     return name, DTYPE_NAMES[t.dtype], tuple(t.shape), t.numel() * t.element_size()
 
 
-def save_tensors(dest: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(dest: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                 durable: bool = True) -> None:
     """Write an in-memory dict of (small) tensors atomically and deterministically."""
-    write_safetensors(dest, [entry_of(k, v) for k, v in tensors.items()], tensors.__getitem__, metadata)
+    write_safetensors(dest, [entry_of(k, v) for k, v in tensors.items()], tensors.__getitem__, metadata, durable)
 
 
 def write_index(dest_dir: Path, weight_map: dict[str, str], total_size: int) -> None:

@@ -142,6 +142,12 @@ def decompose_targets(shapes: ModelShapes, targets: str) -> list[ParamGroup]:
     return [p for p in chosen if p.group != "other"] if targets == "all" else chosen
 
 
+def quantized_linears(s: ModelShapes, cfg: PlanConfig) -> list[ParamGroup]:
+    """The linears ``qpissa decompose --targets`` stores in NF4 for a quantized method: exactly the targets
+    (every other linear stays full precision, listed in ``llm_int8_skip_modules``)."""
+    return decompose_targets(s, cfg.targets) if cfg.method in QUANTIZED else []
+
+
 def adapter_params(targets: list[ParamGroup], rank: int) -> int:
     """r·(in + out) per target module (lora_A: r×in, lora_B: out×r)."""
     return sum(rank * (p.shape[0] + p.shape[1]) * p.count for p in targets)
@@ -225,7 +231,7 @@ def activation_components(s: ModelShapes, cfg: PlanConfig, targets: list[ParamGr
     widest = 3 * c * s.intermediate
     if s.family == "bert" and s.attention_dropout > 0 and cfg.device == "cpu":
         widest = max(widest, 2 * c * s.heads * cfg.seq_len)
-    quant = [p for p in s.params if p.kind == "linear"] if cfg.method in QUANTIZED else []
+    quant = quantized_linears(s, cfg)
     dequant = max((p.numel for p in quant), default=0) * BYTES.get(s.dtype, 2)
     if cfg.grad_checkpointing:
         saved = T * (s.layers * c * s.hidden + edge)
@@ -258,23 +264,24 @@ def plan(s: ModelShapes, cfg: PlanConfig) -> Plan:
     pick = decompose_targets if cfg.method in DECOMPOSED else select_targets
     targets = pick(s, cfg.targets) if cfg.method != "full" else []
     lin = [p for p in s.params if p.kind == "linear"]
-    # NF4: what decompose quantizes (its targets, and every block linear by default), not a BERT pooler
-    nf4_lin = [p for p in lin if p.group != "other" or p in targets] if quantized else []
+    quant = quantized_linears(s, cfg)
     comps: list[Component] = []
     if quantized:
         nf = {"packed": 0, "absmax": 0, "quant_map": 0}
-        for p in nf4_lin:
+        for p in quant:
             for key, val in nf4_bytes(p.numel, cfg.blocksize, cfg.double_quant).items():
                 nf[key] += val * p.count
         dq = "double-quant " if cfg.double_quant else ""
-        comps += [Component("nf4 weights", nf["packed"], f"{sum(p.numel * p.count for p in nf4_lin):,} params / 2"),
+        comps += [Component("nf4 weights", nf["packed"], f"{sum(p.numel * p.count for p in quant):,} params / 2 "
+                                                         f"(the {len(quant)} target kinds, as decompose writes)"),
                   Component("nf4 absmax+maps", nf["absmax"] + nf["quant_map"], f"{dq}block {cfg.blocksize}")]
     rest = sum(p.total for p in s.params if p.kind != "linear")
     biases = sum(p.bias * p.count for p in lin)
-    base_lin = sum(p.numel * p.count for p in lin if p not in nf4_lin)
+    base_lin = sum(p.numel * p.count for p in lin if p not in quant)
     comps.append(Component("unquantized weights", c * (rest + biases + base_lin),
                            f"embeddings, norms, biases{', head' if not s.tied else ''}"
-                           f"{', base linears' if base_lin else ''} in {cfg.dtype}"))
+                           f"{', non-target linears' if base_lin and quantized else ', base linears' if base_lin else ''}"
+                           f" in {cfg.dtype}"))
     if cfg.method == "full":
         sizes = [p.numel + p.bias for p in s.params for _ in range(p.count)]
         trainable = sum(sizes)
@@ -332,53 +339,20 @@ def parse_size(text: str) -> int:
 
 # ---------------------------------------------------------------- decomposition stage
 
-# Measured by benchmarks/plan_memory.py on the shared 2-core CI CPU (randomized SVD of 8192×28672, r=128,
-# p=16, q=4; bitsandbytes' CPU NF4 quantizer; residual + error passes; peak RSS / mn = 2 + 4·fp32_copies).
-# A GPU is orders of magnitude faster; pass ``rates=`` / ``measured=`` for another machine.
-DEFAULT_RATES = {"svd_gflops": 25.0, "quant_elems_per_s": 1.1e7, "other_elems_per_s": 8.2e6, "fp32_copies": 7.25}
-
-
-def rsvd_flops(m: int, n: int, rank: int, oversample: int = 16, power_iters: int = 4) -> float:
-    """Randomized SVD (Halko et al. 2011): 2 matmuls of W per power iteration plus the sketch and the
-    projection, 2mnk each, and thin QRs of (m+n)×k: ≈ 2mnk(2q + 2) + 4(m + n)k²(q + 1)."""
-    k = min(rank + oversample, m, n)
-    return 2.0 * m * n * k * (2 * power_iters + 2) + 4.0 * (m + n) * k * k * (power_iters + 1)
-
-
-def rates_from(measured: list[dict]) -> dict[str, float]:
-    """Throughputs from the largest randomized run of the benchmark (flop model of :func:`rsvd_flops`)."""
-    runs = [r for r in measured if r.get("svd") == "randomized"]
-    if not runs:
-        return dict(DEFAULT_RATES)
-    r = max(runs, key=lambda x: x["m"] * x["n"])
-    mn = r["m"] * r["n"]
-    other = max(r["total_s"] - r["svd_s"] - r["quant_s"], 1e-9)
-    return {"svd_gflops": rsvd_flops(r["m"], r["n"], r["rank"]) / r["svd_s"] / 1e9,
-            "quant_elems_per_s": mn / r["quant_s"], "other_elems_per_s": mn / other,
-            "fp32_copies": (r["peak_rss"] / mn - 2) / 4}
-
-
 def decompose_estimate(s: ModelShapes, rank: int = 128, iterations: int = 1, targets: str = "all",
-                       measured: list[dict] | None = None, rates: dict[str, float] | None = None,
-                       baseline: int = 512 * 2**20) -> dict:
-    """Streaming decomposition of a checkpoint, one tensor at a time (QPiSSA with ``iterations`` T).
+                       rates: dict | None = None, baseline: int = 512 * 2**20) -> dict:
+    """Streaming ``qpissa decompose`` (default settings: QPiSSA T=``iterations``, randomized SVD) of a checkpoint.
 
-    peak ≈ baseline + max over targets of mn·(src + 4·fp32_copies) + SVD workspace 3·4·(m+n)(r+16)
-    (source tensor in the checkpoint dtype; fp32 copy, B·A product, residual, dequantized NF4, error
-    temporary and bitsandbytes' CPU quantizer temporaries: fp32_copies ≈ 7.3 measured on CPU, ≈ 4-5 where
-    the quantizer is a fused CUDA kernel), and time = Σ_targets T·(rsvd_flops / svd rate + mn / NF4 rate)
-    + mn / (rate of the residual and error passes)."""
-    rates = {**DEFAULT_RATES, **(rates or (rates_from(measured) if measured else {}))}
-    fp32_copies = rates["fp32_copies"]
-    src = BYTES.get(s.dtype, 2)
-    tg = decompose_targets(s, targets)
-    m, n = max((p.shape for p in tg), key=lambda sh: sh[0] * sh[1])
-    peak = baseline + int(m * n * (src + 4 * fp32_copies) + 12 * (m + n) * (rank + 16))
-    seconds = 0.0
-    for p in tg:
-        pm, pn = p.shape
-        one = iterations * (rsvd_flops(pm, pn, rank) / (rates["svd_gflops"] * 1e9)
-                            + pm * pn / rates["quant_elems_per_s"]) + pm * pn / rates["other_elems_per_s"]
-        seconds += one * p.count
-    return {"peak_bytes": peak, "seconds": seconds, "largest": [m, n], "tensors": sum(p.count for p in tg),
-            "rates": rates, "rank": rank, "iterations": iterations}
+    Time and peak memory come from :mod:`qpissa.decompose_cost`, whose rates were fit to timings of the shipped
+    driver (``benchmarks/decompose_rehearsal.py``; packaged in ``qpissa/decompose_rates.json``, measured on the
+    CPU named there: a GPU is far faster; pass ``rates=`` for another machine). Targets as :func:`select_targets`.
+    """
+    from qpissa.decompose_cost import estimate_peak_bytes, estimate_seconds, load_rates
+
+    rates = rates or load_rates()
+    shapes = [tuple(p.shape) for p in decompose_targets(s, targets) for _ in range(p.count)]
+    m, n = max(shapes, key=lambda sh: sh[0] * sh[1])
+    checkpoint_bytes = s.n_params * BYTES.get(s.dtype, 2)
+    return {"peak_bytes": estimate_peak_bytes(rates, shapes, baseline),
+            "seconds": estimate_seconds(rates, shapes, rank, iterations, checkpoint_bytes),
+            "largest": [m, n], "tensors": len(shapes), "rates": rates, "rank": rank, "iterations": iterations}

@@ -53,8 +53,27 @@ def _summarize(rows: list[dict]) -> dict:
     return out
 
 
-def build_report(metrics: list[dict], arguments: dict, model: str) -> dict:
-    """Assemble the report dict from per-module metrics (as stored by the decomposition)."""
+def metrics_from_rows(rows: list[dict]) -> dict[str, str]:
+    """What was measured, read off the per-module metrics (for reports built without that record)."""
+    has = lambda which, norm: bool(rows) and all((r.get(which) or {}).get(norm) is not None for r in rows)  # noqa: E731
+    return {"frobenius": "exact", "nuclear": "exact (svdvals)" if has("method", "nuclear") else "skipped",
+            "spectral": "exact (svdvals)" if has("method", "spectral") else "skipped",
+            "qlora_baseline": "exact" if has("qlora", "frobenius") else "skipped",
+            "loftq_baseline": "exact" if has("loftq", "frobenius") else "skipped"}
+
+
+def metrics_line(report: dict) -> str:
+    """One line: which error metrics this report holds and how they were computed."""
+    computed = report.get("metrics_computed") or metrics_from_rows(report.get("modules", []))
+    line = "metrics: " + ", ".join(f"{k}={v}" for k, v in computed.items() if k not in ("auto", "svd"))
+    if "svd" in computed:
+        line += f"; adapter SVD {computed['svd']}"
+    return line + (f" ({computed['auto']})" if computed.get("auto") else "")
+
+
+def build_report(metrics: list[dict], arguments: dict, model: str, computed: dict | None = None) -> dict:
+    """Assemble the report dict from per-module metrics (as stored by the decomposition); ``computed`` says
+    which metrics were measured and how (see :meth:`qpissa.decompose.DecomposeConfig.metrics_computed`)."""
     modules = []
     for m in metrics:
         row = dict(m, layer_type=layer_type(m["module"]), layer_index=layer_index(m["module"]))
@@ -65,7 +84,8 @@ def build_report(metrics: list[dict], arguments: dict, model: str) -> dict:
     by_type = defaultdict(list)
     for row in modules:
         by_type[row["layer_type"]].append(row)
-    return {"model": model, "arguments": arguments, "overall": _summarize(modules),
+    return {"model": model, "arguments": arguments, "metrics_computed": computed or metrics_from_rows(modules),
+            "overall": _summarize(modules),
             "by_layer_type": {k: _summarize(v) for k, v in by_type.items()}, "modules": modules}
 
 
@@ -75,11 +95,14 @@ def to_csv(report: dict) -> str:
     header = ["module", "layer_type", "layer_index", "out", "in"]
     header += [f"{w}_{n}" for w in ("method", "qlora", "loftq") for n in NORMS]
     header += [f"reduction_vs_{b}_{n}" for b in ("qlora", "loftq") for n in NORMS]
+    header.append("metrics")  # how the norms were computed (empty cells: skipped)
     writer.writerow(header)
+    how = metrics_line(report)
     for r in report["modules"]:
         row = [r["module"], r["layer_type"], r["layer_index"], *r["shape"]]
         row += [_fmt(r.get(w, {}).get(n), ".6g") for w in ("method", "qlora", "loftq") for n in NORMS]
         row += [_fmt(r.get(f"reduction_vs_{b}", {}).get(n), ".6f") for b in ("qlora", "loftq") for n in NORMS]
+        row.append(how)
         writer.writerow(row)
     return buf.getvalue()
 
@@ -110,6 +133,7 @@ def to_markdown(report: dict) -> str:
     lines = [f"# Quantization error: {args['method']} r={args['rank']} T={args['iters']}", "",
              f"Model: `{report['model']}`. Reduction = 1 − ‖W − deq(Q) − s·B·A‖ / ‖W − deq(NF4(W))‖ "
              "(vs LoftQ: the same ratio against LoftQ(T)'s error); totals sum per-module norms.", "",
+             f"{metrics_line(report)}. A — means not measured.", "",
              "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in summary_rows(report)]
     lines += ["", "## Per module (Frobenius)", "", "| module | shape | error | QLoRA error | vs QLoRA | vs LoftQ |",

@@ -14,7 +14,7 @@ import torch
 from qpissa.errors import UserError
 from qpissa.model_shapes import load_config, shapes_from_config
 from qpissa.plan import (PlanConfig, adapter_params, bert_layer_bytes, decompose_estimate, largest_batch,
-                         largest_rank, llama_layer_bytes, nf4_bytes, parse_size, plan, rates_from, rsvd_flops,
+                         largest_rank, llama_layer_bytes, nf4_bytes, parse_size, plan,
                          select_targets)
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
@@ -90,6 +90,37 @@ def test_minilm_4bit_model_bytes_match_loaded_model(minilm_dir):
             absmax += st.absmax.numel() * st.absmax.element_size() + st.code.numel() * st.code.element_size()
     p = plan(shapes_from_config(load_config(minilm_dir)), PlanConfig(method="qlora", rank=8, dtype="fp32", seq_len=128))
     assert (p.get("nf4 weights"), p.get("nf4 absmax+maps"), p.get("unquantized weights")) == (packed, absmax, other)
+
+
+def test_nf4_and_full_precision_bytes_match_decompose_output_for_a_targets_subset(minilm_dir, tmp_path):
+    """`plan --targets query,value` counts NF4 bytes for exactly the linears `decompose --targets query value`
+    quantizes (double quant: nested absmax too), and full precision for every other weight it writes (not
+    counted: the serialized quant-state blob, bnb's load-time metadata, and the int64 position_ids buffer)."""
+    double_quant = True
+    from safetensors import safe_open
+
+    from qpissa.decompose import decompose
+    out = tmp_path / "out"
+    decompose(minilm_dir, out, method="qlora", rank=4, targets=["query", "value"], double_quant=double_quant,
+              progress=False)
+    packed = absmax = other = 0
+    with safe_open(str(out / "residual" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        for k in keys:
+            n = f.get_slice(k)
+            size = math.prod(n.get_shape()) * {"F32": 4, "U8": 1, "I64": 8}[n.get_dtype()]
+            if f"{k}.absmax" in keys:
+                packed += size
+                absmax += 4  # double quant's fp32 offset: in memory a tensor, on disk a field of the quant-state blob
+            elif k.rsplit(".", 1)[-1] in ("absmax", "quant_map") or ".nested_" in k:
+                absmax += size
+            elif ".quant_state." not in k and n.get_dtype() != "I64":
+                other += size
+    assert packed > 0 and other > 0
+    p = plan(shapes_from_config(load_config(minilm_dir)),
+             PlanConfig(method="qpissa", rank=4, targets="query,value", dtype="fp32", double_quant=double_quant))
+    assert (p.get("nf4 weights"), p.get("nf4 absmax+maps"), p.get("unquantized weights")) == (packed, absmax, other)
+    assert packed == 6 * 2 * 384 * 384 // 2                     # query and value of 6 blocks; the rest stays fp32
 
 
 # ------------------------------------------------------------------ adapters vs PEFT
@@ -194,19 +225,32 @@ def test_largest_batch_and_rank_are_the_boundary():
     assert largest_batch(s, replace(cfg, gpu_memory=parse_size("4GB"))) == 0
 
 
-def test_decompose_estimate_scales_with_largest_tensor():
+def test_decompose_estimate_uses_the_driver_cost_model():
     s = shapes("llama-3-70b")
-    est = decompose_estimate(s, rank=128, rates={"svd_gflops": 100.0, "quant_elems_per_s": 1e9,
-                                                 "other_elems_per_s": 1e9, "fp32_copies": 4.0})
+    rates = {"oversample": 16, "s_per_weight": {"base": 2e-8, "per_k": 1e-10, "per_extra_iter": 5e-9},
+             "import_s": 7.0, "other_s_per_byte": 1e-9, "peak_bytes_per_weight": 12.0}
+    est = decompose_estimate(s, rank=128, iterations=3, rates=rates)
     assert est["largest"] == [28672, 8192] and est["tensors"] == 560
-    assert est["peak_bytes"] == 512 * 2**20 + 28672 * 8192 * 18 + 12 * (28672 + 8192) * 144
+    assert est["peak_bytes"] == 512 * 2**20 + 12 * 28672 * 8192
     mn = 80 * (2 * 8192 * 8192 + 2 * 1024 * 8192 + 3 * 28672 * 8192)            # elements of all 560 linears
-    assert est["seconds"] == pytest.approx(2 * mn / 1e9 + 80 * (
-        2 * rsvd_flops(8192, 8192, 128) + 2 * rsvd_flops(1024, 8192, 128) + 3 * rsvd_flops(28672, 8192, 128)) / 1e11)
-    measured = [{"svd": "randomized", "m": 100, "n": 200, "rank": 8, "svd_s": 1.0, "quant_s": 0.5, "total_s": 2.0,
-                 "peak_rss": 100 * 200 * 30}]
-    assert rates_from(measured) == {"svd_gflops": rsvd_flops(100, 200, 8) / 1e9, "quant_elems_per_s": 40000.0,
-                                    "other_elems_per_s": 40000.0, "fp32_copies": 7.0}
+    assert est["seconds"] == pytest.approx(7.0 + 2 * 70_553_706_496 * 1e-9 + mn * (2e-8 + 144e-10 + 2 * 5e-9))
+
+
+def test_fit_rates_recovers_the_cost_model():
+    from qpissa.decompose_cost import fit_rates, per_weight_seconds
+    truth = {"oversample": 16, "s_per_weight": {"base": 3e-8, "per_k": 2e-10, "per_extra_iter": 7e-9}}
+    runs = [{"rank": r, "iters": t, "weights": w, "seconds": 9.0 + w * per_weight_seconds(truth, r, t)}
+            for r, t, w in ((16, 1, 10**8), (128, 1, 10**8), (16, 5, 10**8), (16, 1, 2 * 10**7))]
+    rates, fixed = fit_rates(runs)
+    assert rates == pytest.approx(truth["s_per_weight"], rel=1e-6) and fixed == pytest.approx(9.0, rel=1e-6)
+
+
+def test_packaged_rates_come_from_timing_the_driver():
+    from qpissa.decompose_cost import load_rates
+    rates = load_rates()
+    assert "qpissa.decompose" in rates["source"]
+    assert [(r["rank"], r["iters"]) for r in rates["calibration"]] == [(16, 1), (128, 1), (16, 5), (16, 1)]
+    assert all(v > 0 for v in rates["s_per_weight"].values()) and rates["peak_bytes_per_weight"] > 0
 
 
 # ------------------------------------------------------------------ user errors
