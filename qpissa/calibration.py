@@ -266,3 +266,25 @@ def _set_tensor(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
     else:
         owner._buffers[leaf] = value
+
+
+def block_stats(model_dir: Path, tensors: Sequence[TensorInfo], targets: Sequence[Target], path: str | Path, *,
+                samples: int, held_out: int, seq_len: int, template: str, damp: float, device: str = "cpu"):
+    """module → (Whitening of its calibration H, held-out H or None), computed lazily block by block; the
+    roots (one n×n eigendecomposition) are shared by the modules reading the same input (q/k/v, gate/up)."""
+    from qpissa.whitening import whiten
+
+    data = load_calibration(model_dir, path, samples, held_out, seq_len, template)
+    calibrator: BlockwiseCalibrator | None = None
+    roots: dict[int, Any] = {}
+
+    def stats(module: str):
+        nonlocal calibrator
+        if calibrator is None:  # built on first use: a fully resumed run never reads the model
+            calibrator = BlockwiseCalibrator(model_dir, tensors, targets, data, device)
+        h, h_eval = calibrator.stats(module)
+        if id(h) not in roots:
+            roots.clear()  # one block's distinct inputs at a time
+            roots[id(h)] = (h, whiten(h, damp))
+        return roots[id(h)][1], h_eval
+    return stats

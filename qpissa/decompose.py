@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -26,20 +26,23 @@ from qpissa.errors import UserError
 from qpissa.formats import (TensorInfo, adapter_config, adapter_key, copy_side_files,
                             is_within, load_tensor, save_tensors, scan_checkpoint, write_index, write_safetensors)
 from qpissa.linalg import error_norms
-from qpissa.methods import METHODS, QUANTIZED_METHODS, Method, SvdOptions, adapter_scale, initialize, loftq
+from qpissa.methods import (CALIBRATED_METHODS, DEFAULT_DAMP, METHODS, QUANTIZED_METHODS, Method, SvdOptions,
+                            adapter_scale, initialize, loftq, qpissa)
+from qpissa.whitening import Whitening, output_error
 from qpissa.quant import NF4Spec, nf4_roundtrip, quantization_config
 from qpissa.targets import Target, find_targets
 
 OUTPUTS = ("residual", "adapter", ".parts", "manifest.json", "report.json", "report.csv", "report.md",
            "error_by_layer.png")
-RUN_ONLY_FIELDS = ("resume", "overwrite", "progress", "device")  # may differ between a run and its resume
+RUN_ONLY_FIELDS = ("resume", "overwrite", "progress", "device", "eval_kl")  # may differ between a run and its resume
 
 
 @dataclass
 class DecomposeConfig:
     """Arguments of one decomposition (also what ``--resume`` must match)."""
 
-    method: Method = field(default="qpissa", metadata={"help": "lora | qlora | pissa | qpissa | loftq"})
+    method: Method = field(default="qpissa", metadata={
+        "help": "lora | qlora | pissa | qpissa | loftq | cloq | corda | milora | olora (cloq, corda need --calib-data)"})
     rank: int = field(default=16, metadata={"help": "adapter rank r"})
     alpha: float | None = field(default=None, metadata={"help": "lora_alpha (default: r, so s = 1)"})
     rslora: bool = field(default=False, metadata={"help": "scale α/√r instead of α/r"})
@@ -58,6 +61,17 @@ class DecomposeConfig:
     loftq_baseline: bool = field(default=True, metadata={"help": "also measure LoftQ(T) as a baseline"})
     spectral_norms: bool = field(default=True, metadata={"help": "nuclear + spectral norms (one svdvals each)"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
+    calib_data: str | None = field(default=None, metadata={
+        "help": "calibration data (.jsonl/.json/.parquet/.csv records or .txt lines): fit in the output-error "
+                "norm ‖(W − Ŵ)·H^½‖ (qpissa/loftq become calibrated; cloq/corda require it)"})
+    calib_samples: int = field(default=128, metadata={"help": "calibration sequences for H"})
+    calib_holdout: int = field(default=32, metadata={"help": "held-out sequences after them (output-error report, KL)"})
+    calib_seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence (truncated)"})
+    calib_template: str = field(default="gsm8k", metadata={
+        "help": "how records become text, as in train: gsm8k | alpaca | a format string, e.g. '{question}'"})
+    damp: float = field(default=DEFAULT_DAMP, metadata={"help": "H damping λ: H + λ·mean(diag H)·I"})
+    eval_kl: int = field(default=0, metadata={
+        "help": "mean token KL(original ‖ initialized) on N held-out sequences (encoders: mean-pooled cosine)"})
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -79,6 +93,12 @@ class DecomposeConfig:
             self.spec()
         except ValueError as err:
             raise UserError(f"--blocksize: {err}") from None
+        if self.method in CALIBRATED_METHODS and not self.calib_data:
+            raise UserError(f"--method {self.method} needs calibration data: pass --calib-data FILE")
+        if self.eval_kl and not self.calib_data:
+            raise UserError("--eval-kl N reads held-out calibration sequences: pass --calib-data FILE too")
+        if self.eval_kl > self.calib_holdout:
+            raise UserError(f"--eval-kl {self.eval_kl} exceeds --calib-holdout {self.calib_holdout}; raise the latter")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"--device {self.device} requested but CUDA is not available; use --device cpu")
 
@@ -132,8 +152,13 @@ def _part_name(index: int) -> str:
     return f"{index:05d}.safetensors"
 
 
-def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig) -> tuple[dict[str, torch.Tensor], dict]:
-    """Run the method and the baselines on one weight; return (part tensors, metrics)."""
+Stats = tuple[Whitening, torch.Tensor | None]  # (calibration H with its roots, held-out H) of one target
+
+
+def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
+                     stats: Stats | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Run the method and the baselines on one weight (calibrated when ``stats`` is given); return
+    (part tensors, metrics)."""
     dtype = getattr(torch, cfg.dtype)
     w = (w.T if target.transposed else w).to(device=cfg.device, dtype=dtype)  # (m, n)
     if not torch.isfinite(w).all():
@@ -142,20 +167,32 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig) -> t
     scale = adapter_scale(cfg.rank, cfg.alpha, cfg.rslora)
     adapter_dtype = getattr(torch, cfg.adapter_dtype)
     seed = cfg.seed + int(hashlib.sha256(target.module.encode()).hexdigest()[:8], 16)
+    h = None if stats is None else stats[0]
     init = initialize(cfg.method, w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, seed=seed,
-                      adapter_dtype=adapter_dtype, refit=cfg.refit)
+                      adapter_dtype=adapter_dtype, refit=cfg.refit, h=h, damp=cfg.damp)
     if init.residual is not None:  # measure what is stored: the residual in the checkpoint's dtype
         init.residual = init.residual.to(_source_dtype(target))
     error = error_norms(w - init.reconstruction().to(dtype), cfg.spectral_norms)
     # for qlora (B = 0) the method's error is the QLoRA baseline; otherwise quantize W once more here
-    qlora_error = error if cfg.method == "qlora" else error_norms(w - nf4_roundtrip(w, spec)[1], cfg.spectral_norms)
+    qlora_hat = nf4_roundtrip(w, spec)[1]  # (m, n)
+    qlora_error = error if cfg.method == "qlora" else error_norms(w - qlora_hat, cfg.spectral_norms)
     metrics = {"module": target.module, "tensor": target.weight.name, "shape": list(target.shape),
                "method": error, "qlora": qlora_error, "info": init.info}
-    if cfg.method == "loftq":
+    hats = {"method": init.reconstruction().to(dtype), "qlora": qlora_hat}  # for the output errors
+    if cfg.method == "loftq" and h is None:
         metrics["loftq"] = metrics["method"]
-    elif cfg.loftq_baseline:
+    elif cfg.loftq_baseline or h is not None:  # calibrated runs always compare with uncalibrated LoftQ(T)
         baseline = loftq(w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype)
-        metrics["loftq"] = error_norms(w - baseline.reconstruction().to(dtype), cfg.spectral_norms)
+        hats["loftq"] = baseline.reconstruction().to(dtype)
+        metrics["loftq"] = error_norms(w - hats["loftq"], cfg.spectral_norms)
+    if stats is not None:  # uncalibrated QPiSSA(T) too, and every output error on the held-out H
+        plain = qpissa(w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype,
+                       refit=cfg.refit)
+        hats["qpissa"] = plain.reconstruction().to(dtype)
+        metrics["qpissa"] = error_norms(w - hats["qpissa"], cfg.spectral_norms)
+        h_eval = stats[1] if stats[1] is not None else stats[0]
+        metrics["output"] = {k: output_error(w - hat, h_eval) for k, hat in hats.items()}
+        metrics["output_split"] = "held_out" if stats[1] is not None else "calibration"
     name = target.weight.name
     if init.quantized is not None:
         tensors = init.quantized.serialized(name)
@@ -214,10 +251,11 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         write_json(out_dir / "manifest.json", manifest)
     distributed.agree(d, None)  # manifest.json exists before any rank writes a part (a resume needs it)
     if not d.enabled:
-        metrics = _run_targets(targets, cfg, parts_dir, out_dir / "manifest.json", manifest, range(len(targets)))
+        metrics = _run_targets(targets, cfg, parts_dir, out_dir / "manifest.json", manifest, range(len(targets)),
+                               stats=_stats_source(model_dir, tensors, targets, cfg))
         distributed.remove_fragments(parts_dir)
     else:
-        _run_rank(targets, cfg, parts_dir, known, d)
+        _run_rank(targets, cfg, parts_dir, known, d, _stats_source(model_dir, tensors, targets, cfg))
         if not d.is_main:  # rank 0 assembles; the others wait for its report
             return distributed.broadcast(d, None)
         manifest["tensors"] = distributed.merge_fragments(parts_dir, d.world_size, [t.module for t in targets])
@@ -226,14 +264,38 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         metrics = [manifest["tensors"][t.module]["metrics"] for t in targets]
     _assemble(model_dir, out_dir, tensors, targets, others, cfg, task)
     report = build_report(metrics, cfg.identity(), str(model_dir))
+    if cfg.eval_kl:
+        from qpissa.fidelity import model_fidelity
+
+        report["model_fidelity"] = model_fidelity(model_dir, out_dir, _held_out(model_dir, cfg)[:cfg.eval_kl],
+                                                  cfg.device)
     write_report(report, out_dir)
     manifest["status"] = "complete"
     write_json(out_dir / "manifest.json", manifest)
     return distributed.broadcast(d, report)
 
 
+def _held_out(model_dir: Path, cfg: DecomposeConfig) -> list[torch.Tensor]:
+    from qpissa.calibration import load_calibration
+
+    return load_calibration(model_dir, cfg.calib_data, cfg.calib_samples, cfg.calib_holdout, cfg.calib_seq_len,
+                            cfg.calib_template).held_out
+
+
+def _stats_source(model_dir: Path, tensors: list[TensorInfo], targets: list[Target],
+                  cfg: DecomposeConfig) -> Callable[[str], Stats] | None:
+    """module → calibration statistics, collected block by block on first use (None: uncalibrated)."""
+    if not cfg.calib_data:
+        return None
+    from qpissa.calibration import block_stats
+
+    return block_stats(model_dir, tensors, targets, cfg.calib_data, samples=cfg.calib_samples,
+                       held_out=cfg.calib_holdout, seq_len=cfg.calib_seq_len, template=cfg.calib_template,
+                       damp=cfg.damp, device=cfg.device)
+
+
 def _run_rank(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, known: dict[str, dict],
-              d: distributed.Dist) -> None:
+              d: distributed.Dist, stats: Callable[[str], Stats] | None = None) -> None:
     """One rank of several: process the targets it owns, journaling to its own manifest fragment."""
     mine = distributed.owned([t.shape for t in targets], d)
     fragment = {"rank": d.rank, "world_size": d.world_size,
@@ -241,7 +303,8 @@ def _run_rank(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, know
     journal = distributed.fragment_path(parts_dir, d.rank)
     error = None
     try:
-        _run_targets(targets, cfg, parts_dir, journal, fragment, mine, label=f"[rank {d.rank}/{d.world_size}] ")
+        _run_targets(targets, cfg, parts_dir, journal, fragment, mine, label=f"[rank {d.rank}/{d.world_size}] ",
+                     stats=stats)
     except UserError as err:
         error = str(err)
     write_json(journal, fragment)  # even when nothing was new: rank 0 merges exactly these fragments
@@ -249,9 +312,9 @@ def _run_rank(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, know
 
 
 def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, journal: Path, manifest: dict,
-                 indices: Sequence[int], label: str = "") -> list[dict]:
+                 indices: Sequence[int], label: str = "", stats: Callable[[str], Stats] | None = None) -> list[dict]:
     """Process targets ``indices`` not already done (resume), journaling ``manifest`` to ``journal``
-    after each; with a progress bar; returns their metrics."""
+    after each; with a progress bar; returns their metrics. ``stats(module)``: calibration statistics."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
@@ -270,7 +333,8 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, j
                 continue
             bar.update(task, description=f"{label}{cfg.method} {target.module}")
             start = time.perf_counter()
-            tensors, m = decompose_tensor(target, load_tensor(target.weight), cfg)
+            tensors, m = decompose_tensor(target, load_tensor(target.weight), cfg,
+                                          None if stats is None else stats(target.module))
             save_tensors(part, tensors)
             manifest["tensors"][target.module] = {"part": part.name, "sha256": _sha256(part), "metrics": m,
                                                   "seconds": round(time.perf_counter() - start, 4)}
