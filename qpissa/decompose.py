@@ -181,7 +181,7 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
     hats = {"method": init.reconstruction().to(dtype), "qlora": qlora_hat}  # for the output errors
     if cfg.method == "loftq" and h is None:
         metrics["loftq"] = metrics["method"]
-    elif cfg.loftq_baseline or h is not None:  # calibrated runs always compare with uncalibrated LoftQ(T)
+    elif cfg.loftq_baseline:  # uncalibrated LoftQ(T), also in calibrated runs
         baseline = loftq(w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype)
         hats["loftq"] = baseline.reconstruction().to(dtype)
         metrics["loftq"] = error_norms(w - hats["loftq"], cfg.spectral_norms)
