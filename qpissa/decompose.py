@@ -58,7 +58,8 @@ class DecomposeConfig:
     dtype: str = field(default="float32", metadata={"help": "SVD precision: float32 | float64"})
     adapter_dtype: str = field(default="bfloat16", metadata={"help": "stored adapter dtype"})
     refit: bool = field(default=True, metadata={"help": "qpissa: final refit of A,B on the stored Q"})
-    loftq_baseline: bool = field(default=True, metadata={"help": "also measure LoftQ(T) as a baseline"})
+    loftq_baseline: bool = field(default=True, metadata={
+        "help": "also measure LoftQ(T) (calibrated runs: and uncalibrated QPiSSA(T)) as baselines"})
     spectral_norms: bool = field(default=True, metadata={"help": "nuclear + spectral norms (one svdvals each)"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
     calib_data: str | None = field(default=None, metadata={
@@ -185,11 +186,12 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
         baseline = loftq(w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype)
         hats["loftq"] = baseline.reconstruction().to(dtype)
         metrics["loftq"] = error_norms(w - hats["loftq"], cfg.spectral_norms)
-    if stats is not None:  # uncalibrated QPiSSA(T) too, and every output error on the held-out H
+    if stats is not None and cfg.loftq_baseline:  # uncalibrated QPiSSA(T) too
         plain = qpissa(w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype,
                        refit=cfg.refit)
         hats["qpissa"] = plain.reconstruction().to(dtype)
         metrics["qpissa"] = error_norms(w - hats["qpissa"], cfg.spectral_norms)
+    if stats is not None:  # every output error on the held-out H
         h_eval = stats[1] if stats[1] is not None else stats[0]
         metrics["output"] = {k: output_error(w - hat, h_eval) for k, hat in hats.items()}
         metrics["output_split"] = "held_out" if stats[1] is not None else "calibration"

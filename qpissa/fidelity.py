@@ -56,6 +56,12 @@ def model_fidelity(model_dir: Path, out_dir: Path, sequences: Sequence[torch.Ten
     """{"kl": mean token KL(original ‖ initialized), "tokens": n} for a causal LM, or
     {"cosine": mean pooled-embedding cosine, "sequences": n} for an encoder; ``sequences``: (1, T) ids each."""
     original, init, causal = load_pair(Path(model_dir), Path(out_dir), device)
+    return fidelity(original, init, causal, sequences, device)
+
+
+def fidelity(original: torch.nn.Module, init: torch.nn.Module, causal: bool, sequences: Sequence[torch.Tensor],
+             device: str = "cpu") -> dict:
+    """:func:`model_fidelity` on already loaded models."""
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in sequences:
