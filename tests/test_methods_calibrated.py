@@ -31,7 +31,6 @@ def out_err(e: torch.Tensor, x: torch.Tensor) -> float:
 def minilm(minilm_dir):
     from transformers import AutoModel, AutoTokenizer
 
-    torch.set_num_threads(2)
     model = AutoModel.from_pretrained(str(minilm_dir), torch_dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(minilm_dir))
     return model, tok
