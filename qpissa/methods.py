@@ -242,6 +242,8 @@ def initialize(method: Method, w: torch.Tensor, rank: int, scale: float, *, iter
 
     ``h``: calibration statistics H = Σ x·xᵀ of this layer's input (n×n), or a :class:`Whitening`
     built once from it; required by cloq and corda, used by qpissa and loftq, ignored otherwise.
+    ``damp``: λ of H + λ·mean(diag H)·I (for a Whitening, the one it was built with); corda starts its
+    PEFT damping schedule from it.
     """
     if method in CALIBRATED_METHODS and h is None:
         raise UserError(f"method {method!r} needs calibration statistics: pass --calib-data FILE "
@@ -266,5 +268,5 @@ def initialize(method: Method, w: torch.Tensor, rank: int, scale: float, *, iter
 
         if method == "cloq":
             return cloq(w, rank, scale, h, spec=spec, svd=svd, adapter_dtype=adapter_dtype, damp=damp)
-        return corda(w, rank, scale, h, spec=spec, adapter_dtype=adapter_dtype)
+        return corda(w, rank, scale, h, spec=spec, svd=svd, adapter_dtype=adapter_dtype, damp=damp)
     raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
