@@ -55,8 +55,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--calib-holdout", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=128)
     ap.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
-                    help="20-step training of qlora, qpissa5, cloq, qpissa5-cal (SmolLM2, r=16)")
+                    help="20-step training of qlora, qpissa5, cloq, qpissa5-cal (SmolLM2, r=16 outputs in --work)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--results", type=Path, default=HERE / "results" / "calibrated.json")
     return ap.parse_args()
 
 
@@ -145,7 +146,7 @@ def main() -> None:
                 print(model, rank, label, json.dumps(row), flush=True)
                 save(args, results, {}, {}, torch)  # partial results survive an interrupted run
     training = {}
-    if args.train and "smollm2" in args.models and 16 in args.ranks:
+    if args.train:  # on the SmolLM2 r=16 outputs (of this run, or of an earlier one in the same --work)
         from qpissa.train import TrainConfig, train
 
         tc = train_convergence.parse(["--work", str(args.work / "train"), "--threads", str(args.threads)])
@@ -200,14 +201,13 @@ def main() -> None:
 
 
 def save(args, results: dict, training: dict, claims: dict, torch) -> None:
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "calibrated", "device": platform.processor() or platform.machine(),
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "results": results, "training": training, "claims": claims,
                "note": "wall times measured on a shared, loaded 2-core machine; quality figures are the point"}
-    (out_dir / "calibrated.json").write_text(json.dumps(payload, indent=2) + "\n")
+    args.results.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from qpissa.formats import scan_checkpoint
 from qpissa.targets import find_targets
 
 QPISSA = str(Path(sys.executable).with_name("qpissa"))
-SMOL_TARGETS = [r"model\.layers\.[01]\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"]
+SMOL_TARGETS = [r"model\.layers\.[01]\.(self_attn\.(q|v|o)_proj|mlp\.down_proj)"]  # 8 modules, 2 blocks
 
 
 def _reference_grams(model, modules, seqs) -> dict[str, torch.Tensor]:
@@ -118,12 +118,12 @@ def test_done_when_calibrated_qpissa_kl_below_plain_below_qlora(smollm2_dir, gsm
     data = gsm8k_dir / "train.jsonl"
     common = [str(smollm2_dir), "--rank", "8", "--svd", "randomized", "--quiet", "--device", "cpu",
               "--no-spectral-norms", *[a for t in SMOL_TARGETS for a in ("--targets", t)]]
-    calib = ["--calib-data", str(data), "--calib-samples", "16", "--calib-holdout", "8", "--calib-seq-len", "96"]
+    calib = ["--calib-data", str(data), "--calib-samples", "16", "--calib-holdout", "8", "--calib-seq-len", "64"]
     _run([*common, "-o", str(tmp_path / "cal"), "--method", "qpissa", "--iters", "5", *calib, "--eval-kl", "8"])
     _run([*common, "-o", str(tmp_path / "plain"), "--method", "qpissa", "--iters", "5", "--no-loftq-baseline"])
     _run([*common, "-o", str(tmp_path / "qlora"), "--method", "qlora", "--no-loftq-baseline"])
     report = json.loads((tmp_path / "cal" / "report.json").read_text())
-    held = load_calibration(smollm2_dir, data, samples=16, held_out=8, seq_len=96).held_out
+    held = load_calibration(smollm2_dir, data, samples=16, held_out=8, seq_len=64).held_out
     kl = {name: model_fidelity(smollm2_dir, tmp_path / name, held)["kl"] for name in ("cal", "plain", "qlora")}
     assert report["model_fidelity"]["kl"] == pytest.approx(kl["cal"], rel=1e-4)
     assert kl["cal"] < kl["plain"] < kl["qlora"], kl
