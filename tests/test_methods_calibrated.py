@@ -329,3 +329,12 @@ def test_dispatch_and_registries(w, h):
         got = initialize(method, w, 4, 1.0, h=h)
         assert torch.equal(got.a, ref.a) and torch.equal(got.b, ref.b)
         assert torch.equal(got.quantized.packed, ref.quantized.packed)
+
+
+def test_factors_do_not_depend_on_the_scale_of_h_but_the_output_error_does(w, h):
+    """H summed or averaged over tokens gives the same init (the damping is relative to mean(diag H))."""
+    a = cloq(w, 8, 1.0, h, adapter_dtype=torch.float32)
+    b = cloq(w, 8, 1.0, h / 1000.0, adapter_dtype=torch.float32)
+    torch.testing.assert_close(b.b @ b.a, a.b @ a.a, rtol=1e-4, atol=1e-6)
+    e = w - a.reconstruction()
+    assert output_error(e, h / 1000.0) == pytest.approx(output_error(e, h) / 1000.0 ** 0.5, rel=1e-9)
