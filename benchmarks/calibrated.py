@@ -49,7 +49,7 @@ def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/qpissa-bench-calibrated"))
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--models", nargs="+", default=["smollm2", "minilm"])
+    ap.add_argument("--models", nargs="*", default=["smollm2", "minilm"])
     ap.add_argument("--methods", nargs="+", default=[m[0] for m in METHODS])
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-holdout", type=int, default=16)

@@ -185,7 +185,9 @@ def plot(report: dict, dest: Path) -> None:
         for which, value in (r.get("output") or {}).items():
             outputs[which][r["layer_index"] if r["layer_index"] is not None else -1] += value
     fig, axes = plt.subplots(1, 2 if outputs else 1, figsize=(13 if outputs else 7, 3.5), dpi=110, squeeze=False)
-    labels = {"method": report["arguments"]["method"], "qlora": "QLoRA (NF4 of W)", "loftq": "LoftQ",
+    args = report["arguments"]
+    labels = {"method": args["method"] + (" (calibrated)" if args.get("calib_data") else ""),
+              "qlora": "QLoRA (NF4 of W)", "loftq": "LoftQ",
               "qpissa": "QPiSSA (uncalibrated)"}
     panels = [(axes[0][0], series, "Σ ‖W − Ŵ‖_F over the block", "Reconstruction error by layer")]
     if outputs:
