@@ -268,13 +268,23 @@ def _set_tensor(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[leaf] = value
 
 
-def block_stats(model_dir: Path, tensors: Sequence[TensorInfo], targets: Sequence[Target], path: str | Path, *,
-                samples: int, held_out: int, seq_len: int, template: str, damp: float, device: str = "cpu"):
+def _data(model_dir: Path, cfg) -> CalibrationData:
+    return load_calibration(model_dir, cfg.calib_data, cfg.calib_samples, cfg.calib_holdout, cfg.calib_seq_len,
+                            cfg.calib_template)
+
+
+def held_out(model_dir: Path, cfg) -> list[torch.Tensor]:
+    """The held-out sequences of a :class:`qpissa.decompose.DecomposeConfig`'s calibration options."""
+    return _data(model_dir, cfg).held_out
+
+
+def block_stats(model_dir: Path, tensors: Sequence[TensorInfo], targets: Sequence[Target], cfg):
     """module → (Whitening of its calibration H, held-out H or None), computed lazily block by block; the
-    roots (one n×n eigendecomposition) are shared by the modules reading the same input (q/k/v, gate/up)."""
+    roots (one n×n eigendecomposition) are shared by the modules reading the same input (q/k/v, gate/up).
+    ``cfg``: a :class:`qpissa.decompose.DecomposeConfig` (calib_* options, damp, device)."""
     from qpissa.whitening import whiten
 
-    data = load_calibration(model_dir, path, samples, held_out, seq_len, template)
+    data, damp, device = _data(model_dir, cfg), cfg.damp, cfg.device
     calibrator: BlockwiseCalibrator | None = None
     roots: dict[int, Any] = {}
 

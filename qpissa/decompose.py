@@ -225,6 +225,14 @@ def decompose(model_dir: str | Path | None = None, out_dir: str | Path = "out", 
         return _decompose(model_dir, Path(out_dir), cfg, d)
 
 
+def _stats_source(model_dir: Path, tensors: list[TensorInfo], targets: list[Target],
+                  cfg: DecomposeConfig) -> Callable[[str], Stats] | None:
+    """module → calibration statistics, collected block by block on first use (None: uncalibrated)."""
+    from qpissa.calibration import block_stats
+
+    return block_stats(model_dir, tensors, targets, cfg) if cfg.calib_data else None
+
+
 def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig, d: distributed.Dist) -> dict:
     from qpissa.report import build_report, write_report
 
@@ -269,31 +277,13 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
     if cfg.eval_kl:
         from qpissa.fidelity import model_fidelity
 
-        report["model_fidelity"] = model_fidelity(model_dir, out_dir, _held_out(model_dir, cfg)[:cfg.eval_kl],
-                                                  cfg.device)
+        from qpissa.calibration import held_out
+
+        report["model_fidelity"] = model_fidelity(model_dir, out_dir, held_out(model_dir, cfg)[:cfg.eval_kl], cfg.device)
     write_report(report, out_dir)
     manifest["status"] = "complete"
     write_json(out_dir / "manifest.json", manifest)
     return distributed.broadcast(d, report)
-
-
-def _held_out(model_dir: Path, cfg: DecomposeConfig) -> list[torch.Tensor]:
-    from qpissa.calibration import load_calibration
-
-    return load_calibration(model_dir, cfg.calib_data, cfg.calib_samples, cfg.calib_holdout, cfg.calib_seq_len,
-                            cfg.calib_template).held_out
-
-
-def _stats_source(model_dir: Path, tensors: list[TensorInfo], targets: list[Target],
-                  cfg: DecomposeConfig) -> Callable[[str], Stats] | None:
-    """module → calibration statistics, collected block by block on first use (None: uncalibrated)."""
-    if not cfg.calib_data:
-        return None
-    from qpissa.calibration import block_stats
-
-    return block_stats(model_dir, tensors, targets, cfg.calib_data, samples=cfg.calib_samples,
-                       held_out=cfg.calib_holdout, seq_len=cfg.calib_seq_len, template=cfg.calib_template,
-                       damp=cfg.damp, device=cfg.device)
 
 
 def _run_rank(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, known: dict[str, dict],
