@@ -27,7 +27,7 @@ DEFAULT_MODEL = Path.home() / ".cache" / "qpissa-test-assets" / "smollm2-135m-in
 DEFAULT_GSM8K = HERE.parent.parent / "shared" / "assets" / "gsm8k"
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--gsm8k", type=Path, default=DEFAULT_GSM8K)
@@ -45,7 +45,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--methods", nargs="+",
                     default=["lora", "pissa", "qlora", "loftq", "qpissa", "qpissa+sorsa", "full"])
-    return ap.parse_args()
+    return ap.parse_args(argv)
 
 
 def decomposed(args, method: str) -> tuple[Path, dict]:
@@ -65,6 +65,16 @@ def decomposed(args, method: str) -> tuple[Path, dict]:
                  "decompose_s": float((out / "seconds.txt").read_text()) if (out / "seconds.txt").exists() else None}
 
 
+def recipe(args: argparse.Namespace, output: Path) -> dict:
+    """The TrainConfig fields shared by every method (data, steps, lr schedule, evaluation)."""
+    from qpissa.data import DataConfig
+
+    return dict(data=str(args.gsm8k / "train.jsonl"), eval_data=str(args.gsm8k / "test.jsonl"), output=str(output),
+                steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_ratio=0.03, seed=0,
+                eval_every=args.eval_every or args.steps, eval_examples=args.eval_examples, progress=True,
+                data_cfg=DataConfig(max_length=args.max_length, skip_long_prompts=True))
+
+
 def main() -> None:
     args = parse()
     import torch
@@ -74,18 +84,13 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from qpissa.data import DataConfig
     from qpissa.train import TrainConfig, train
 
     args.work.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     for name in args.methods:
         extra: dict = {}
-        common = dict(data=str(args.gsm8k / "train.jsonl"), eval_data=str(args.gsm8k / "test.jsonl"),
-                      output=str(args.work / "runs" / name), steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, warmup_ratio=0.03, seed=0, eval_every=args.eval_every or args.steps,
-                      eval_examples=args.eval_examples, progress=True,
-                      data_cfg=DataConfig(max_length=args.max_length, skip_long_prompts=True))
+        common = recipe(args, args.work / "runs" / name)
         if name == "lora":
             cfg = TrainConfig(model=str(args.model), method="lora", lora_rank=args.rank, **common)
         elif name == "full":

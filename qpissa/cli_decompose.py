@@ -1,6 +1,7 @@
 """CLI commands ``decompose`` and ``report``."""
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
@@ -9,6 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from qpissa.cli import app
+from qpissa.decompose import DecomposeConfig
+
+_HELP = {f.name: f.metadata.get("help", "") for f in fields(DecomposeConfig)}
 
 console = Console(width=None if Console().is_terminal else 130)
 
@@ -25,13 +29,26 @@ def print_summary(report: dict) -> None:
     for row in summary_rows(report):
         table.add_row(*row)
     console.print(table)
+    from qpissa.report import OUTPUT_HEADER, output_rows
+
+    rows = output_rows(report)
+    if rows:
+        out = Table(title="output error ‖(W − Ŵ)·H^½‖_F on held-out activations (LoftQ, QPiSSA: uncalibrated)")
+        for col in OUTPUT_HEADER:
+            out.add_column(col, justify="left" if col == "scope" else "right", no_wrap=col != "scope")
+        for row in rows:
+            out.add_row(*row)
+        console.print(out)
+    fid = report.get("model_fidelity") or {}
+    if fid:
+        console.print(", ".join(f"{k} = {v:.5g}" for k, v in fid.items()))
 
 
 @app.command()
 def decompose(
     model: Optional[Path] = typer.Argument(None, help="HF model dir (config.json + *.safetensors); default: all-MiniLM-L6-v2"),
     out: Path = typer.Option(Path("out"), "--output", "-o", help="output directory"),
-    method: str = typer.Option("qpissa", help="lora | qlora | pissa | qpissa | loftq"),
+    method: str = typer.Option("qpissa", help=_HELP["method"]),
     rank: int = typer.Option(16, help="adapter rank r"),
     alpha: Optional[float] = typer.Option(None, help="lora_alpha (default r)"),
     rslora: bool = typer.Option(False, help="scale α/√r"),
@@ -58,6 +75,13 @@ def decompose(
     resume: bool = typer.Option(False, help="continue an interrupted run"),
     overwrite: bool = typer.Option(False, help="replace an existing output"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    calib_data: Optional[Path] = typer.Option(None, "--calib-data", help=_HELP["calib_data"]),
+    calib_samples: int = typer.Option(128, "--calib-samples", help=_HELP["calib_samples"]),
+    calib_holdout: int = typer.Option(32, "--calib-holdout", help=_HELP["calib_holdout"]),
+    calib_seq_len: int = typer.Option(256, "--calib-seq-len", help=_HELP["calib_seq_len"]),
+    calib_template: str = typer.Option("gsm8k", "--calib-template", help=_HELP["calib_template"]),
+    damp: float = typer.Option(DecomposeConfig.damp, "--damp", help=_HELP["damp"]),
+    eval_kl: int = typer.Option(0, "--eval-kl", help=_HELP["eval_kl"]),
 ) -> None:
     """Split each target weight into principal adapter + (NF4) residual; write residual/, adapter/, reports."""
     from qpissa.decompose import decompose as run
@@ -65,7 +89,9 @@ def decompose(
                  blocksize=blocksize, double_quant=double_quant, svd=svd, oversample=oversample,
                  power_iters=power_iters, seed=seed, device=device, dtype=dtype, adapter_dtype=adapter_dtype,
                  refit=refit, loftq_baseline=loftq_baseline, spectral_norms=spectral_norms, workers=workers, resume=resume,
-                 overwrite=overwrite, progress=not quiet)
+                 overwrite=overwrite, progress=not quiet, calib_data=None if calib_data is None else str(calib_data),
+                 calib_samples=calib_samples, calib_holdout=calib_holdout, calib_seq_len=calib_seq_len,
+                 calib_template=calib_template, damp=damp, eval_kl=eval_kl)
     from qpissa.distributed import detect
 
     if not detect().is_main:  # under torchrun every rank returns the report; one table is enough

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -31,13 +31,15 @@ from qpissa.formats import (TensorInfo, adapter_config, adapter_key, copy_side_f
                             is_within, load_tensor, save_tensors, scan_checkpoint, write_index, write_safetensors)
 from qpissa.linalg import error_norms
 from qpissa.lock import LOCK_NAME, OutputLock
-from qpissa.methods import METHODS, QUANTIZED_METHODS, Method, SvdOptions, adapter_scale, initialize, loftq
+from qpissa.methods import (CALIBRATED_METHODS, DEFAULT_DAMP, METHODS, QUANTIZED_METHODS, Method, SvdOptions,
+                            adapter_scale, initialize, loftq, qpissa)
+from qpissa.whitening import Whitening, output_error
 from qpissa.quant import NF4Spec, nf4_roundtrip, quantization_config
 from qpissa.targets import Target, find_targets
 
 OUTPUTS = ("residual", "adapter", ".parts", "manifest.json", "report.json", "report.csv", "report.md",
            "error_by_layer.png")
-RUN_ONLY_FIELDS = ("resume", "overwrite", "progress", "device", "workers")  # may differ between a run and its resume
+RUN_ONLY_FIELDS = ("resume", "overwrite", "progress", "device", "workers", "eval_kl")  # may differ on --resume
 # "auto" metrics (None): LoftQ baseline and full-spectrum norms only while the targets hold at most this many
 # weights: all-MiniLM-L6-v2 (10.6M) gets them, SmolLM2-135M (106M) and larger models get Frobenius + QLoRA only
 AUTO_FULL_METRICS_MAX_WEIGHTS = 32_000_000
@@ -49,7 +51,8 @@ JOURNAL_EVERY_S = 2.0  # rewrite manifest.json at most this often (and at the en
 class DecomposeConfig:
     """Arguments of one decomposition (also what ``--resume`` must match)."""
 
-    method: Method = field(default="qpissa", metadata={"help": "lora | qlora | pissa | qpissa | loftq"})
+    method: Method = field(default="qpissa", metadata={
+        "help": "lora | qlora | pissa | qpissa | loftq | cloq | corda | milora | olora (cloq, corda need --calib-data)"})
     rank: int = field(default=16, metadata={"help": "adapter rank r"})
     alpha: float | None = field(default=None, metadata={"help": "lora_alpha (default: r, so s = 1)"})
     rslora: bool = field(default=False, metadata={"help": "scale α/√r instead of α/r"})
@@ -66,12 +69,24 @@ class DecomposeConfig:
     adapter_dtype: str = field(default="bfloat16", metadata={"help": "stored adapter dtype"})
     refit: bool = field(default=True, metadata={"help": "qpissa: final refit of A,B on the stored Q"})
     loftq_baseline: bool | None = field(default=None, metadata={
-        "help": "also measure LoftQ(T) as a baseline (default auto: when the targets hold ≤ 32M weights)"})
+        "help": "also measure LoftQ(T) (calibrated runs: and uncalibrated QPiSSA(T)) as baselines "
+                "(default auto: when the targets hold ≤ 32M weights)"})
     spectral_norms: bool | None = field(default=None, metadata={
         "help": "nuclear + spectral norms, one svdvals each (default auto: when the targets hold ≤ 32M weights)"})
     device: str = field(default="cpu", metadata={"help": DEVICE_HELP})
     workers: int | None = field(default=None, metadata={
         "help": "tensors decomposed at once (default auto: 2 on a multi-core CPU while every target ≤ 16M weights)"})
+    calib_data: str | None = field(default=None, metadata={
+        "help": "calibration data (.jsonl/.json/.parquet/.csv records or .txt lines): fit in the output-error "
+                "norm ‖(W − Ŵ)·H^½‖ (qpissa/loftq become calibrated; cloq/corda require it)"})
+    calib_samples: int = field(default=128, metadata={"help": "calibration sequences for H"})
+    calib_holdout: int = field(default=32, metadata={"help": "held-out sequences after them (output-error report, KL)"})
+    calib_seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence (truncated)"})
+    calib_template: str = field(default="gsm8k", metadata={
+        "help": "how records become text, as in train: gsm8k | alpaca | a format string, e.g. '{question}'"})
+    damp: float = field(default=DEFAULT_DAMP, metadata={"help": "H damping λ: H + λ·mean(diag H)·I"})
+    eval_kl: int = field(default=0, metadata={
+        "help": "mean token KL(original ‖ initialized) on N held-out sequences (encoders: mean-pooled cosine)"})
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -93,6 +108,12 @@ class DecomposeConfig:
             self.spec()
         except ValueError as err:
             raise UserError(f"--blocksize: {err}") from None
+        if self.method in CALIBRATED_METHODS and not self.calib_data:
+            raise UserError(f"--method {self.method} needs calibration data: pass --calib-data FILE")
+        if self.eval_kl and not self.calib_data:
+            raise UserError("--eval-kl N reads held-out calibration sequences: pass --calib-data FILE too")
+        if self.eval_kl > self.calib_holdout:
+            raise UserError(f"--eval-kl {self.eval_kl} exceeds --calib-holdout {self.calib_holdout}; raise the latter")
         resolve_device(self.device)
 
     def spec(self) -> NF4Spec:
@@ -121,6 +142,8 @@ class DecomposeConfig:
         loftq = "exact" if (r.loftq_baseline or self.method == "loftq") else "skipped"
         out = {"frobenius": "exact", "nuclear": how, "spectral": how, "qlora_baseline": "exact",
                "loftq_baseline": loftq, "svd": self.svd}
+        if self.calib_data:
+            out["output_error"] = "exact: ‖(W − Ŵ)·H^½‖_F on the held-out sequences' H"
         if auto:
             out["auto"] = (f"{', '.join(auto)} auto: targets hold {target_weights:,} weights "
                            f"{'≤' if target_weights <= AUTO_FULL_METRICS_MAX_WEIGHTS else '>'} "
@@ -174,8 +197,13 @@ def _part_name(index: int) -> str:
     return f"{index:05d}.safetensors"
 
 
-def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig) -> tuple[dict[str, torch.Tensor], dict]:
-    """Run the method and the baselines on one weight; return (part tensors, metrics)."""
+Stats = tuple[Whitening, torch.Tensor | None]  # (calibration H with its roots, held-out H) of one target
+
+
+def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
+                     stats: Stats | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Run the method and the baselines on one weight (calibrated when ``stats`` is given); return
+    (part tensors, metrics)."""
     dtype = getattr(torch, cfg.dtype)
     w = (w.T if target.transposed else w).to(device=cfg.device, dtype=dtype)  # (m, n)
     if not torch.isfinite(w).all():
@@ -186,20 +214,33 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig) -> t
     scale = adapter_scale(cfg.rank, cfg.alpha, cfg.rslora)
     adapter_dtype = getattr(torch, cfg.adapter_dtype)
     seed = cfg.seed + int(hashlib.sha256(target.module.encode()).hexdigest()[:8], 16)
+    h = None if stats is None else stats[0]
     init = initialize(cfg.method, w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, seed=seed,
-                      adapter_dtype=adapter_dtype, refit=cfg.refit)
+                      adapter_dtype=adapter_dtype, refit=cfg.refit, h=h, damp=cfg.damp)
     if init.residual is not None:  # measure what is stored: the residual in the checkpoint's dtype
         init.residual = init.residual.to(_source_dtype(target))
     error = error_norms(w - init.reconstruction().to(dtype), cfg.spectral_norms)
     # for qlora (B = 0) the method's error is the QLoRA baseline; otherwise quantize W once more here
-    qlora_error = error if cfg.method == "qlora" else error_norms(w - nf4_roundtrip(w, spec)[1], cfg.spectral_norms)
+    qlora_hat = nf4_roundtrip(w, spec)[1]  # (m, n)
+    qlora_error = error if cfg.method == "qlora" else error_norms(w - qlora_hat, cfg.spectral_norms)
     metrics = {"module": target.module, "tensor": target.weight.name, "shape": list(target.shape),
                "method": error, "qlora": qlora_error, "info": init.info}
-    if cfg.method == "loftq":
+    hats = {"method": init.reconstruction().to(dtype), "qlora": qlora_hat}  # for the output errors
+    if cfg.method == "loftq" and h is None:
         metrics["loftq"] = metrics["method"]
-    elif cfg.loftq_baseline:
+    elif cfg.loftq_baseline:  # uncalibrated LoftQ(T), also in calibrated runs
         baseline = loftq(w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype)
-        metrics["loftq"] = error_norms(w - baseline.reconstruction().to(dtype), cfg.spectral_norms)
+        hats["loftq"] = baseline.reconstruction().to(dtype)
+        metrics["loftq"] = error_norms(w - hats["loftq"], cfg.spectral_norms)
+    if stats is not None and cfg.loftq_baseline:  # uncalibrated QPiSSA(T) too
+        plain = qpissa(w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype,
+                       refit=cfg.refit)
+        hats["qpissa"] = plain.reconstruction().to(dtype)
+        metrics["qpissa"] = error_norms(w - hats["qpissa"], cfg.spectral_norms)
+    if stats is not None:  # every output error on the held-out H
+        h_eval = stats[1] if stats[1] is not None else stats[0]
+        metrics["output"] = {k: output_error(w - hat, h_eval) for k, hat in hats.items()}
+        metrics["output_split"] = "held_out" if stats[1] is not None else "calibration"
     name = target.weight.name
     if init.quantized is not None:
         tensors = init.quantized.serialized(name)
@@ -235,6 +276,14 @@ def decompose(model_dir: str | Path | None = None, out_dir: str | Path = "out", 
             lock.release()  # only if this process took it
 
 
+def _stats_source(model_dir: Path, tensors: list[TensorInfo], targets: list[Target],
+                  cfg: DecomposeConfig) -> Callable[[str], Stats] | None:
+    """module → calibration statistics, collected block by block on first use (None: uncalibrated)."""
+    from qpissa.calibration import block_stats
+
+    return block_stats(model_dir, tensors, targets, cfg) if cfg.calib_data else None
+
+
 def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig, d: distributed.Dist,
                lock: OutputLock | None = None) -> dict:
     from qpissa.report import build_report, write_report
@@ -266,10 +315,11 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         write_json(out_dir / "manifest.json", manifest)
     distributed.agree(d, None)  # manifest.json exists before any rank writes a part (a resume needs it)
     if not d.enabled:
-        metrics = _run_targets(targets, run_cfg, parts_dir, out_dir / "manifest.json", manifest, range(len(targets)))
+        metrics = _run_targets(targets, run_cfg, parts_dir, out_dir / "manifest.json", manifest, range(len(targets)),
+                               stats=_stats_source(model_dir, tensors, targets, run_cfg))
         distributed.remove_fragments(parts_dir)
     else:
-        _run_rank(targets, run_cfg, parts_dir, known, d)
+        _run_rank(targets, run_cfg, parts_dir, known, d, _stats_source(model_dir, tensors, targets, run_cfg))
         if not d.is_main:  # rank 0 assembles; the others wait for its report
             return distributed.broadcast(d, None)
         manifest["tensors"] = distributed.merge_fragments(parts_dir, d.world_size, [t.module for t in targets])
@@ -278,6 +328,11 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         metrics = [manifest["tensors"][t.module]["metrics"] for t in targets]
     _assemble(model_dir, out_dir, tensors, targets, others, cfg, task)
     report = build_report(metrics, cfg.identity(), str(model_dir), computed)
+    if cfg.eval_kl:
+        from qpissa.calibration import held_out
+        from qpissa.fidelity import model_fidelity
+
+        report["model_fidelity"] = model_fidelity(model_dir, out_dir, held_out(model_dir, cfg)[:cfg.eval_kl], cfg.device)
     write_report(report, out_dir)
     manifest["status"] = "complete"
     write_json(out_dir / "manifest.json", manifest)
@@ -285,7 +340,7 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
 
 
 def _run_rank(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, known: dict[str, dict],
-              d: distributed.Dist) -> None:
+              d: distributed.Dist, stats: Callable[[str], Stats] | None = None) -> None:
     """One rank of several: process the targets it owns, journaling to its own manifest fragment."""
     mine = distributed.owned([t.shape for t in targets], d)
     fragment = {"rank": d.rank, "world_size": d.world_size,
@@ -293,7 +348,8 @@ def _run_rank(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, know
     journal = distributed.fragment_path(parts_dir, d.rank)
     error = None
     try:
-        _run_targets(targets, cfg, parts_dir, journal, fragment, mine, label=f"[rank {d.rank}/{d.world_size}] ")
+        _run_targets(targets, cfg, parts_dir, journal, fragment, mine, label=f"[rank {d.rank}/{d.world_size}] ",
+                     stats=stats)
     except UserError as err:
         error = str(err)
     write_json(journal, fragment)  # even when nothing was new: rank 0 merges exactly these fragments
@@ -301,9 +357,10 @@ def _run_rank(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, know
 
 
 def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, journal: Path, manifest: dict,
-                 indices: Sequence[int], label: str = "") -> list[dict]:
+                 indices: Sequence[int], label: str = "", stats: Callable[[str], Stats] | None = None) -> list[dict]:
     """Process targets ``indices`` not already done (resume), journaling ``manifest`` to ``journal``
-    (throttled); with a progress bar; returns their metrics in target order.
+    (throttled); with a progress bar; returns their metrics in target order. ``stats(module)``: calibration
+    statistics, computed here in order (a block-wise walk) before the tensor is handed to a worker.
 
     With ``workers`` > 1, that many tensors are read, decomposed and written at once (one torch thread
     each): small matrices use cores better side by side than split by intra-op threads, and reading and
@@ -331,7 +388,8 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, j
                     metrics[index] = done["metrics"]
                     bar.advance(task)
                     continue
-                running.append((index, pool.submit(_process_one, target, part, cfg)))
+                module_stats = None if stats is None else stats(target.module)
+                running.append((index, pool.submit(_process_one, target, part, cfg, module_stats)))
             while running and (len(running) >= workers or index is None):
                 done_index, future = running.popleft()
                 entry = future.result()
@@ -346,10 +404,10 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, j
     return [metrics[i] for i in indices]
 
 
-def _process_one(target: Target, part: Path, cfg: DecomposeConfig) -> dict:
+def _process_one(target: Target, part: Path, cfg: DecomposeConfig, stats: Stats | None = None) -> dict:
     """Read, decompose and write one target; its manifest entry."""
     start = time.perf_counter()
-    tensors, m = decompose_tensor(target, load_tensor(target.weight), cfg)
+    tensors, m = decompose_tensor(target, load_tensor(target.weight), cfg, stats)
     save_tensors(part, tensors, durable=False)  # no fsync: the checksum in the manifest catches a torn part
     return {"part": part.name, "sha256": _sha256(part), "metrics": m, "seconds": round(time.perf_counter() - start, 4)}
 

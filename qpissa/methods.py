@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
-from qpissa.linalg import SvdMethod, low_rank_factors, seeded_draw
+from qpissa.errors import UserError
+from qpissa.linalg import SvdMethod, canonical_signs, low_rank_factors, seeded_draw
 from qpissa.quant import NF4Spec, NF4Tensor, dequantize_nf4, quantize_nf4
+from qpissa.whitening import Whitening, output_error, weighted_low_rank_factors, whiten
 
-Method = Literal["lora", "qlora", "pissa", "qpissa", "loftq"]
-METHODS: tuple[str, ...] = ("lora", "qlora", "pissa", "qpissa", "loftq")
-QUANTIZED_METHODS = frozenset({"qlora", "qpissa", "loftq"})
+Method = Literal["lora", "qlora", "pissa", "qpissa", "loftq", "cloq", "corda", "milora", "olora"]
+METHODS: tuple[str, ...] = ("lora", "qlora", "pissa", "qpissa", "loftq", "cloq", "corda", "milora", "olora")
+QUANTIZED_METHODS = frozenset({"qlora", "qpissa", "loftq", "cloq", "corda", "milora", "olora"})
+# methods that cannot run without calibration statistics H (n×n); qpissa and loftq use H when given
+CALIBRATED_METHODS = frozenset({"cloq", "corda"})
+CALIBRATION_AWARE_METHODS = frozenset({"cloq", "corda", "qpissa", "loftq"})
+DEFAULT_DAMP = 1e-2
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,23 @@ def _fit(target: torch.Tensor, rank: int, scale: float, svd: SvdOptions, dtype: 
     return a.to(dtype), b.to(dtype)
 
 
+def _fitter(svd: SvdOptions, dtype: torch.dtype, wh: Whitening | None) -> Callable:
+    """(target, rank, scale, start) → (A, B): Eckart–Young in the weight norm, or in the H norm
+    ([T·H^½]_r·H^{−½}, see :mod:`qpissa.whitening`) when calibration statistics are given."""
+    if wh is None:
+        return lambda target, rank, scale, start=None: _fit(target, rank, scale, svd, dtype, start)
+
+    def fit(target, rank, scale, start=None):
+        a, b = weighted_low_rank_factors(target, rank, scale, wh, start=start, **svd.kwargs())
+        return a.to(dtype), b.to(dtype)
+    return fit
+
+
+def _measure(wh: Whitening | None) -> Callable[[torch.Tensor], float]:
+    """The error an iteration minimizes: ‖E‖_F, or the output error ‖E·H^½‖_F with H."""
+    return _frob if wh is None else (lambda e: output_error(e, wh))
+
+
 def _delta(a: torch.Tensor, b: torch.Tensor, scale: float, like: torch.Tensor) -> torch.Tensor:
     return scale * (b.to(like.dtype) @ a.to(like.dtype))  # (m, n)
 
@@ -111,56 +134,121 @@ def pissa(w: torch.Tensor, rank: int, scale: float, *, svd: SvdOptions = SvdOpti
 
 
 def qpissa(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF4Spec = NF4Spec(),
-           svd: SvdOptions = SvdOptions(), adapter_dtype=torch.bfloat16, refit: bool = True) -> Init:
+           svd: SvdOptions = SvdOptions(), adapter_dtype=torch.bfloat16, refit: bool = True,
+           h: torch.Tensor | Whitening | None = None, damp: float = DEFAULT_DAMP) -> Init:
     """QPiSSA with T iterations (PiSSA repo): Q₀ = 0; (A,B) = SVD_r(W − deq(Q)), Q = NF4(W − s·B·A).
 
     Improvements: keep the iterate with the lowest ‖W − deq(Q) − s·B·A‖_F, then refit
     (A,B) = SVD_r(W − deq(Q)) on the stored Q; the refit is kept only if it lowers the error
     (Eckart–Young says it can only lower it in exact arithmetic; the bf16 cast decides the rest).
+
+    Calibrated (``h`` = H = Σ x·xᵀ, n×n): the same recipe in the output norm ‖E·H^½‖_F — principal
+    part [W·H^½]_r·H^{−½}, Q = NF4(W − L), L = [(W − deq Q)·H^½]_r·H^{−½} (CLoQ, Deng et al. 2025;
+    QERA, Zhang et al. 2025), best iterate and refit judged by output error; H damped by ``damp``.
     """
+    wh = None if h is None else whiten(h, damp)
+    fit, measure = _fitter(svd, adapter_dtype, wh), _measure(wh)
     deq = torch.zeros_like(w)
     best: tuple[float, torch.Tensor, torch.Tensor, NF4Tensor] | None = None
     history = []
     a = None
     for _ in range(iters):
-        a, b = _fit(w - deq, rank, scale, svd, adapter_dtype, start=a)
+        a, b = fit(w - deq, rank, scale, start=a)
         q = quantize_nf4(w - _delta(a, b, scale, w), spec)
         deq = dequantize_nf4(q).to(w.dtype)
-        err = _frob(w - deq - _delta(a, b, scale, w))
+        err = measure(w - deq - _delta(a, b, scale, w))
         history.append(err)
         if best is None or err < best[0]:
             best = (err, a, b, q)
     err, a, b, q = best
-    info = {"iters": iters, "frobenius_by_iter": history, "best_iter": history.index(err) + 1, "refit": False}
+    key = "frobenius_by_iter" if wh is None else "output_error_by_iter"
+    info = {"iters": iters, key: history, "best_iter": history.index(err) + 1, "refit": False}
+    if wh is not None:
+        info["damp"] = wh.damp
     if refit:
         deq = dequantize_nf4(q).to(w.dtype)
-        a2, b2 = _fit(w - deq, rank, scale, svd, adapter_dtype, start=a)
-        if _frob(w - deq - _delta(a2, b2, scale, w)) < err:
+        a2, b2 = fit(w - deq, rank, scale, start=a)
+        if measure(w - deq - _delta(a2, b2, scale, w)) < err:
             a, b, info["refit"] = a2, b2, True
     return Init(a, b, scale, quantized=q, info=info)
 
 
 def loftq(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF4Spec = NF4Spec(),
-          svd: SvdOptions = SvdOptions(), adapter_dtype=torch.bfloat16) -> Init:
+          svd: SvdOptions = SvdOptions(), adapter_dtype=torch.bfloat16,
+          h: torch.Tensor | Whitening | None = None, damp: float = DEFAULT_DAMP) -> Init:
     """LoftQ (Li et al. 2023), T alternating steps from A = B = 0:
     Q = NF4(W − s·B·A); (A,B) = SVD_r(W − deq(Q)). Ends on the SVD step; correct for any α and rsLoRA.
+
+    Calibrated (``h`` given): the SVD step becomes L = [(W − deq Q)·H^½]_r·H^{−½} (output-error optimal
+    for that Q, CLoQ/QERA); the history records output errors.
     """
     m, n = w.shape
+    wh = None if h is None else whiten(h, damp)
+    fit, measure = _fitter(svd, adapter_dtype, wh), _measure(wh)
     a = w.new_zeros(rank, n, dtype=adapter_dtype)  # (r, n) on w's device
     b = w.new_zeros(m, rank, dtype=adapter_dtype)  # (m, r)
     history = []
     for _ in range(iters):
         q = quantize_nf4(w - _delta(a, b, scale, w), spec)
         deq = dequantize_nf4(q).to(w.dtype)
-        a, b = _fit(w - deq, rank, scale, svd, adapter_dtype, start=a if history else None)
-        history.append(_frob(w - deq - _delta(a, b, scale, w)))
-    return Init(a, b, scale, quantized=q, info={"iters": iters, "frobenius_by_iter": history})
+        a, b = fit(w - deq, rank, scale, start=a if history else None)
+        history.append(measure(w - deq - _delta(a, b, scale, w)))
+    if wh is None:
+        return Init(a, b, scale, quantized=q, info={"iters": iters, "frobenius_by_iter": history})
+    return Init(a, b, scale, quantized=q, info={"iters": iters, "output_error_by_iter": history, "damp": wh.damp})
+
+
+def _finish(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, spec: NF4Spec, quantize: bool,
+            info: dict) -> Init:
+    """Residual W − s·B·A (with the adapters as stored): NF4 on our quantizer, or kept in w's dtype."""
+    residual = w - _delta(a, b, scale, w)  # (m, n)
+    if quantize:
+        return Init(a, b, scale, quantized=quantize_nf4(residual, spec), info=info)
+    return Init(a, b, scale, residual=residual, info=info)
+
+
+def milora(w: torch.Tensor, rank: int, scale: float, *, spec: NF4Spec = NF4Spec(), adapter_dtype=torch.bfloat16,
+           quantize: bool = True) -> Init:
+    """MiLoRA (Wang et al. 2024, "MiLoRA: Harnessing Minor Singular Components for Parameter-Efficient
+    LLM Finetuning"): W = U·S·Vᵀ (full thin SVD); the adapter takes the r *smallest* triplets,
+    A = √(S_min/s)·V_minᵀ (r×n), B = U_min·√(S_min/s) (m×r); residual W − s·B·A (the principal
+    part) → NF4. Needs the full spectrum, so always an exact SVD.
+    """
+    u, sv, vh = torch.linalg.svd(w, full_matrices=False)  # (m,k) (k,) (k,n)
+    u, vh = canonical_signs(u[:, -rank:], vh[-rank:])  # (m, r) (r, n) smallest r, descending order kept
+    root = torch.sqrt(sv[-rank:] / scale)  # (r,)
+    a = (root[:, None] * vh).to(adapter_dtype)  # (r, n)
+    b = (u * root[None, :]).to(adapter_dtype)  # (m, r)
+    return _finish(w, a, b, scale, spec, quantize, {"iters": 0})
+
+
+def olora(w: torch.Tensor, rank: int, scale: float, *, spec: NF4Spec = NF4Spec(), adapter_dtype=torch.bfloat16,
+          quantize: bool = True) -> Init:
+    """OLoRA (Büyükakyüz 2024, "OLoRA: Orthonormal Low-Rank Adaptation of LLMs"), as PEFT's
+    ``init_lora_weights="olora"``: W = Q·R (thin QR, fp32 or w's dtype if wider), A = R[:r] (r×n),
+    B = Q[:, :r] (m×r) — no √s split, exactly as PEFT — and residual W − s·B·A → NF4.
+    """
+    work = w if w.dtype == torch.float64 else w.float()
+    qm, rm = torch.linalg.qr(work)  # (m, k) (k, n)
+    a = rm[:rank].contiguous().to(adapter_dtype)  # (r, n)
+    b = qm[:, :rank].contiguous().to(adapter_dtype)  # (m, r)
+    return _finish(w, a, b, scale, spec, quantize, {"iters": 0})
 
 
 def initialize(method: Method, w: torch.Tensor, rank: int, scale: float, *, iters: int = 1,
                spec: NF4Spec = NF4Spec(), svd: SvdOptions = SvdOptions(), seed: int = 0,
-               adapter_dtype=torch.bfloat16, refit: bool = True) -> Init:
-    """Run ``method`` on one weight ``w`` (m×n, fp32 or fp64)."""
+               adapter_dtype=torch.bfloat16, refit: bool = True,
+               h: torch.Tensor | Whitening | None = None, damp: float = DEFAULT_DAMP) -> Init:
+    """Run ``method`` on one weight ``w`` (m×n, fp32 or fp64).
+
+    ``h``: calibration statistics H = Σ x·xᵀ of this layer's input (n×n), or a :class:`Whitening`
+    built once from it; required by cloq and corda, used by qpissa and loftq, ignored otherwise.
+    ``damp``: λ of H + λ·mean(diag H)·I (for a Whitening, the one it was built with); corda starts its
+    PEFT damping schedule from it.
+    """
+    if method in CALIBRATED_METHODS and h is None:
+        raise UserError(f"method {method!r} needs calibration statistics: pass --calib-data FILE "
+                        f"(or choose one of {', '.join(m for m in METHODS if m not in CALIBRATED_METHODS)})")
     if method == "lora":
         return lora(w, rank, scale, seed=seed, adapter_dtype=adapter_dtype)
     if method == "qlora":
@@ -168,7 +256,18 @@ def initialize(method: Method, w: torch.Tensor, rank: int, scale: float, *, iter
     if method == "pissa":
         return pissa(w, rank, scale, svd=svd, adapter_dtype=adapter_dtype)
     if method == "qpissa":
-        return qpissa(w, rank, scale, iters=iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype, refit=refit)
+        return qpissa(w, rank, scale, iters=iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype, refit=refit,
+                      h=h, damp=damp)
     if method == "loftq":
-        return loftq(w, rank, scale, iters=iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype)
+        return loftq(w, rank, scale, iters=iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype, h=h, damp=damp)
+    if method == "milora":
+        return milora(w, rank, scale, spec=spec, adapter_dtype=adapter_dtype)
+    if method == "olora":
+        return olora(w, rank, scale, spec=spec, adapter_dtype=adapter_dtype)
+    if method in ("cloq", "corda"):
+        from qpissa.methods_calibrated import cloq, corda  # imports this module: import here, not at the top
+
+        if method == "cloq":
+            return cloq(w, rank, scale, h, spec=spec, svd=svd, adapter_dtype=adapter_dtype, damp=damp)
+        return corda(w, rank, scale, h, spec=spec, svd=svd, adapter_dtype=adapter_dtype, damp=damp)
     raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")

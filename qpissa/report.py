@@ -3,6 +3,10 @@
 Reduction (PiSSA paper, §5): 1 − ‖W − deq(Q) − s·B·A‖ / ‖W − deq(NF4(W))‖, for the nuclear
 (headline), Frobenius and spectral norms; model totals are sums of per-module norms. The
 same ratio against LoftQ(T) says how much the method beats LoftQ's initialization.
+
+Calibrated runs (``--calib-data``) add per module the output error ‖(W − Ŵ)·H^½‖_F on the held-out
+activations (H = Σ xᵀx of the held-out split) for the method and the QLoRA, LoftQ(T) and uncalibrated
+QPiSSA(T) baselines (``output``), and ``--eval-kl`` a model-level ``model_fidelity`` (mean token KL).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from qpissa.atomic import atomic_path, write_json, write_text
 from qpissa.errors import UserError
 
 NORMS = ("nuclear", "frobenius", "spectral")
+OUTPUT_KINDS = ("method", "qlora", "loftq", "qpissa")  # output errors: the method and its baselines
 
 
 def reduction(err: float | None, baseline: float | None) -> float | None:
@@ -50,6 +55,9 @@ def _summarize(rows: list[dict]) -> dict:
     for base in ("qlora", "loftq"):
         if base in out:
             out[f"reduction_vs_{base}"] = {n: reduction(out["method"][n], out[base][n]) for n in NORMS}
+    if rows and all(r.get("output") for r in rows):  # sums of per-module output errors
+        out["output"] = {k: _total([r["output"].get(k) for r in rows]) for k in OUTPUT_KINDS}
+        out["output_reduction"] = {k: reduction(out["output"]["method"], out["output"][k]) for k in OUTPUT_KINDS[1:]}
     return out
 
 
@@ -95,6 +103,9 @@ def to_csv(report: dict) -> str:
     header = ["module", "layer_type", "layer_index", "out", "in"]
     header += [f"{w}_{n}" for w in ("method", "qlora", "loftq") for n in NORMS]
     header += [f"reduction_vs_{b}_{n}" for b in ("qlora", "loftq") for n in NORMS]
+    calibrated = any(r.get("output") for r in report["modules"])
+    if calibrated:
+        header += ["qpissa_frobenius"] + [f"output_{k}" for k in OUTPUT_KINDS]
     header.append("metrics")  # how the norms were computed (empty cells: skipped)
     writer.writerow(header)
     how = metrics_line(report)
@@ -102,6 +113,9 @@ def to_csv(report: dict) -> str:
         row = [r["module"], r["layer_type"], r["layer_index"], *r["shape"]]
         row += [_fmt(r.get(w, {}).get(n), ".6g") for w in ("method", "qlora", "loftq") for n in NORMS]
         row += [_fmt(r.get(f"reduction_vs_{b}", {}).get(n), ".6f") for b in ("qlora", "loftq") for n in NORMS]
+        if calibrated:
+            row += [_fmt((r.get("qpissa") or {}).get("frobenius"), ".6g")]
+            row += [_fmt((r.get("output") or {}).get(k), ".6g") for k in OUTPUT_KINDS]
         row.append(how)
         writer.writerow(row)
     return buf.getvalue()
@@ -141,7 +155,40 @@ def to_markdown(report: dict) -> str:
     for r in report["modules"]:
         lines.append(f"| {r['module']} | {r['shape'][0]}×{r['shape'][1]} | {r['method']['frobenius']:.4g} | "
                      f"{r['qlora']['frobenius']:.4g} | {_pct(r, 'qlora', 'frobenius')} | {_pct(r, 'loftq', 'frobenius')} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + output_markdown(report)) + "\n"
+
+
+def output_rows(report: dict) -> list[list[str]]:
+    """(scope, output error of the method, QLoRA, LoftQ(T), QPiSSA(T), reduction vs each) per scope."""
+    rows = []
+    for scope, s in [("overall", report["overall"])] + sorted(report["by_layer_type"].items()):
+        if "output" in s:
+            o, red = s["output"], s["output_reduction"]
+            rows.append([scope] + [_fmt(o.get(k), ".4g") or "—" for k in OUTPUT_KINDS]
+                        + ["—" if red.get(k) is None else f"{100 * red[k]:.1f}%" for k in OUTPUT_KINDS[1:]])
+    return rows
+
+
+OUTPUT_HEADER = ["scope", "method", "QLoRA", "LoftQ", "QPiSSA", "vs QLoRA", "vs LoftQ", "vs QPiSSA"]
+
+
+def output_markdown(report: dict) -> list[str]:
+    """The output-error section (calibrated runs) and the model-level fidelity line, if measured."""
+    rows = output_rows(report)
+    if not rows:
+        return []
+    split = next((r.get("output_split") for r in report["modules"] if r.get("output_split")), "held_out")
+    lines = ["", f"## Output error ‖(W − Ŵ)·H^½‖_F on the {split.replace('_', '-')} activations", "",
+             "Sums over modules; LoftQ and QPiSSA are the uncalibrated T-iteration baselines; reduction = 1 − "
+             "method / baseline.", "", "| " + " | ".join(OUTPUT_HEADER) + " |", "|" + "---|" * len(OUTPUT_HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    fid = report.get("model_fidelity") or {}
+    if "kl" in fid:
+        lines += ["", f"Mean token KL(original ‖ initialized) on {fid['tokens']} held-out tokens: {fid['kl']:.5g}"]
+    if "cosine" in fid:
+        lines += ["", f"Mean pooled-embedding cosine to the original on {fid['sequences']} held-out sequences: "
+                      f"{fid['cosine']:.6f}"]
+    return lines
 
 
 def error_figure(report: dict):
@@ -157,17 +204,25 @@ def error_figure(report: dict):
         for which in ("method", "qlora", "loftq"):
             if r.get(which):
                 series[which][idx] += r[which]["frobenius"]
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
+    outputs: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    for r in report["modules"]:
+        for which, value in (r.get("output") or {}).items():
+            outputs[which][r["layer_index"] if r["layer_index"] is not None else -1] += value
+    fig, axes = plt.subplots(1, 2 if outputs else 1, figsize=(13 if outputs else 7, 3.5), dpi=110, squeeze=False)
     labels = plot_labels(report["arguments"])
-    for which, values in series.items():
-        xs = sorted(values)
-        ax.plot(xs, [values[x] for x in xs], marker="o", label=labels[which])
-    ax.set_xlabel("block index")
-    ax.set_ylabel("Σ ‖W − Ŵ‖_F over the block")
-    ax.set_title(f"Reconstruction error by layer (r={report['arguments']['rank']})")
-    ax.set_ylim(bottom=0)  # from 0: a cut axis exaggerates the gaps between methods
-    ax.legend()
-    ax.grid(alpha=0.3)
+    panels = [(axes[0][0], series, "Σ ‖W − Ŵ‖_F over the block", "Reconstruction error by layer")]
+    if outputs:
+        panels.append((axes[0][1], outputs, "Σ ‖(W − Ŵ)·H^½‖_F over the block", "Held-out output error by layer"))
+    for ax, data, ylabel, title in panels:
+        for which, values in data.items():
+            xs = sorted(values)
+            ax.plot(xs, [values[x] for x in xs], marker="o", label=labels[which])
+        ax.set_xlabel("block index")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} (r={report['arguments']['rank']})")
+        ax.set_ylim(bottom=0)  # from 0: a cut axis exaggerates the gaps between methods
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
@@ -176,8 +231,9 @@ def plot_labels(arguments: dict) -> dict[str, str]:
     """Legend entries; the iterative methods name their T (LoftQ is measured with the same T)."""
     t = f" T={arguments.get('iters', 1)}"
     method = arguments["method"]
-    return {"method": method + (t if method in ("qpissa", "loftq") else ""), "qlora": "QLoRA (NF4 of W)",
-            "loftq": "LoftQ" + t}
+    calibrated = " (calibrated)" if arguments.get("calib_data") else ""
+    return {"method": method + (t if method in ("qpissa", "loftq") else "") + calibrated, "qlora": "QLoRA (NF4 of W)",
+            "loftq": "LoftQ" + t, "qpissa": "QPiSSA" + t + " (uncalibrated)"}
 
 
 def plot(report: dict, dest: Path) -> None:

@@ -1,0 +1,300 @@
+"""Calibration statistics H = Σ xᵀx per distinct linear input, collected block by block (GPTQ-style).
+
+Output error of a linear y = W·x on calibration tokens X (tokens×n) is ‖X(W − Ŵ)ᵀ‖_F² =
+‖(W − Ŵ)·H^½‖_F² with H = XᵀX (DESIGN.md §3); the calibrated methods only need H per target.
+The model is never loaded whole: a weightless skeleton is built on the meta device, only the
+tensors before the first block (embeddings, rotary buffers) are read, the N sequences' hidden
+states at block i's input are kept, and block i alone is materialized from the safetensors
+shards, hooked (H accumulated in fp64), run, and released. Its outputs — computed with the
+ORIGINAL weights — become block i+1's inputs: every method (and every baseline of the report)
+is then fitted and measured against the activations the original model produces, which is
+what fine-tuning starts from and what the KL to the original measures; propagating a
+method's quantized outputs would make the baselines' H differ from the method's.
+
+Peak memory ≈ one block (fp32) + the hidden states N·T·d·4 bytes (calibration and held-out)
++ the H's of one block (n² · 8 bytes per distinct input; Llama-3-70B's down_proj: 6.6 GB).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from qpissa.errors import UserError
+from qpissa.formats import TensorInfo, load_tensor
+from qpissa.targets import Target
+
+BLOCK = re.compile(r"^(.*?)\.(\d+)\.")  # "model.layers.3.self_attn.q_proj" → ("model.layers", "3")
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class CalibrationData:
+    """Token sequences (each (1, T) long): ``calib`` fits H, ``held_out`` measures output error and KL."""
+
+    calib: list[torch.Tensor]
+    held_out: list[torch.Tensor]
+
+
+def calibration_texts(path: str | Path, template: str, limit: int) -> list[str]:
+    """Up to ``limit`` texts: one per line of a .txt file, or records rendered with a train template
+    (prompt + response, as :func:`qpissa.data.render` builds them for training)."""
+    from qpissa.data import load_records, render
+
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise UserError(f"--calib-data {path} does not exist: pass a .txt (one text a line) or .jsonl file")
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise UserError(f"--calib-data {path} has no non-empty line")
+        return texts[:limit]
+    records = load_records(path)[:limit]
+    if "text" in records[0] and template == "gsm8k" and "question" not in records[0]:
+        return [str(r["text"]) for r in records]
+    return ["".join(render(r, template, where=f"{path} row {i}")) for i, r in enumerate(records)]
+
+
+def load_calibration(model_dir: Path, path: str | Path, samples: int, held_out: int, seq_len: int,
+                     template: str = "gsm8k") -> CalibrationData:
+    """Tokenize the first ``samples`` texts for calibration and the next ``held_out`` ones for the report."""
+    from transformers import AutoTokenizer
+
+    if samples < 1 or held_out < 0 or seq_len < 2:
+        raise UserError(f"--calib-samples ({samples}) must be ≥ 1, --calib-holdout ({held_out}) ≥ 0 and "
+                        f"--calib-seq-len ({seq_len}) ≥ 2")
+    texts = calibration_texts(path, template, samples + held_out)
+    if len(texts) < samples + held_out:
+        raise UserError(f"--calib-data {path} has {len(texts)} examples but --calib-samples {samples} + "
+                        f"--calib-holdout {held_out} = {samples + held_out} are needed; lower them or add data")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as err:  # noqa: BLE001 - any tokenizer failure is the model dir's files
+        raise UserError(f"{model_dir}: cannot load the tokenizer for calibration ({err})") from None
+    seqs = [torch.tensor(tok(t, truncation=True, max_length=seq_len)["input_ids"], dtype=torch.long)[None]
+            for t in texts]  # each (1, T)
+    return CalibrationData(seqs[:samples], seqs[samples:])
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def accumulate_gram(h: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """H += XᵀX in fp64 on x's device, X = x flattened to (tokens, n)."""
+    xs = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, n)
+    if h is None:
+        h = torch.zeros(xs.shape[1], xs.shape[1], dtype=torch.float64, device=xs.device)  # (n, n)
+    return h.addmm_(xs.T, xs)
+
+
+class _GramHooks:
+    """Forward pre-hooks on a block's target linears: one H per distinct input tensor (q/k/v share one,
+    gate/up share one), keyed by the first module (in call order) that receives it."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.group: dict[str, str] = {}  # module name → group key
+        self.gram: dict[str, torch.Tensor] = {}  # group key → H (n, n) fp64
+        self._seen: list[tuple[torch.Tensor, str]] = []  # this forward's inputs (kept alive: identity is safe)
+        self._handles = [mod.register_forward_pre_hook(self._hook(name)) for name, mod in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(_mod, inputs):
+            x = inputs[0]
+            key = next((k for t, k in self._seen if t is x), None)
+            if key is None:
+                key = self.group.get(name, name)
+                self._seen.append((x, key))
+                self.gram[key] = accumulate_gram(self.gram.get(key), x)
+            self.group.setdefault(name, key)
+        return hook
+
+    def next_sequence(self) -> None:
+        self._seen.clear()
+
+    def remove(self) -> dict[str, torch.Tensor]:
+        """Detach the hooks; {module name: H}."""
+        for h in self._handles:
+            h.remove()
+        return {name: self.gram[key] for name, key in self.group.items()}
+
+
+class _Captured(Exception):
+    pass
+
+
+class _Catcher(torch.nn.Module):
+    """Stands in for block 0: records its (hidden states, keyword arguments) and stops the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.args: tuple | None = None
+        self.kwargs: dict | None = None
+
+    def forward(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+        raise _Captured
+
+
+def _output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _find_info(name: str, by_name: dict[str, TensorInfo]) -> TensorInfo | None:
+    """The checkpoint tensor for parameter ``name``, tolerating a base-model prefix either way."""
+    if name in by_name:
+        return by_name[name]
+    hits = [i for k, i in by_name.items() if k.endswith("." + name) or name.endswith("." + k)]
+    return hits[0] if len(hits) == 1 else None
+
+
+class BlockwiseCalibrator:
+    """Walks the blocks once, in order; ``stats(module)`` returns (H, H_held_out) for a target.
+
+    Targets must be requested in block order (the decompose driver does); blocks whose targets are
+    all done (resume) are only run forward. A request for an earlier block restarts the walk.
+    """
+
+    def __init__(self, model_dir: Path, tensors: Sequence[TensorInfo], targets: Sequence[Target],
+                 data: CalibrationData, device: str = "cpu"):
+        self.model_dir, self.data, self.device = Path(model_dir), data, torch.device(device)
+        self.by_name = {t.name: t for t in tensors}
+        blocks = {BLOCK.match(t.module).group(1) if BLOCK.match(t.module) else None for t in targets}
+        if None in blocks or len(blocks) != 1:
+            odd = next((t.module for t in targets if not BLOCK.match(t.module)), sorted(map(str, blocks))[0])
+            raise UserError(f"--calib-data: calibration needs every target inside one stack of numbered blocks; "
+                            f"{odd} is not (exclude it with --targets)")
+        self.blocks_name = blocks.pop()
+        self.targets = {t.module: t for t in targets}
+        self.model = self._skeleton()
+        self.blocks: torch.nn.ModuleList = self.model.get_submodule(self.blocks_name)
+        self._restart()
+
+    # -- setup ----------------------------------------------------------------
+    def _skeleton(self) -> torch.nn.Module:
+        """Weightless model (parameters on meta, buffers real) with every tensor outside the blocks loaded."""
+        import transformers
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.model_dir)
+        with init_empty_weights(include_buffers=False):
+            model = getattr(transformers, config.architectures[0])(config)
+        model.eval()
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        skip = {id(p) for p in head.parameters()} if head is not None else set()
+        skip -= {id(p) for p in model.get_input_embeddings().parameters()}  # tied head = the embedding
+        for name, p in model.named_parameters():
+            if name.startswith(self.blocks_name + ".") or id(p) in skip:
+                continue  # blocks are streamed; an untied LM head is never reached by the calibration forward
+            self._set(model, name)
+        for name, b in model.named_buffers():
+            if not name.startswith(self.blocks_name + "."):
+                _set_tensor(model, name, b.to(self.device))
+        return model
+
+    def _set(self, root: torch.nn.Module, name: str, prefix: str = "") -> None:
+        info = _find_info(prefix + name, self.by_name)
+        if info is None:
+            raise UserError(f"{self.model_dir}: parameter {prefix + name} is not in the checkpoint; calibration "
+                            "needs a complete checkpoint")
+        _set_tensor(root, name, load_tensor(info).to(device=self.device, dtype=torch.float32))
+
+    def _restart(self) -> None:
+        """Embed every sequence and keep the hidden states (and keyword arguments) at block 0's input."""
+        first, catcher = self.blocks[0], _Catcher()
+        self.blocks[0] = catcher
+        self.states: list[list[tuple[torch.Tensor, tuple, dict]]] = [[], []]  # calib, held-out: (hidden, args, kwargs)
+        try:
+            with torch.no_grad():
+                for states, seqs in zip(self.states, (self.data.calib, self.data.held_out)):
+                    for ids in seqs:
+                        try:
+                            self.model(input_ids=ids.to(self.device), use_cache=False)
+                        except _Captured:
+                            states.append((catcher.args[0], catcher.args[1:], catcher.kwargs))
+        finally:
+            self.blocks[0] = first
+        self.next_block = 0
+        self.current: tuple[int, dict, dict] | None = None
+
+    # -- walking --------------------------------------------------------------
+    def stats(self, module: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(H from the calibration split, H from the held-out split or None) for target ``module``, fp64 (n, n)."""
+        index = int(BLOCK.match(module).group(2))
+        if self.current is not None and self.current[0] == index:
+            return self.current[1][module], self.current[2].get(module)
+        if index < self.next_block:
+            self._restart()
+        while self.next_block < index:
+            self._run_block(self.next_block, collect=False)
+        calib, held = self._run_block(index, collect=True)
+        self.current = (index, calib, held)
+        return calib[module], held.get(module)
+
+    def _run_block(self, i: int, collect: bool) -> tuple[dict, dict]:
+        """Materialize block i, run every sequence through it (hooks on its targets when ``collect``),
+        replace the kept hidden states by its outputs, release it."""
+        block = self.blocks[i]
+        prefix = f"{self.blocks_name}.{i}."
+        for name, _ in list(block.named_parameters()):
+            self._set(block, name, prefix)
+        mods = {prefix + n: m for n, m in block.named_modules() if prefix + n in self.targets}
+        grams: list[dict] = [{}, {}]
+        with torch.no_grad():
+            for split, states in enumerate(self.states):
+                hooks = _GramHooks(mods) if collect else None
+                for j, (hidden, args, kwargs) in enumerate(states):
+                    out = _output(block(hidden, *args, **kwargs))  # (1, T, d)
+                    states[j] = (out, args, kwargs)
+                    if hooks is not None:
+                        hooks.next_sequence()
+                if hooks is not None:
+                    grams[split] = hooks.remove()
+        block.to("meta")  # release the weights
+        self.next_block = i + 1
+        return grams[0], grams[1]
+
+
+def _set_tensor(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter/buffer ``name`` (dotted) under ``root`` by ``value`` (a frozen parameter stays one)."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+def _data(model_dir: Path, cfg) -> CalibrationData:
+    return load_calibration(model_dir, cfg.calib_data, cfg.calib_samples, cfg.calib_holdout, cfg.calib_seq_len,
+                            cfg.calib_template)
+
+
+def held_out(model_dir: Path, cfg) -> list[torch.Tensor]:
+    """The held-out sequences of a :class:`qpissa.decompose.DecomposeConfig`'s calibration options."""
+    return _data(model_dir, cfg).held_out
+
+
+def block_stats(model_dir: Path, tensors: Sequence[TensorInfo], targets: Sequence[Target], cfg):
+    """module → (Whitening of its calibration H, held-out H or None), computed lazily block by block; the
+    roots (one n×n eigendecomposition) are shared by the modules reading the same input (q/k/v, gate/up).
+    ``cfg``: a :class:`qpissa.decompose.DecomposeConfig` (calib_* options, damp, device)."""
+    from qpissa.whitening import whiten
+
+    data, damp, device = _data(model_dir, cfg), cfg.damp, cfg.device
+    calibrator: BlockwiseCalibrator | None = None
+    roots: dict[int, Any] = {}
+
+    def stats(module: str):
+        nonlocal calibrator
+        if calibrator is None:  # built on first use: a fully resumed run never reads the model
+            calibrator = BlockwiseCalibrator(model_dir, tensors, targets, data, device)
+        h, h_eval = calibrator.stats(module)
+        if id(h) not in roots:
+            roots.clear()  # one block's distinct inputs at a time
+            roots[id(h)] = (h, whiten(h, damp))
+        return roots[id(h)][1], h_eval
+    return stats
