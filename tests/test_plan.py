@@ -118,7 +118,7 @@ def test_nf4_and_full_precision_bytes_match_decompose_output_for_a_targets_subse
                 other += size
     assert packed > 0 and other > 0
     p = plan(shapes_from_config(load_config(minilm_dir)),
-             PlanConfig(method="qpissa", rank=4, targets="query,value", dtype="fp32", double_quant=double_quant))
+             PlanConfig(method="qpissa", rank=4, targets="query,value", dtype="fp32", double_quant=double_quant, seq_len=128))
     assert (p.get("nf4 weights"), p.get("nf4 absmax+maps"), p.get("unquantized weights")) == (packed, absmax, other)
     assert packed == 6 * 2 * 384 * 384 // 2                     # query and value of 6 blocks; the rest stays fp32
 
