@@ -13,7 +13,7 @@ CPU-only torch build usable at all (both keep the device checks, neither does ar
 * Fake tensors have no values, so ``float(t)``/``bool(t)``/``t.item()`` return 1 (the same bindings need the guard).
 
 linalg ops (svd, qr, svdvals) have meta kernels and run under FakeTensorMode as they are.
-The real-CUDA half runs whenever a GPU is present: decompose on CUDA agrees with CPU.
+The real-CUDA half is tests/test_cuda.py (runs whenever a GPU is present).
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from qpissa.quant import NF4Spec, nf4_roundtrip
 from qpissa.targets import Target
 
 aten = torch.ops.aten
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
 
 
 # ----------------------------------------------------------------------------- fake-CUDA harness
@@ -219,48 +218,6 @@ def test_device_seeded_draws_match_the_cpu_generator_stream():
     assert torch.equal(kaiming_a(4, 50, 7, torch.bfloat16, "cpu"), ref)
 
 
-# ----------------------------------------------------------------------------- real CUDA
-@CUDA
-@pytest.mark.parametrize("method", ["lora", "qlora", "pissa", "qpissa", "loftq"])
-def test_cuda_methods_match_cpu(method):
-    torch.manual_seed(0)
-    w = torch.randn(256, 128) @ torch.diag(torch.logspace(0, -2, 128))  # decaying spectrum
-    svd = SvdOptions("randomized", 8, 2, seed=1)
-    cpu = initialize(method, w, 8, 1.0, iters=2, svd=svd, seed=5)
-    gpu = initialize(method, w.cuda(), 8, 1.0, iters=2, svd=svd, seed=5)
-    assert gpu.a.is_cuda and gpu.b.is_cuda
-    err_cpu = float(torch.linalg.vector_norm(w - cpu.reconstruction()))
-    err_gpu = float(torch.linalg.vector_norm(w.cuda() - gpu.reconstruction()))
-    assert err_gpu == pytest.approx(err_cpu, rel=2e-2, abs=1e-6)
-    if method in ("lora", "qlora"):  # seeded A is device-independent
-        assert torch.equal(gpu.a.cpu(), cpu.a)
-
-
-@CUDA
-def test_cuda_decompose_matches_cpu(smollm2_dir, tmp_path):
-    """decompose on a real model on CUDA: same files, metrics within float tolerance of the CPU run."""
-    import json
-
-    from safetensors.torch import load_file
-
-    from qpissa.decompose import decompose
-
-    kw = dict(method="qpissa", rank=8, iters=2, svd="randomized", targets=[r"model\.layers\.0\.self_attn\.(q|v)_proj",
-                                                                         r"model\.layers\.0\.mlp\.down_proj"],
-              progress=False)
-    rep_cpu = decompose(smollm2_dir, tmp_path / "cpu", device="cpu", **kw)
-    rep_gpu = decompose(smollm2_dir, tmp_path / "gpu", device="cuda", **kw)
-    assert json.loads((tmp_path / "gpu" / "manifest.json").read_text())["status"] == "complete"
-    for mc, mg in zip(rep_cpu["modules"], rep_gpu["modules"]):
-        for base in ("method", "qlora", "loftq"):
-            assert mg[base]["frobenius"] == pytest.approx(mc[base]["frobenius"], rel=2e-2)
-    a_cpu = load_file(str(tmp_path / "cpu" / "adapter" / "adapter_model.safetensors"))
-    a_gpu = load_file(str(tmp_path / "gpu" / "adapter" / "adapter_model.safetensors"))
-    assert a_cpu.keys() == a_gpu.keys()
-    for k in a_cpu:
-        assert a_gpu[k].dtype == a_cpu[k].dtype and a_gpu[k].shape == a_cpu[k].shape
-
-
 def test_device_cuda_without_a_gpu_is_one_user_error():
     from qpissa.devices import resolve_device
     from qpissa.errors import UserError
@@ -272,19 +229,3 @@ def test_device_cuda_without_a_gpu_is_one_user_error():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):
             resolve_device("cuda")
-
-
-@CUDA
-def test_cuda_merge_matches_cpu(smollm2_decomposed, tmp_path):
-    """merge on CUDA (NF4 dequantized on the card) writes the same fp32 model as on CPU, up to float rounding."""
-    from safetensors.torch import load_file
-
-    from qpissa.merge import MergeConfig, merge
-
-    run = smollm2_decomposed["qpissa"]
-    merge(run["residual"], run["trained"], tmp_path / "cpu", MergeConfig(dtype="float32", device="cpu"))
-    merge(run["residual"], run["trained"], tmp_path / "gpu", MergeConfig(dtype="float32", device="cuda"))
-    cpu, gpu = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cpu", "gpu"))
-    assert cpu.keys() == gpu.keys()
-    for k in cpu:
-        torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-5, atol=1e-5)

@@ -213,18 +213,3 @@ def test_lora_and_full_baselines(smollm2_dir: Path, tiny_data: Path, tmp_path: P
     full = train(make_cfg(smollm2_dir, tiny_data, tmp_path / "full", method="full", steps=1, lr=1e-5,
                           save_every=0))
     assert full["train_loss"] is not None and (tmp_path / "full" / "model" / "model.safetensors").exists()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_training_keeps_nf4_on_gpu(decomposed: Path, tiny_data: Path, tmp_path: Path) -> None:
-    cfg = make_cfg(decomposed, tiny_data, tmp_path / "cuda", device="cuda", steps=3, save_every=0)
-    model, tok = load_model(cfg)
-    import bitsandbytes as bnb
-
-    nf4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert nf4 and all(m.weight.device.type == "cuda" and m.weight.dtype == torch.uint8 for m in nf4)
-    before = frozen_state(model)
-    from qpissa.data import load_records
-
-    summary = fit(cfg, model, tok, build_examples(load_records(tiny_data), tok, cfg.data_cfg), [])
-    assert summary["steps"] == 3 and all(torch.equal(before[k], v) for k, v in frozen_state(model).items())

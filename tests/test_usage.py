@@ -59,7 +59,7 @@ def test_train_help_lists_the_allowed_values(tmp_path: Path) -> None:
                           env={**os.environ, "COLUMNS": "300", "NO_COLOR": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = " ".join(proc.stdout.split())
-    for values in ("cosine, linear, constant", "adamw, adamw8bit, paged_adamw8bit", "cpu, cuda", "bf16, fp32"):
+    for values in ("cosine, linear, constant", "adamw, adamw8bit, paged_adamw8bit", "auto, cpu, cuda", "bf16, fp32"):
         assert f"(one of: {values})" in text, values
     bad = subprocess.run([*CLI, "train", "x", "--data", "d.jsonl", "-o", "r", "--schedule", "cos"],
                          capture_output=True, text=True, cwd=tmp_path)
