@@ -17,15 +17,10 @@ import torch
 
 def _fp32(model: torch.nn.Module) -> torch.nn.Module:
     """Compute in fp32: 4-bit layers dequantize to fp32 and the non-quantized tensors are upcast."""
-    import bitsandbytes as bnb
+    from qpissa.quant import compute_in_fp32, keep_4bit_layout_trainable
 
-    for mod in model.modules():
-        if isinstance(mod, bnb.nn.Linear4bit):
-            mod.compute_dtype = torch.float32
-            mod.support_avx512bf16_for_cpu = False
-    for p in model.parameters():
-        if not isinstance(p, bnb.nn.Params4bit) and p.is_floating_point():
-            p.data = p.data.float()
+    keep_4bit_layout_trainable(model)  # also keeps bitsandbytes' CPU eval path off its bf16 inference kernel
+    compute_in_fp32(model)
     return model.eval()
 
 

@@ -82,3 +82,38 @@ def quantization_config(spec: NF4Spec, skip_modules: list[str]) -> dict:
         "bnb_4bit_quant_storage": "uint8",
         "llm_int8_skip_modules": skip_modules,
     }
+
+
+# ----------------------------------------------------------------------------- loaded Linear4bit layers
+
+def keep_4bit_layout_trainable(model) -> None:
+    """Stop bitsandbytes' CPU eval-mode repacking of Linear4bit weights.
+
+    bitsandbytes ≥0.49 on an AVX512-BF16 CPU rewrites ``weight.data`` into a CPU-specific packed
+    layout the first time a Linear4bit runs in eval mode without grad, and from then on always calls
+    ``gemv_4bit``, which has no autograd kernel: after one evaluation, training would silently
+    backpropagate wrong gradients through the base layers and the stored NF4 bytes would change.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def compute_in_fp32(model) -> None:
+    """Make ``--precision fp32`` mean fp32 for the frozen base too.
+
+    transformers loads the non-quantized tensors of a pre-quantized NF4 checkpoint in bf16, and
+    ``Linear4bit`` casts its input to ``bnb_4bit_compute_dtype`` (bf16 in our configs): without this,
+    an "fp32" run computed the base in bf16, and its loss changed by ~1% with the CPU thread count
+    and the batch composition (measured on SmolLM2: 1.3937 vs 1.4051 for one batch at 1 vs 2 threads).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype = torch.float32
+    for p in model.parameters():
+        if not isinstance(p, bnb.nn.Params4bit) and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()

@@ -47,6 +47,7 @@ from qpissa import checkpoint as ckpt_lib
 from qpissa import distributed
 from qpissa.data import DataConfig, Example, batches, build_examples, eval_batches, load_records
 from qpissa.errors import UserError
+from qpissa.quant import compute_in_fp32, keep_4bit_layout_trainable
 from qpissa.usage import require_causal_lm
 from qpissa.sorsa import adapter_pairs, sorsa_step
 
@@ -122,39 +123,6 @@ def _check_adapter_fits(model, adapter_dir: Path) -> None:
                 raise UserError(f"{adapter_dir}: adapter tensor {key} has shape {shape} but {name} has "
                                 f"{mod.in_features} in / {mod.out_features} out features; adapter and residual "
                                 "come from different models")
-
-
-def keep_4bit_layout_trainable(model) -> None:
-    """Stop bitsandbytes' CPU eval-mode repacking of Linear4bit weights.
-
-    bitsandbytes ≥0.49 on an AVX512-BF16 CPU rewrites ``weight.data`` into a CPU-specific packed
-    layout the first time a Linear4bit runs in eval mode without grad, and from then on always calls
-    ``gemv_4bit``, which has no autograd kernel: after one evaluation, training would silently
-    backpropagate wrong gradients through the base layers and the stored NF4 bytes would change.
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-
-
-def compute_in_fp32(model) -> None:
-    """Make ``--precision fp32`` mean fp32 for the frozen base too.
-
-    transformers loads the non-quantized tensors of a pre-quantized NF4 checkpoint in bf16, and
-    ``Linear4bit`` casts its input to ``bnb_4bit_compute_dtype`` (bf16 in our configs): without this,
-    an "fp32" run computed the base in bf16, and its loss changed by ~1% with the CPU thread count
-    and the batch composition (measured on SmolLM2: 1.3937 vs 1.4051 for one batch at 1 vs 2 threads).
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.compute_dtype = torch.float32
-    for p in model.parameters():
-        if not isinstance(p, bnb.nn.Params4bit) and p.is_floating_point() and p.dtype != torch.float32:
-            p.data = p.data.float()
 
 
 def load_model(cfg: TrainConfig):

@@ -102,19 +102,15 @@ def load_fp32():
     in bf16 whatever ``dtype=`` says, and bitsandbytes' CPU path (AVX512-BF16 machines) multiplies 4-bit
     weights in bf16 in eval mode even with ``compute_dtype=float32``.
     """
-    import bitsandbytes as bnb
     import torch
     from transformers import AutoModelForCausalLM
 
+    from qpissa.quant import compute_in_fp32, keep_4bit_layout_trainable
+
     def load(model_dir, adapter=None):
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-        for mod in model.modules():
-            if isinstance(mod, bnb.nn.Linear4bit):
-                mod.compute_dtype = torch.float32
-                mod.support_avx512bf16_for_cpu = False
-        for p in model.parameters():
-            if not isinstance(p, bnb.nn.Params4bit) and p.is_floating_point():
-                p.data = p.data.float()
+        keep_4bit_layout_trainable(model)
+        compute_in_fp32(model)
         if adapter is not None:
             from peft import PeftModel
 
