@@ -219,27 +219,34 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
                       adapter_dtype=adapter_dtype, refit=cfg.refit, h=h, damp=cfg.damp)
     if init.residual is not None:  # measure what is stored: the residual in the checkpoint's dtype
         init.residual = init.residual.to(_source_dtype(target))
-    error = error_norms(w - init.reconstruction().to(dtype), cfg.spectral_norms)
-    # for qlora (B = 0) the method's error is the QLoRA baseline; otherwise quantize W once more here
-    qlora_hat = nf4_roundtrip(w, spec)[1]  # (m, n)
-    qlora_error = error if cfg.method == "qlora" else error_norms(w - qlora_hat, cfg.spectral_norms)
+    h_eval = None if stats is None else (stats[1] if stats[1] is not None else stats[0])  # held-out H if any
+    outputs: dict[str, float] = {}
+
+    def measure(which: str, hat: torch.Tensor) -> dict:
+        """Weight-error norms of one reconstruction, and its output error when calibrated (``hat`` is not kept)."""
+        if h_eval is not None:
+            outputs[which] = output_error(w - hat, h_eval)
+        return error_norms(w - hat, cfg.spectral_norms)
+
+    error = measure("method", init.reconstruction().to(dtype))
     metrics = {"module": target.module, "tensor": target.weight.name, "shape": list(target.shape),
-               "method": error, "qlora": qlora_error, "info": init.info}
-    hats = {"method": init.reconstruction().to(dtype), "qlora": qlora_hat}  # for the output errors
+               "method": error, "qlora": error, "info": init.info}
+    if cfg.method == "qlora":  # B = 0: the method's reconstruction is the QLoRA baseline's
+        if h_eval is not None:
+            outputs["qlora"] = outputs["method"]
+    else:  # quantize W once more for the baseline
+        metrics["qlora"] = measure("qlora", nf4_roundtrip(w, spec)[1])
     if cfg.method == "loftq" and h is None:
         metrics["loftq"] = metrics["method"]
     elif cfg.loftq_baseline:  # uncalibrated LoftQ(T), also in calibrated runs
         baseline = loftq(w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype)
-        hats["loftq"] = baseline.reconstruction().to(dtype)
-        metrics["loftq"] = error_norms(w - hats["loftq"], cfg.spectral_norms)
+        metrics["loftq"] = measure("loftq", baseline.reconstruction().to(dtype))
     if stats is not None and cfg.loftq_baseline:  # uncalibrated QPiSSA(T) too
         plain = qpissa(w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype,
                        refit=cfg.refit)
-        hats["qpissa"] = plain.reconstruction().to(dtype)
-        metrics["qpissa"] = error_norms(w - hats["qpissa"], cfg.spectral_norms)
+        metrics["qpissa"] = measure("qpissa", plain.reconstruction().to(dtype))
     if stats is not None:  # every output error on the held-out H
-        h_eval = stats[1] if stats[1] is not None else stats[0]
-        metrics["output"] = {k: output_error(w - hat, h_eval) for k, hat in hats.items()}
+        metrics["output"] = outputs
         metrics["output_split"] = "held_out" if stats[1] is not None else "calibration"
     name = target.weight.name
     if init.quantized is not None:
