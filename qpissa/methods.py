@@ -17,7 +17,7 @@ import torch
 from qpissa.errors import UserError
 from qpissa.linalg import SvdMethod, canonical_signs, low_rank_factors, seeded_draw
 from qpissa.quant import NF4Spec, NF4Tensor, dequantize_nf4, quantize_nf4
-from qpissa.whitening import Whitening, output_error, weighted_low_rank_factors, whiten
+from qpissa.whitening import DEFAULT_DAMP, Whitening, output_error, weighted_low_rank_factors, whiten
 
 Method = Literal["lora", "qlora", "pissa", "qpissa", "loftq", "cloq", "corda", "milora", "olora"]
 METHODS: tuple[str, ...] = ("lora", "qlora", "pissa", "qpissa", "loftq", "cloq", "corda", "milora", "olora")
@@ -25,7 +25,6 @@ QUANTIZED_METHODS = frozenset({"qlora", "qpissa", "loftq", "cloq", "corda", "mil
 # methods that cannot run without calibration statistics H (n×n); qpissa and loftq use H when given
 CALIBRATED_METHODS = frozenset({"cloq", "corda"})
 CALIBRATION_AWARE_METHODS = frozenset({"cloq", "corda", "qpissa", "loftq"})
-DEFAULT_DAMP = 1e-2
 
 
 @dataclass(frozen=True)

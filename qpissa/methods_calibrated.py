@@ -30,7 +30,7 @@ def cloq(w: torch.Tensor, rank: int, scale: float, h: torch.Tensor | Whitening, 
     return Init(a, b, scale, quantized=q, info=info)
 
 
-def corda_damping(cov: torch.Tensor, damp: float = 0.01, max_inv_error: float = 0.05) -> tuple[torch.Tensor, float]:
+def corda_damping(cov: torch.Tensor, damp: float = DEFAULT_DAMP, max_inv_error: float = 0.05) -> tuple[torch.Tensor, float]:
     """PEFT's CorDA damping: C̃ = C + λ·mean(diag C)·I, λ doubled from ``damp`` until the fp32 inverse
     satisfies ‖C̃·C̃⁻¹ − I‖_F < ``max_inv_error`` (checked in fp32 as PEFT does, so λ matches PEFT's).
     Returns (C̃ in fp64 on C's device, λ)."""
@@ -49,7 +49,7 @@ def corda_damping(cov: torch.Tensor, damp: float = 0.01, max_inv_error: float = 
 
 
 def corda(w: torch.Tensor, rank: int, scale: float, cov: torch.Tensor | Whitening, *, spec: NF4Spec = NF4Spec(),
-          svd: SvdOptions = SvdOptions(), adapter_dtype=torch.bfloat16, damp: float = 0.01,
+          svd: SvdOptions = SvdOptions(), adapter_dtype=torch.bfloat16, damp: float = DEFAULT_DAMP,
           quantize: bool = True) -> Init:
     """CorDA, instruction-previewed mode (Yang et al., NeurIPS 2024, "CorDA: Context-Oriented
     Decomposition Adaptation"), as PEFT's ``init_lora_weights="corda"`` with ``corda_method="ipm"``:

@@ -15,6 +15,8 @@ import torch
 
 from qpissa.linalg import low_rank_factors
 
+DEFAULT_DAMP = 1e-2  # λ of H + λ·mean(diag H)·I, as GPTQ and PEFT's CorDA start
+
 
 def damped(h: torch.Tensor, damp: float) -> torch.Tensor:
     """H + λ·mean(diag H)·I (n×n, same device/dtype as ``h``): makes H^{−½} exist and bounds its
@@ -55,7 +57,7 @@ class Whitening:
     damp: float
 
 
-def whiten(h: torch.Tensor | Whitening, damp: float = 1e-2) -> Whitening:
+def whiten(h: torch.Tensor | Whitening, damp: float = DEFAULT_DAMP) -> Whitening:
     """Roots of the damped H (fp64, on ``h``'s device); a :class:`Whitening` passes through unchanged."""
     if isinstance(h, Whitening):
         return h
