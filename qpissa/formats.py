@@ -98,14 +98,9 @@ def load_tensor(info: TensorInfo) -> torch.Tensor:
         raise UserError(f"{info.file}: cannot read tensor {info.name} ({err}); re-download the checkpoint") from None
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    """Raw little-endian bytes of a tensor (works for bf16, which numpy lacks)."""
-    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def tensor_buffer(t: torch.Tensor) -> memoryview:
-    """The tensor's little-endian bytes without a copy (when already contiguous on the CPU): writing a shard
-    then holds each tensor once, not twice as ``bytes`` would."""
+    """The tensor's little-endian bytes without a copy when already contiguous on the CPU (bf16 too, through a
+    uint8 view): writing a shard then holds each tensor once, not twice as ``bytes`` would."""
     return memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
 
 
