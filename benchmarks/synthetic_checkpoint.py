@@ -14,7 +14,8 @@ with U (m×k), V (n×k) orthonormal (QR of Gaussian sketches, k = 128: no SVD of
 σ_i = σ_1·i^(−0.6) decaying singular values with σ_1 = 4× the bulk's edge, E heavy-tailed noise (Gaussian
 × log-normal scale, std ≈ 0.02, kurtosis ≫ 3, like trained weights) and ≈0.5% input channels scaled 4–12×
 (the outlier features of LLM weights, Dettmers et al. 2022, "LLM.int8()"). Every tensor has its own
-generator seeded from ``seed`` and its name, so files are reproducible (given a torch build).
+generator seeded from ``seed`` and its name, so files are reproducible up to BLAS rounding (MKL's
+results can depend on memory alignment: an occasional bf16 ulp differs between runs).
 
 Usage: python benchmarks/synthetic_checkpoint.py OUT [--layers 2] [--seed 0]
 """
@@ -44,7 +45,7 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 def synthetic_linear(m: int, n: int, gen: torch.Generator) -> torch.Tensor:
     """One m×n weight (bf16): decaying low-rank spectrum + heavy-tailed bulk + outlier input channels."""
-    k = SPECTRUM_RANK
+    k = min(SPECTRUM_RANK, m, n)
     noise = torch.randn(m, n, generator=gen)  # (m, n)
     noise *= torch.exp(0.5 * torch.randn(m, n, generator=gen))  # Gaussian scale mixture: heavy tails
     noise *= NOISE_STD / math.exp(0.25)  # E[exp(0.5 z)²] = e^0.5 → std ≈ NOISE_STD
@@ -123,6 +124,54 @@ def write_synthetic_llama(out_dir: str | Path, layers: int = 2, seed: int = 0) -
     write_index(out, weight_map, total)
     write_json(out / "config.json", llama_config(layers))
     write_json(marker, stamp)
+    return out
+
+
+def write_synthetic_like(out_dir: str | Path, like_dir: str | Path, seed: int = 0) -> Path:
+    """A Llama with ``like_dir``'s config.json and tokenizer files but synthetic weights (same recipe) of its shapes.
+
+    For machines where the real weights cannot travel (a GPU box reached with a 64 MiB upload): speed and memory
+    depend on shapes only, so SmolLM2's config + tokenizer (3.5 MB) stand in for its 270 MB of weights.
+    Written into a temp folder and renamed, reused when complete.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    from qpissa.formats import DTYPE_NAMES, write_safetensors
+
+    out, like = Path(out_dir), Path(like_dir)
+    if (out / "model.safetensors").is_file():
+        return out
+    cfg = json.loads((like / "config.json").read_text())
+    hidden, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    head_dim = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim
+    linears = {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
+               "self_attn.o_proj": (hidden, q), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+               "mlp.down_proj": (hidden, inter)}
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg["vocab_size"], hidden),
+                                          "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        shapes.update({f"model.layers.{i}.{mod}.weight": shape for mod, shape in linears.items()})
+        shapes.update({f"model.layers.{i}.{norm}.weight": (hidden,)
+                       for norm in ("input_layernorm", "post_attention_layernorm")})
+    if not cfg.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (cfg["vocab_size"], hidden)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for f in like.iterdir():
+            if f.is_file() and not f.name.endswith((".safetensors", ".index.json")):
+                shutil.copy2(f, tmp / f.name)
+        entries = [(name, DTYPE_NAMES[torch.bfloat16], shape, 2 * math.prod(shape)) for name, shape in shapes.items()]
+        write_safetensors(tmp / "model.safetensors", entries, lambda name: _make(name, shapes[name], seed))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Opt-in training backend: route PEFT LoRA-on-bitsandbytes-NF4 layers through the fused Triton kernel.
+"""Opt-in training backend: route PEFT LoRA-on-bitsandbytes-NF4 layers through qpissa.kernels (Triton).
 
 ``apply_kernel_backend(model, "triton")`` replaces the ``forward`` of every PEFT
 ``lora.bnb.Linear4bit`` layer (a bitsandbytes ``Linear4bit`` base + LoRA adapter) with one call to

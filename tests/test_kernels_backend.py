@@ -44,7 +44,10 @@ def tiny_llama_dir(tmp_path_factory):
 def _peft_4bit(model_dir, dropout: float, compute=torch.float32):
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=compute)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.float32)
+    # on CPU everywhere: the interpreter (TRITON_INTERPRET=1, set above) runs CPU tensors only, and on a GPU
+    # machine transformers would otherwise put the 4-bit model on the card
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.float32,
+                                                 device_map="cpu")
     torch.manual_seed(1)  # init_lora_weights=False: random A and B so every gradient is non-zero
     cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False)
     peft_model = get_peft_model(model, cfg)

@@ -70,14 +70,15 @@ def test_nf4_matmul_tiles_wider_than_a_block(nested):
     assert _rel(nf4_matmul(dy, nf4, False, interpreter_tiles=tiles), dy @ w) < 1e-5
 
 
+@pytest.mark.parametrize("dense_min_rows", [10**9, 0], ids=["fused", "dense"])  # kernel, dequantize+matmul
 @pytest.mark.parametrize("m,n,k,r,bs,nested", SHAPES)
-def test_fused_forward_and_grads_fp32(m, n, k, r, bs, nested):
+def test_fused_forward_and_grads_fp32(m, n, k, r, bs, nested, dense_min_rows):
     nf4, w = _weight(n, k, blocksize=bs, nested=nested)
     x, a, b, bias = _inputs(m, n, k, r, torch.float32)
     s = 0.75
     leaves = [t.clone().requires_grad_() for t in (x, a, b, bias)]
     refs = [t.clone().requires_grad_() for t in (x, a, b, bias)]
-    y = fused_nf4_lora_linear(leaves[0], nf4, leaves[1], leaves[2], s, leaves[3])
+    y = fused_nf4_lora_linear(leaves[0], nf4, leaves[1], leaves[2], s, leaves[3], dense_min_rows=dense_min_rows)
     y_ref = fused_linear_reference(refs[0], w, refs[1], refs[2], s, refs[3])
     assert y.shape == (m, n) and _rel(y, y_ref) < 1e-5
     dy = torch.randn(m, n)
@@ -90,7 +91,8 @@ def test_fused_forward_and_grads_fp32(m, n, k, r, bs, nested):
     assert _rel(dx, refs[0].grad) < 1e-5 and _rel(da, refs[1].grad) < 1e-5 and _rel(db, refs[2].grad) < 1e-5
 
 
-def test_fused_separate_lora_input_and_batch_dims():
+@pytest.mark.parametrize("dense_min_rows", [10**9, 0], ids=["fused", "dense"])  # kernel, dequantize+matmul
+def test_fused_separate_lora_input_and_batch_dims(dense_min_rows):
     """x_l ≠ x (PEFT's dropout path) and 3-D inputs (batch, seq, K)."""
     nf4, w = _weight(40, 64, nested=True)
     g = torch.Generator().manual_seed(3)
@@ -98,7 +100,7 @@ def test_fused_separate_lora_input_and_batch_dims():
     xl = torch.randn(2, 3, 64, generator=g, requires_grad=True)
     a = torch.randn(4, 64, generator=g, requires_grad=True)
     b = torch.randn(40, 4, generator=g, requires_grad=True)
-    y = fused_nf4_lora_linear(x, nf4, a, b, 2.0, x_lora=xl)
+    y = fused_nf4_lora_linear(x, nf4, a, b, 2.0, x_lora=xl, dense_min_rows=dense_min_rows)
     refs = [t.detach().clone().requires_grad_() for t in (x, xl, a, b)]
     y_ref = fused_linear_reference(refs[0].reshape(6, 64), w, refs[2], refs[3], 2.0,
                                    x_lora=refs[1].reshape(6, 64)).reshape(2, 3, 40)
@@ -110,14 +112,15 @@ def test_fused_separate_lora_input_and_batch_dims():
         assert _rel(got.grad, want.grad) < 1e-5, name
 
 
+@pytest.mark.parametrize("dense_min_rows", [10**9, 0], ids=["fused", "dense"])  # kernel, dequantize+matmul
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_fused_half_precision_vs_fp32_reference(dtype):
+def test_fused_half_precision_vs_fp32_reference(dtype, dense_min_rows):
     """bf16/fp16 compute: W rounded to dtype like bitsandbytes, fp32 accumulation, one final rounding."""
     nf4, _ = _weight(48, 96, dtype=dtype, nested=True)
     w_half = nf4_dequantize_reference(nf4, dtype).float()  # what bnb multiplies by
     x, a, b, bias = _inputs(9, 48, 96, 8, dtype)
     leaves = [t.clone().requires_grad_() for t in (x, a, b)]
-    y = fused_nf4_lora_linear(leaves[0], nf4, leaves[1], leaves[2], 0.5, bias)
+    y = fused_nf4_lora_linear(leaves[0], nf4, leaves[1], leaves[2], 0.5, bias, dense_min_rows=dense_min_rows)
     assert y.dtype == dtype
     refs = [t.float().requires_grad_() for t in (x, a, b)]
     y_ref = fused_linear_reference(refs[0], w_half, refs[1], refs[2], 0.5, bias.float())
@@ -129,7 +132,8 @@ def test_fused_half_precision_vs_fp32_reference(dtype):
         assert _rel(got.grad, want.grad) < 2e-2, name
 
 
-def test_backward_saves_no_dense_weight():
+@pytest.mark.parametrize("dense_min_rows", [10**9, 0], ids=["fused", "dense"])  # kernel, dequantize+matmul
+def test_backward_saves_no_dense_weight(dense_min_rows):
     """Frozen-base pattern: autograd saves activations and adapters, never an (N, K) weight."""
     n, k = 64, 128
     nf4, _ = _weight(n, k)
@@ -141,6 +145,7 @@ def test_backward_saves_no_dense_weight():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fused_nf4_lora_linear(x.requires_grad_(), nf4, a.requires_grad_(), b.requires_grad_(), 1.0)
+        y = fused_nf4_lora_linear(x.requires_grad_(), nf4, a.requires_grad_(), b.requires_grad_(), 1.0,
+                                  dense_min_rows=dense_min_rows)
     y.sum().backward()
     assert saved and all(s.numel() < n * k for s in saved), saved
