@@ -75,9 +75,9 @@ def model_specs(args) -> dict[str, dict]:
 
 def held_out_grams(spec: dict, args) -> tuple[dict, list]:
     """{module: H of the held-out split} (original activations, block-wise) and the held-out sequences."""
-    from qpissa.calibration import BlockwiseCalibrator, load_calibration
+    from qpissa.decompose.calibration import BlockwiseCalibrator, load_calibration
     from qpissa.formats import scan_checkpoint
-    from qpissa.targets import find_targets
+    from qpissa.decompose.targets import find_targets
 
     tensors = scan_checkpoint(spec["dir"])
     targets = find_targets(spec["dir"], tensors, spec["targets"])[0]
@@ -99,8 +99,8 @@ def effective_weight(peft_model, module: str):
 
 
 def measure(spec: dict, out: Path, grams: dict, held: list) -> dict:
-    from qpissa.fidelity import fidelity, load_pair
-    from qpissa.whitening import output_error
+    from qpissa.decompose.fidelity import fidelity, load_pair
+    from qpissa.decompose.whitening import output_error
 
     import torch
 

@@ -37,9 +37,9 @@ from safetensors import safe_open
 from qpissa.atomic import write_json
 from qpissa.decompose import default_model_dir
 from qpissa.formats import scan_checkpoint
-from qpissa.methods import initialize
+from qpissa.decompose.methods import initialize
 from qpissa.quant import nf4_roundtrip
-from qpissa.targets import find_targets
+from qpissa.decompose.targets import find_targets
 
 console = Console(width=160)
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -24,7 +24,7 @@ def one(m: int, n: int) -> dict:
 
     from qpissa.decompose import DecomposeConfig, decompose_tensor
     from qpissa.formats import TensorInfo
-    from qpissa.targets import Target
+    from qpissa.decompose.targets import Target
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(m, n, generator=gen) * 0.02

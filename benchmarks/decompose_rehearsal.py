@@ -9,7 +9,7 @@
    checkpoint size).
 3. calibration of the planner (item 5): ``decompose`` on layer 0's q_proj (``--calibration-targets``) at
    (r, T) = (16, 1), (128, 1), (16, 5), in one fresh process → α, β, γ, import and per-byte costs and peak bytes
-   per weight of :mod:`qpissa.decompose_cost`; the planner's prediction of run 2 from these rates alone is
+   per weight of :mod:`qpissa.plan.decompose_cost`; the planner's prediction of run 2 from these rates alone is
    printed beside the measurement; ``--write-rates`` stores the table as ``qpissa/decompose_rates.json``
    (what ``qpissa plan`` uses). ``--only-calibration`` skips 2.
 4. extrapolation per layer to Llama-3-8B (32 layers) and Llama-3-70B (80 layers; 3.9× the weights per layer).
@@ -50,7 +50,7 @@ PROBE = textwrap.dedent('''
     torch.set_num_threads(int(os.environ.get("REHEARSAL_THREADS", torch.get_num_threads())))
     import bitsandbytes, peft, safetensors, transformers
     transformers.LlamaForCausalLM, transformers.LlamaConfig
-    import qpissa.decompose, qpissa.report, matplotlib.pyplot
+    import qpissa.decompose, qpissa.decompose.report, matplotlib.pyplot
     import_s = time.perf_counter() - t0
     c0 = time.process_time()
     base = status("VmRSS")
@@ -118,7 +118,7 @@ def child(job: str, *args: str, threads: int | None) -> dict:
 
 
 def layer_weights(config: Path) -> tuple[int, int]:
-    from qpissa.model_shapes import load_config, shapes_from_config
+    from qpissa.plan.model_shapes import load_config, shapes_from_config
 
     s = shapes_from_config(load_config(config))
     per_layer = sum(p.numel for p in s.params if p.kind == "linear" and p.count == s.layers)
@@ -145,7 +145,7 @@ def main() -> None:
     import torch
 
     from qpissa.atomic import write_json
-    from qpissa.decompose_cost import estimate_seconds, fit_rates
+    from qpissa.plan.decompose_cost import estimate_seconds, fit_rates
 
     ckpt = write_synthetic_llama(args.checkpoint, layers=2, seed=0)
     ckpt_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
@@ -194,7 +194,7 @@ def main() -> None:
             row["peft_hours"] = (res["peft"]["import_s"] + layers * scale * res["peft"]["seconds"] / 2) / 3600
         res["extrapolation"][name] = row
     if "rates" not in res:  # --skip-calibration: check the packaged table instead
-        from qpissa.decompose_cost import load_rates
+        from qpissa.plan.decompose_cost import load_rates
 
         res["rates"] = load_rates()
     if "rates" in res:

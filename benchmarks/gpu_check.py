@@ -11,7 +11,7 @@ global time budget; results are rewritten atomically after every stage):
               beside HF Trainer + PEFT QLoRA on the same packed GSM8K batches (``train_throughput.py``'s
               workers): tokens/s and peak memory, ratios to HF.
 4. kernels    ``benchmarks/kernels.py`` (dequant GB/s as a fraction of the card's bandwidth, fused linear).
-5. plan       ``qpissa.plan`` predicted vs measured peak CUDA memory of PEFT QLoRA training, 3 configs.
+5. plan       ``qpissa.plan.memory`` predicted vs measured peak CUDA memory of PEFT QLoRA training, 3 configs.
 
 Usage:  python benchmarks/gpu_check.py                 → benchmarks/results/gpu_check.json + a table
         python benchmarks/gpu_check.py --dry-run       → the same plumbing on CPU at tiny sizes
@@ -400,8 +400,8 @@ def plan_specs(c: Check) -> list[dict]:
 def stage_plan(c: Check) -> dict:
     from dataclasses import replace
 
-    from qpissa.model_shapes import load_config, shapes_from_config
-    from qpissa.plan import plan
+    from qpissa.plan.model_shapes import load_config, shapes_from_config
+    from qpissa.plan.memory import plan
 
     pm = sibling("plan_memory")
     rows, errors = [], []

@@ -89,7 +89,7 @@ def bench_dequant(shapes, dev, warmup, reps, bw):
     import bitsandbytes.functional as F
 
     from qpissa.kernels.nf4_dequant import nf4_dequantize
-    from qpissa.kernels.reference import NF4Weight
+    from qpissa.quant import NF4Weight
 
     rows = []
     for n, k in shapes:
@@ -128,7 +128,7 @@ def _lora_layer(k, n, rank, dev):
 
 
 def bench_linear(shapes, tokens, rank, dev, warmup, reps):
-    from qpissa.kernel_backend import apply_kernel_backend
+    from qpissa.train.kernel_backend import apply_kernel_backend
 
     cuda = dev.type == "cuda"
     rows = []
@@ -166,7 +166,7 @@ def bench_train(dev, dry: bool, warmup, reps, rank):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-    from qpissa.kernel_backend import apply_kernel_backend
+    from qpissa.train.kernel_backend import apply_kernel_backend
 
     if dry:
         cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,

@@ -232,8 +232,8 @@ def train_configs(quick: bool) -> list[dict]:
 
 
 def predict(spec: dict):
-    from qpissa.model_shapes import load_config, shapes_from_config
-    from qpissa.plan import PlanConfig, plan
+    from qpissa.plan.model_shapes import load_config, shapes_from_config
+    from qpissa.plan.memory import PlanConfig, plan
     shapes = shapes_from_config(load_config(spec["model"]))
     cfg = PlanConfig(method="qlora" if spec["quantized"] else "lora", rank=spec["rank"], targets="all",
                      batch_size=spec["batch_size"], seq_len=spec["seq_len"], optim="adamw",
@@ -258,8 +258,8 @@ def main() -> None:
 
     from rich.console import Console
     from rich.table import Table
-    from qpissa.model_shapes import load_config, shapes_from_config
-    from qpissa.plan import PlanConfig, decompose_estimate, largest_batch, plan, parse_size
+    from qpissa.plan.model_shapes import load_config, shapes_from_config
+    from qpissa.plan.memory import PlanConfig, decompose_estimate, largest_batch, plan, parse_size
 
     console = Console(width=150)
     results: dict = {"device": "cpu", "cores": os.cpu_count(), "method": __doc__.split("Run:")[0].strip(),

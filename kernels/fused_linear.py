@@ -39,7 +39,7 @@ import torch
 
 from .nf4_dequant import (interpreting, log2_blocksize, nested_args, nf4_dequantize, triton,
                           triton_unavailable_reason)
-from .reference import NF4Weight
+from qpissa.quant import NF4Weight
 
 if triton is not None:
     import triton.language as tl

@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from .reference import NF4Weight
+from qpissa.quant import NF4Weight
 
 try:  # Triton is an optional (test/GPU) dependency
     import triton

@@ -32,7 +32,7 @@ ALPACA_PROMPT = ALPACA_HEADER + "### Instruction:\n{instruction}\n\n### Response
 ALPACA_PROMPT_WITH_INPUT = (ALPACA_HEADER.replace("a task.", "a task, paired with an input that provides further "
                                                   "context.") + "### Instruction:\n{instruction}\n\n### Input:\n"
                             "{input}\n\n### Response:")
-GSM8K_PROMPT = ALPACA_HEADER + "### Instruction:\n{question}\n\n### Response:"  # = qpissa.evaluate.ALPACA
+GSM8K_PROMPT = ALPACA_HEADER + "### Instruction:\n{question}\n\n### Response:"  # = qpissa.use.evaluate.ALPACA
 
 TemplateName = Literal["gsm8k", "alpaca"]
 

@@ -1,4 +1,4 @@
-"""Reading HF checkpoints tensor by tensor, and writing safetensors shards and PEFT adapter dirs.
+"""Reading HF checkpoints tensor by tensor, and writing safetensors shards (adapter dirs: :mod:`qpissa.adapters`).
 
 The safetensors writer streams: it writes the header from shapes alone, then each tensor's
 bytes one at a time, so assembling a shard never holds more than one tensor in memory.
@@ -8,6 +8,7 @@ then the concatenated little-endian tensor bytes (https://github.com/huggingface
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ DTYPE_NAMES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -186,34 +188,20 @@ def referenced_folders(src: Path) -> list[Path]:
     return found
 
 
-def adapter_key(module: str, which: str) -> str:
-    """PEFT's saved key for a LoRA factor: base_model.model.<module>.lora_A.weight."""
-    return f"base_model.model.{module}.{which}.weight"
+def byte_size(shape: Iterable[int], dtype: str | torch.dtype) -> int:
+    """Bytes of a tensor of ``shape`` and ``dtype`` (a safetensors name such as "BF16", or a torch dtype)."""
+    return math.prod(shape) * ITEMSIZE[dtype if isinstance(dtype, str) else DTYPE_NAMES[dtype]]
 
 
-def adapter_config(*, base_model: str, rank: int, alpha: float, rslora: bool, target_modules: list[str],
-                   fan_in_fan_out: bool, task_type: str | None) -> dict:
-    """adapter_config.json that plain PEFT loads. ``init_lora_weights`` must be true: "pissa" here
-    would make PEFT re-run PiSSA at load time and fail on a 4-bit base."""
-    import peft
-
-    return {
-        "peft_type": "LORA",
-        "base_model_name_or_path": base_model,
-        "task_type": task_type,
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": 0.0,
-        "use_rslora": rslora,
-        "target_modules": sorted(target_modules),
-        "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none",
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "revision": None,
-        "peft_version": peft.__version__,
-    }
+def weight_key(module: str, names: Iterable[str]) -> str | None:
+    """The checkpoint key of ``module.weight`` among ``names``, tolerating a base-model prefix on either side
+    (e.g. BERT's ``bert.``); None unless exactly one matches."""
+    key = f"{module}.weight"
+    names = names if isinstance(names, (dict, set, frozenset)) else set(names)
+    if key in names:
+        return key
+    hits = [n for n in names if n.endswith("." + key) or key.endswith("." + n)]
+    return hits[0] if len(hits) == 1 else None
 
 
 def is_within(child: Path, parent: Path) -> bool:

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
+BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # NF4 block sizes we write (the one declaration)
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class NF4Spec:
     compute_dtype: ComputeDtype = field(default="bfloat16", metadata={"help": "bnb_4bit_compute_dtype at load time"})
 
     def __post_init__(self) -> None:
-        if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+        if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"blocksize {self.blocksize} unsupported: use 64, 128, 256, …, 4096")
 
 
@@ -45,6 +46,50 @@ class NF4Tensor:
         for key, value in self.state.as_dict(packed=True).items():
             out[f"{prefix}.{key}"] = value.cpu()
         return out
+
+
+@dataclass(frozen=True)
+class NF4Weight:
+    """A frozen NF4 weight in bitsandbytes' exact storage (no copies of the packed bytes).
+
+    Fields mirror ``bitsandbytes.functional.QuantState``; ``absmax`` is fp32, or uint8 when
+    ``nested`` (then ``absmax2``/``code2``/``blocksize2``/``offset`` hold the second level).
+    """
+
+    packed: torch.Tensor  # (ceil(numel/2),) uint8, two 4-bit codes per byte, high nibble first
+    absmax: torch.Tensor  # (ceil(numel/blocksize),) fp32, or uint8 codes when nested
+    code: torch.Tensor  # (16,) fp32 NF4 levels
+    blocksize: int
+    shape: tuple[int, int]  # (out_features, in_features) = (N, K)
+    dtype: torch.dtype  # the dtype bitsandbytes dequantizes to
+    nested: bool = False
+    absmax2: torch.Tensor | None = None  # (ceil(n_blocks/blocksize2),) fp32
+    code2: torch.Tensor | None = None  # (256,) fp32 dynamic-map code
+    blocksize2: int = 256
+    offset: float = 0.0
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @classmethod
+    def from_quant_state(cls, packed: torch.Tensor, qs) -> "NF4Weight":
+        """Wrap bitsandbytes' ``(packed, QuantState)`` pair (e.g. ``Params4bit.data, .quant_state``)."""
+        if qs.quant_type != "nf4":
+            raise ValueError(f"only NF4 is supported, got quant_type={qs.quant_type!r}")
+        if getattr(qs, "packing_format_for_cpu", False):
+            raise ValueError("weight was repacked by bitsandbytes' CPU inference path; its layout is not NF4-packed")
+        flat = packed.reshape(-1)
+        if flat.dtype != torch.uint8:
+            flat = flat.view(torch.uint8)
+        shape = tuple(int(d) for d in qs.shape)
+        if len(shape) != 2:
+            raise ValueError(f"expected a 2-D weight, got shape {shape}")
+        if qs.nested:
+            s2 = qs.state2
+            return cls(flat, qs.absmax, qs.code.float(), int(qs.blocksize), shape, qs.dtype, True,
+                       s2.absmax.float(), s2.code.float(), int(s2.blocksize), float(qs.offset))
+        return cls(flat, qs.absmax.float(), qs.code.float(), int(qs.blocksize), shape, qs.dtype)
 
 
 def quantize_nf4(w: torch.Tensor, spec: NF4Spec = NF4Spec()) -> NF4Tensor:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from qpissa.answers import answers_match, extract_answer, gold_answer, normalize_number
+from qpissa.use.answers import answers_match, extract_answer, gold_answer, normalize_number
 
 
 @pytest.mark.parametrize("text, want", [

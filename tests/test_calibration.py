@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qpissa.calibration import BlockwiseCalibrator, accumulate_gram, load_calibration
+from qpissa.decompose.calibration import BlockwiseCalibrator, accumulate_gram, load_calibration
 from qpissa.errors import UserError
 from qpissa.formats import scan_checkpoint
-from qpissa.targets import find_targets
+from qpissa.decompose.targets import find_targets
 
 QPISSA = str(Path(sys.executable).with_name("qpissa"))
 SMOL_TARGETS = [r"model\.layers\.[01]\.(self_attn\.(q|v|o)_proj|mlp\.down_proj)"]  # 8 modules, 2 blocks
@@ -81,7 +81,7 @@ def test_gram_stays_on_the_input_device():
 
 
 def test_token_kl_matches_torch():
-    from qpissa.fidelity import token_kl
+    from qpissa.decompose.fidelity import token_kl
 
     gen = torch.Generator().manual_seed(0)
     p, q = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
@@ -113,7 +113,7 @@ def test_done_when_calibrated_qpissa_kl_below_plain_below_qlora(smollm2_dir, gsm
     """`qpissa decompose SMOLLM2 --method qpissa --iters 5 --calib-data train.jsonl` starts closer to the original
     (mean token KL on held-out GSM8K, plain transformers + peft) than plain QPiSSA(5), which beats QLoRA;
     the report carries held-out output errors for the method and the QLoRA/LoftQ/QPiSSA baselines."""
-    from qpissa.fidelity import model_fidelity
+    from qpissa.decompose.fidelity import model_fidelity
 
     data = gsm8k_dir / "train.jsonl"
     common = [str(smollm2_dir), "--rank", "8", "--svd", "randomized", "--quiet", "--device", "cpu",

@@ -20,7 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qpissa.convert import ConvertConfig, convert_pissa_to_lora, converted_config, module_scale
+from qpissa.adapters import module_scale
+from qpissa.use.convert import ConvertConfig, convert_pissa_to_lora, converted_config
 from qpissa.errors import UserError
 
 METHODS = ["pissa", "qpissa"]

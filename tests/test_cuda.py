@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)", allow_module_level=True)
 
 from qpissa.data import build_examples  # noqa: E402
-from qpissa.methods import SvdOptions, initialize  # noqa: E402
+from qpissa.decompose.methods import SvdOptions, initialize  # noqa: E402
 from qpissa.train import fit, load_model  # noqa: E402
 from test_train import decomposed, frozen_state, make_cfg  # noqa: E402,F401  (decomposed: a fixture)
 
@@ -60,7 +60,7 @@ def test_cuda_merge_matches_cpu(smollm2_decomposed, tmp_path):
     """merge on CUDA (NF4 dequantized on the card) writes the same fp32 model as on CPU, up to float rounding."""
     from safetensors.torch import load_file
 
-    from qpissa.merge import MergeConfig, merge
+    from qpissa.use.merge import MergeConfig, merge
 
     run = smollm2_decomposed["qpissa"]
     merge(run["residual"], run["trained"], tmp_path / "cpu", MergeConfig(dtype="float32", device="cpu"))

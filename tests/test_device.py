@@ -26,10 +26,10 @@ from torch.overrides import TorchFunctionMode
 
 from qpissa.decompose import DecomposeConfig, decompose_tensor
 from qpissa.formats import TensorInfo
-from qpissa.linalg import error_norms, exact_svd, low_rank_factors, randomized_svd
-from qpissa.methods import SvdOptions, initialize, loftq
+from qpissa.decompose.linalg import error_norms, exact_svd, low_rank_factors, randomized_svd
+from qpissa.decompose.methods import SvdOptions, initialize, loftq
 from qpissa.quant import NF4Spec, nf4_roundtrip
-from qpissa.targets import Target
+from qpissa.decompose.targets import Target
 
 aten = torch.ops.aten
 
@@ -210,7 +210,7 @@ def test_device_decompose_tensor_with_baselines_on_fake_cuda(fake_cuda, method, 
 # ----------------------------------------------------------------------------- CPU reproducibility of the seeded draws
 def test_device_seeded_draws_match_the_cpu_generator_stream():
     """A (LoRA) and Ω (randomized SVD) come from a CPU generator whatever the device: today's bytes."""
-    from qpissa.methods import kaiming_a
+    from qpissa.decompose.methods import kaiming_a
 
     gen = torch.Generator().manual_seed(7)
     ref = ((torch.rand(4, 50, generator=gen) * 2 - 1) * (1 / math.sqrt(50))).to(torch.bfloat16)

@@ -25,7 +25,7 @@ from qpissa import distributed
 from qpissa.decompose import decompose
 from qpissa.errors import UserError
 from qpissa.formats import scan_checkpoint
-from qpissa.targets import find_targets
+from qpissa.decompose.targets import find_targets
 
 ARGS = dict(method="qpissa", rank=8, iters=1, targets=["query", "value"], loftq_baseline=False)
 CLI_ARGS = ["--method", "qpissa", "--rank", "8", "--iters", "1", "--targets", "query", "--targets", "value",

@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from qpissa import evaluate as ev
-from qpissa.answers import answers_match, extract_answer
+from qpissa.use import evaluate as ev
+from qpissa.use.answers import answers_match, extract_answer
 from qpissa.errors import UserError
 
 SENTENCE = ("The quick brown fox jumps over the lazy dog. It was a sunny day and the children were playing "

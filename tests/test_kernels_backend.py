@@ -20,7 +20,7 @@ pytest.importorskip("bitsandbytes")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from qpissa.kernel_backend import apply_kernel_backend  # noqa: E402
+from qpissa.train.kernel_backend import apply_kernel_backend  # noqa: E402
 from qpissa.kernels.nf4_dequant import interpreting  # noqa: E402
 
 if not interpreting() and not torch.cuda.is_available():
@@ -111,7 +111,7 @@ import json, logging, torch
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from peft import LoraConfig, get_peft_model
-from qpissa.kernel_backend import apply_kernel_backend
+from qpissa.train.kernel_backend import apply_kernel_backend
 q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
 m = get_peft_model(AutoModelForCausalLM.from_pretrained({str(tiny_llama_dir)!r}, quantization_config=q),
                    LoraConfig(r=2, target_modules="all-linear"))

@@ -13,7 +13,8 @@ pytest.importorskip("triton", reason="triton not installed: pip install triton (
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 from qpissa.kernels.nf4_dequant import interpreting, nf4_dequantize  # noqa: E402
-from qpissa.kernels.reference import NF4Weight, nf4_dequantize_reference  # noqa: E402
+from qpissa.kernels.reference import nf4_dequantize_reference  # noqa: E402
+from qpissa.quant import NF4Weight  # noqa: E402
 
 if not interpreting() and not torch.cuda.is_available():
     pytest.skip("qpissa.kernels was imported before TRITON_INTERPRET=1 was set and there is no GPU",

@@ -15,7 +15,8 @@ bnbf = pytest.importorskip("bitsandbytes.functional")
 from qpissa.kernels.fused_linear import fused_nf4_lora_linear, nf4_matmul  # noqa: E402
 from qpissa.kernels.nf4_dequant import interpreting  # noqa: E402
 from qpissa.kernels.reference import (  # noqa: E402
-    NF4Weight, fused_linear_backward_reference, fused_linear_reference, nf4_dequantize_reference)
+    fused_linear_backward_reference, fused_linear_reference, nf4_dequantize_reference)
+from qpissa.quant import NF4Weight  # noqa: E402
 
 if not interpreting() and not torch.cuda.is_available():
     pytest.skip("qpissa.kernels was imported before TRITON_INTERPRET=1 was set and there is no GPU",

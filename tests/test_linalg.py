@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qpissa.linalg import error_norms, exact_svd, low_rank_factors, randomized_svd
+from qpissa.decompose.linalg import error_norms, exact_svd, low_rank_factors, randomized_svd
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qpissa.errors import UserError
-from qpissa.merge import MergeConfig, merge
+from qpissa.use.merge import MergeConfig, merge
 
 METHODS = ["pissa", "qpissa"]
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qpissa.linalg import error_norms
-from qpissa.methods import adapter_scale, initialize, loftq, pissa, qlora, qpissa
+from qpissa.decompose.linalg import error_norms
+from qpissa.decompose.methods import adapter_scale, initialize, loftq, pissa, qlora, qpissa
 from qpissa.quant import nf4_roundtrip
 
 
@@ -107,7 +107,7 @@ def test_error_norm_fields_are_consistent(w):
 def test_randomized_warm_started_iterations_match_exact_svd(w):
     """Iterations 2..T and the refit warm-start the randomized SVD from the previous A (one power
     iteration); the result must stay within 0.5% of the exact-SVD error."""
-    from qpissa.methods import SvdOptions
+    from qpissa.decompose.methods import SvdOptions
 
     for method in ("qpissa", "loftq"):
         exact = frob(w - initialize(method, w, 16, 1.0, iters=4).reconstruction())

@@ -8,11 +8,11 @@ import torch
 from safetensors import safe_open
 
 from qpissa.errors import UserError
-from qpissa.methods import (CALIBRATED_METHODS, METHODS, QUANTIZED_METHODS, initialize, loftq, milora, olora,
+from qpissa.decompose.methods import (CALIBRATED_METHODS, METHODS, QUANTIZED_METHODS, initialize, loftq, milora, olora,
                             qlora, qpissa)
-from qpissa.methods_calibrated import cloq, corda
+from qpissa.decompose.methods_calibrated import cloq, corda
 from qpissa.quant import nf4_roundtrip, quantize_nf4
-from qpissa.whitening import (Whitening, damped, output_error, sqrt_and_inv_sqrt, weighted_low_rank_factors,
+from qpissa.decompose.whitening import (Whitening, damped, output_error, sqrt_and_inv_sqrt, weighted_low_rank_factors,
                               whiten)
 
 MODULE = "encoder.layer.1.attention.output.dense"  # (384, 384); its input is the attention context

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from qpissa.errors import UserError
-from qpissa.model_shapes import load_config, shapes_from_config
-from qpissa.plan import (PlanConfig, adapter_params, bert_layer_bytes, decompose_estimate, largest_batch,
+from qpissa.plan.model_shapes import load_config, shapes_from_config
+from qpissa.plan.memory import (PlanConfig, adapter_params, bert_layer_bytes, decompose_estimate, largest_batch,
                          largest_rank, llama_layer_bytes, nf4_bytes, parse_size, plan,
                          select_targets)
 
@@ -237,7 +237,7 @@ def test_decompose_estimate_uses_the_driver_cost_model():
 
 
 def test_fit_rates_recovers_the_cost_model():
-    from qpissa.decompose_cost import fit_rates, per_weight_seconds
+    from qpissa.plan.decompose_cost import fit_rates, per_weight_seconds
     truth = {"oversample": 16, "s_per_weight": {"base": 3e-8, "per_k": 2e-10, "per_extra_iter": 7e-9}}
     runs = [{"rank": r, "iters": t, "weights": w, "seconds": 9.0 + w * per_weight_seconds(truth, r, t)}
             for r, t, w in ((16, 1, 10**8), (128, 1, 10**8), (16, 5, 10**8), (16, 1, 2 * 10**7))]
@@ -246,7 +246,7 @@ def test_fit_rates_recovers_the_cost_model():
 
 
 def test_packaged_rates_come_from_timing_the_driver():
-    from qpissa.decompose_cost import load_rates
+    from qpissa.plan.decompose_cost import load_rates
     rates = load_rates()
     assert "qpissa.decompose" in rates["source"]
     assert [(r["rank"], r["iters"]) for r in rates["calibration"]] == [(16, 1), (128, 1), (16, 5), (16, 1)]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qpissa.linalg import error_norms
+from qpissa.decompose.linalg import error_norms
 from qpissa.quant import NF4Spec, dequantize_nf4, nf4_roundtrip, quantize_nf4
 
 # The 16 NF4 levels (Dettmers et al. 2023, Appendix E), written out independently of bitsandbytes.

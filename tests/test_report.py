@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from qpissa.report import build_report, layer_index, layer_type, to_csv, to_markdown, write_report
+from qpissa.decompose.report import build_report, layer_index, layer_type, to_csv, to_markdown, write_report
 
 
 def metric(module: str, method: float, qlora: float, loftq: float, spectrum: bool = True) -> dict:
@@ -54,7 +54,7 @@ def test_frobenius_only_reports_leave_other_norms_empty(tmp_path):
 def test_error_plot_starts_at_zero_and_names_t():
     import matplotlib.pyplot as plt
 
-    from qpissa.report import error_figure
+    from qpissa.decompose.report import error_figure
 
     rows = [metric(f"layers.{i}.q", 14.0 + i, 16.0 + i, 15.0 + i) for i in range(3)]
     fig = error_figure(build_report(rows, {"method": "qpissa", "rank": 2, "iters": 5}, "m"))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from qpissa.sorsa import adapter_pairs, orthonormal_penalty, sorsa_regularizer, sorsa_step
+from qpissa.train.sorsa import adapter_pairs, orthonormal_penalty, sorsa_regularizer, sorsa_step
 
 
 def reference_penalty(a: np.ndarray, b: np.ndarray) -> float:

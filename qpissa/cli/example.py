@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from qpissa.cli import app
+from qpissa.cli.app import app
 
 
 @app.command("example")

@@ -1,31 +1,23 @@
-"""Thin command line on top of the library: ``qpissa decompose | report | train | convert | merge | eval | plan | example``.
+"""Entry point: register every command on :data:`qpissa.cli.app.app` and run it.
 
-Each command parses options, calls one library function and prints a rich table.
 User errors (:class:`qpissa.errors.UserError`) become one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import sys
 
-import typer
-
+# each module registers its commands; this order is the order of `qpissa --help`
+from qpissa.cli import decompose  # noqa: F401,I001
+from qpissa.cli import train  # noqa: F401
+from qpissa.cli import use  # noqa: F401
+from qpissa.cli import plan  # noqa: F401
+from qpissa.cli import example  # noqa: F401
+from qpissa.cli.app import app
 from qpissa.errors import UserError
-
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="QPiSSA: principal singular components as adapters, NF4 residuals.")
-
-# Commands register themselves from their own modules (one concept per module).
-# --- command modules (keep this list in sync) ---
-from qpissa import cli_decompose  # noqa: E402,F401
-from qpissa import cli_train  # noqa: E402,F401
-from qpissa import cli_use  # noqa: E402,F401
-from qpissa import cli_plan  # noqa: E402,F401
-from qpissa import cli_example  # noqa: E402,F401
-# --- end command modules ---
 
 
 def main() -> None:
-    """Entry point: run the app, turning user errors into one clear line."""
+    """Run the app, turning user errors into one clear line."""
     try:
         app()
     except UserError as err:

@@ -1,58 +1,34 @@
-"""CLI command ``plan``: memory of a fine-tuning setup from config.json alone (see :mod:`qpissa.plan`)."""
+"""CLI command ``plan``: memory of a fine-tuning setup from config.json alone (see :mod:`qpissa.plan.memory`)."""
 from __future__ import annotations
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from qpissa.cli import app
-from qpissa.errors import UserError
-from qpissa.model_shapes import load_config, shapes_from_config
-from qpissa.plan import (GiB, PlanConfig, decompose_estimate, largest_batch, largest_rank, parse_size, plan)
+from qpissa.cli.app import app
+from qpissa.cli.options import Options, with_options
+from qpissa.plan.model_shapes import load_config, shapes_from_config
+from qpissa.plan.memory import (GiB, PlanConfig, decompose_estimate, largest_batch, largest_rank, parse_size, plan)
 
-_H = {k: v.metadata["help"] for k, v in PlanConfig.__dataclass_fields__.items()}
-
-
-def _choice(value: str, allowed: tuple[str, ...], opt: str) -> str:
-    if value not in allowed:
-        raise UserError(f"{opt} {value!r}: choose one of {', '.join(allowed)}")
-    return value
 
 
 @app.command("plan")
+@with_options(setup=Options(PlanConfig, exclude=("gpu_memory", "overhead", "device"), list_choices=False))
 def plan_cmd(
     config: str = typer.Argument(..., help="config.json or a model folder holding one (no weights read)"),
-    method: str = typer.Option("qpissa", help=_H["method"]),
-    rank: int = typer.Option(128, help=_H["rank"]),
     alpha: float = typer.Option(None, help="lora_alpha (does not change memory; recorded in --json)"),
-    targets: str = typer.Option("all", help=_H["targets"]),
-    batch_size: int = typer.Option(1, help=_H["batch_size"]),
-    seq_len: int = typer.Option(2048, help=_H["seq_len"]),
-    optim: str = typer.Option("adamw", help=_H["optim"]),
-    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing/--no-grad-checkpointing",
-                                            help=_H["grad_checkpointing"]),
-    gpu_memory: str = typer.Option("80GB", help="device memory: 80GB (10^9), 79.6GiB (2^30), 24000MB"),
-    blocksize: int = typer.Option(64, help=_H["blocksize"]),
-    double_quant: bool = typer.Option(False, "--double-quant/--no-double-quant", help=_H["double_quant"]),
-    dtype: str = typer.Option("bf16", help=_H["dtype"]),
-    adapter_dtype: str = typer.Option("fp32", help=_H["adapter_dtype"]),
-    device: str = typer.Option("cuda", help="cuda or cpu (cpu: no context overhead, CPU dropout/SDPA)"),
+    gpu_memory: str = typer.Option(f"{PlanConfig.gpu_memory // 10**9}GB",
+                                   help="device memory: 80GB (10^9), 79.6GiB (2^30), 24000MB"),
+    device: str = typer.Option(PlanConfig.device, help="cuda or cpu (cpu: no context overhead, CPU dropout/SDPA)"),
     overhead: str = typer.Option(None, help="context + workspace (default 1GiB on cuda, 0 on cpu)"),
     decompose: bool = typer.Option(True, "--decompose/--no-decompose", help="also estimate the decompose stage"),
     json_out: str = typer.Option(None, "--json", help="write the plan as JSON here"),
+    setup: dict = None,  # type: ignore[assignment]  (PlanConfig's fields, see with_options)
 ) -> None:
     """Predict training memory (weights, adapters, optimizer, activations) and whether it fits."""
-    cfg = PlanConfig(
-        method=_choice(method, ("qpissa", "qlora", "loftq", "pissa", "lora", "full"), "--method"),
-        rank=rank, targets=targets, batch_size=batch_size, seq_len=seq_len,
-        optim=_choice(optim, ("adamw", "adamw8bit", "paged_adamw8bit", "sgd"), "--optim"),
-        grad_checkpointing=grad_checkpointing, gpu_memory=parse_size(gpu_memory), blocksize=blocksize,
-        double_quant=double_quant, dtype=_choice(dtype, ("bf16", "fp16", "fp32"), "--dtype"),
-        adapter_dtype=_choice(adapter_dtype, ("bf16", "fp16", "fp32"), "--adapter-dtype"),
-        device=_choice(device, ("cuda", "cpu"), "--device"),
-        overhead=parse_size(overhead) if overhead else (GiB if device == "cuda" else 0))
-    if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-        raise UserError(f"--blocksize {blocksize}: bitsandbytes supports 32…4096 (powers of two)")
+    rank = setup["rank"]
+    cfg = PlanConfig(**setup, gpu_memory=parse_size(gpu_memory), device=device,  # type: ignore[arg-type]
+                     overhead=parse_size(overhead) if overhead else (GiB if device == "cuda" else 0))
     shapes = shapes_from_config(load_config(config))
     p = plan(shapes, cfg)
     console = Console()

@@ -1,7 +1,7 @@
 """CLI commands that use a decomposition or a trained run: ``convert``, ``merge``, ``eval``.
 
-Each parses options, calls one library function (:mod:`qpissa.convert`, :mod:`qpissa.merge`,
-:mod:`qpissa.evaluate`) and prints a rich table; user errors become one stderr line (exit 2).
+Each parses options, calls one library function (:mod:`qpissa.use.convert`, :mod:`qpissa.use.merge`,
+:mod:`qpissa.use.evaluate`) and prints a rich table; user errors become one stderr line (exit 2).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qpissa.cli import app
+from qpissa.cli.app import app
 
 console = Console()  # results (tables) on stdout
 log = Console(stderr=True)  # progress and warnings on stderr
@@ -35,7 +35,7 @@ def convert_cmd(
     overwrite: bool = typer.Option(False, help="replace an adapter already in --output"),
 ) -> None:
     """PiSSA → LoRA: ΔW = s·B·A − s·B₀·A₀ as a rank-2r LoRA (A′=[A;A₀], B′=[B,−B₀]) on the ORIGINAL model."""
-    from qpissa.convert import ConvertConfig, convert_pissa_to_lora
+    from qpissa.use.convert import ConvertConfig, convert_pissa_to_lora
     from qpissa.errors import UserError
 
     if dtype not in ("same", "bfloat16", "float16", "float32"):
@@ -61,7 +61,7 @@ def merge_cmd(
     from rich.progress import Progress
 
     from qpissa.errors import UserError
-    from qpissa.merge import MergeConfig, merge
+    from qpissa.use.merge import MergeConfig, merge
 
     if dtype not in ("bfloat16", "float16", "float32"):
         raise UserError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
@@ -99,7 +99,7 @@ def eval_cmd(
     """GSM8K accuracy (batched greedy) or token-weighted perplexity, with plain transformers + peft."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from qpissa import evaluate as ev
+    from qpissa.use import evaluate as ev
     from qpissa.devices import resolve_device
     from qpissa.errors import UserError
 

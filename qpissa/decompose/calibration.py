@@ -25,7 +25,7 @@ import torch
 
 from qpissa.errors import UserError
 from qpissa.formats import TensorInfo, load_tensor
-from qpissa.targets import Target
+from qpissa.decompose.targets import Target
 
 BLOCK = re.compile(r"^(.*?)\.(\d+)\.")  # "model.layers.3.self_attn.q_proj" → ("model.layers", "3")
 
@@ -282,7 +282,7 @@ def block_stats(model_dir: Path, tensors: Sequence[TensorInfo], targets: Sequenc
     """module → (Whitening of its calibration H, held-out H or None), computed lazily block by block; the
     roots (one n×n eigendecomposition) are shared by the modules reading the same input (q/k/v, gate/up).
     ``cfg``: a :class:`qpissa.decompose.DecomposeConfig` (calib_* options, damp, device)."""
-    from qpissa.whitening import whiten
+    from qpissa.decompose.whitening import whiten
 
     data, damp, device = _data(model_dir, cfg), cfg.damp, cfg.device
     calibrator: BlockwiseCalibrator | None = None

@@ -15,9 +15,9 @@ from typing import Callable, Literal
 import torch
 
 from qpissa.errors import UserError
-from qpissa.linalg import SvdMethod, canonical_signs, low_rank_factors, seeded_draw
+from qpissa.decompose.linalg import SvdMethod, canonical_signs, low_rank_factors, seeded_draw
 from qpissa.quant import NF4Spec, NF4Tensor, dequantize_nf4, quantize_nf4
-from qpissa.whitening import DEFAULT_DAMP, Whitening, output_error, weighted_low_rank_factors, whiten
+from qpissa.decompose.whitening import DEFAULT_DAMP, Whitening, output_error, weighted_low_rank_factors, whiten
 
 Method = Literal["lora", "qlora", "pissa", "qpissa", "loftq", "cloq", "corda", "milora", "olora"]
 METHODS: tuple[str, ...] = ("lora", "qlora", "pissa", "qpissa", "loftq", "cloq", "corda", "milora", "olora")
@@ -77,7 +77,7 @@ def _fit(target: torch.Tensor, rank: int, scale: float, svd: SvdOptions, dtype: 
 
 def _fitter(svd: SvdOptions, dtype: torch.dtype, wh: Whitening | None) -> Callable:
     """(target, rank, scale, start) → (A, B): Eckart–Young in the weight norm, or in the H norm
-    ([T·H^½]_r·H^{−½}, see :mod:`qpissa.whitening`) when calibration statistics are given."""
+    ([T·H^½]_r·H^{−½}, see :mod:`qpissa.decompose.whitening`) when calibration statistics are given."""
     if wh is None:
         return lambda target, rank, scale, start=None: _fit(target, rank, scale, svd, dtype, start)
 
@@ -102,7 +102,7 @@ def _frob(e: torch.Tensor) -> float:
 
 def kaiming_a(rank: int, n: int, seed: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
     """PEFT's default lora_A init: kaiming_uniform(a=√5) → U(−1/√n, 1/√n), seeded per tensor, on ``device``
-    (drawn on the CPU generator, see :func:`qpissa.linalg.seeded_draw`, so every device gets the same A)."""
+    (drawn on the CPU generator, see :func:`qpissa.decompose.linalg.seeded_draw`, so every device gets the same A)."""
     bound = 1.0 / math.sqrt(n)
     u = seeded_draw(torch.rand, (rank, n), seed, torch.float32, device)  # (r, n) in [0, 1)
     return (u * 2 - 1).mul_(bound).to(dtype)
@@ -264,7 +264,7 @@ def initialize(method: Method, w: torch.Tensor, rank: int, scale: float, *, iter
     if method == "olora":
         return olora(w, rank, scale, spec=spec, adapter_dtype=adapter_dtype)
     if method in ("cloq", "corda"):
-        from qpissa.methods_calibrated import cloq, corda  # imports this module: import here, not at the top
+        from qpissa.decompose.methods_calibrated import cloq, corda  # imports this module: import here, not at the top
 
         if method == "cloq":
             return cloq(w, rank, scale, h, spec=spec, svd=svd, adapter_dtype=adapter_dtype, damp=damp)

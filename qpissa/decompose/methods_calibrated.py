@@ -1,17 +1,17 @@
 """Init methods that need calibration statistics H = Σ x·xᵀ of the layer's input (n×n): CLoQ, CorDA.
 
-Calibrated QPiSSA and LoftQ live in :mod:`qpissa.methods` (``qpissa(..., h=H)``, ``loftq(..., h=H)``);
-the H-norm math (damping, roots, output error, weighted Eckart–Young) in :mod:`qpissa.whitening`.
+Calibrated QPiSSA and LoftQ live in :mod:`qpissa.decompose.methods` (``qpissa(..., h=H)``, ``loftq(..., h=H)``);
+the H-norm math (damping, roots, output error, weighted Eckart–Young) in :mod:`qpissa.decompose.whitening`.
 Notation as there: W m×n, ΔW = s·B·A, A r×n, B m×r.
 """
 from __future__ import annotations
 
 import torch
 
-from qpissa.linalg import top_singular
-from qpissa.methods import DEFAULT_DAMP, Init, SvdOptions, _delta, _finish, _fitter
+from qpissa.decompose.linalg import top_singular
+from qpissa.decompose.methods import DEFAULT_DAMP, Init, SvdOptions, _delta, _finish, _fitter
 from qpissa.quant import NF4Spec, dequantize_nf4, quantize_nf4
-from qpissa.whitening import Whitening, output_error, whiten
+from qpissa.decompose.whitening import Whitening, output_error, whiten
 
 
 def cloq(w: torch.Tensor, rank: int, scale: float, h: torch.Tensor | Whitening, *, spec: NF4Spec = NF4Spec(),

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from qpissa.errors import UserError
-from qpissa.formats import TensorInfo
+from qpissa.formats import TensorInfo, weight_key
 
 BLOCK_INDEX = re.compile(r"(^|\.)\d+(\.|$)")
 
@@ -59,12 +59,9 @@ def linear_modules(model_dir: Path) -> tuple[dict[str, bool], str, str | None]:
 
 
 def _checkpoint_key(module: str, by_name: dict[str, TensorInfo]) -> TensorInfo | None:
-    """The checkpoint tensor for ``module.weight``, tolerating a base-model prefix either way."""
-    key = f"{module}.weight"
-    if key in by_name:
-        return by_name[key]
-    hits = [info for name, info in by_name.items() if name.endswith("." + key) or key.endswith("." + name)]
-    return hits[0] if len(hits) == 1 else None
+    """The checkpoint tensor for ``module.weight`` (see :func:`qpissa.formats.weight_key`)."""
+    key = weight_key(module, by_name)
+    return None if key is None else by_name[key]
 
 
 def matches(module: str, patterns: list[str]) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qpissa.linalg import low_rank_factors
+from qpissa.decompose.linalg import low_rank_factors
 
 DEFAULT_DAMP = 1e-2  # λ of H + λ·mean(diag H)·I, as GPTQ and PEFT's CorDA start
 

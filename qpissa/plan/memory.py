@@ -38,8 +38,10 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
+from qpissa.choices import check_choices
 from qpissa.errors import UserError
-from qpissa.model_shapes import ModelShapes, ParamGroup
+from qpissa.quant import NF4Spec
+from qpissa.plan.model_shapes import ModelShapes, ParamGroup
 
 Method = Literal["qpissa", "qlora", "loftq", "pissa", "lora", "full"]
 Optim = Literal["adamw", "adamw8bit", "paged_adamw8bit", "sgd"]
@@ -70,6 +72,13 @@ class PlanConfig:
     device: Literal["cuda", "cpu"] = field(default="cuda", metadata={
         "help": "cuda: fused dropout (bool masks) and flash SDPA with dropout; cpu: masks in the compute dtype "
                 "and the math SDPA kernel when attention dropout is on"})
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        try:
+            NF4Spec(self.blocksize)
+        except ValueError as err:
+            raise UserError(f"--blocksize: {err}") from None
 
 
 @dataclass
@@ -343,11 +352,11 @@ def decompose_estimate(s: ModelShapes, rank: int = 128, iterations: int = 1, tar
                        rates: dict | None = None, baseline: int = 512 * 2**20) -> dict:
     """Streaming ``qpissa decompose`` (default settings: QPiSSA T=``iterations``, randomized SVD) of a checkpoint.
 
-    Time and peak memory come from :mod:`qpissa.decompose_cost`, whose rates were fit to timings of the shipped
+    Time and peak memory come from :mod:`qpissa.plan.decompose_cost`, whose rates were fit to timings of the shipped
     driver (``benchmarks/decompose_rehearsal.py``; packaged in ``qpissa/decompose_rates.json``, measured on the
     CPU named there: a GPU is far faster; pass ``rates=`` for another machine). Targets as :func:`select_targets`.
     """
-    from qpissa.decompose_cost import estimate_peak_bytes, estimate_seconds, load_rates
+    from qpissa.plan.decompose_cost import estimate_peak_bytes, estimate_seconds, load_rates
 
     rates = rates or load_rates()
     shapes = [tuple(p.shape) for p in decompose_targets(s, targets) for _ in range(p.count)]

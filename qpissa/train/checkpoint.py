@@ -111,3 +111,22 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, full: bool) -> Trai
     set_rng_state(blob["rng"])
     s = blob["state"]
     return TrainState(step=s["step"], pos=DataPosition(**s["pos"]), tokens=s["tokens"], elapsed_s=s["elapsed_s"])
+
+
+def save_final(run: Path, model, save_dtype: str, full: bool) -> Path:
+    """RUN/adapter (PEFT dir, plain-peft loadable) or RUN/model (full fine-tuning), written atomically."""
+    import os
+    import shutil
+
+    final = run / ("model" if full else "adapter")
+    tmp = run / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if save_dtype == "bfloat16" and not full:
+        from safetensors.torch import load_file, save_file
+
+        f = tmp / "adapter_model.safetensors"
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(f), metadata={"format": "pt"})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final

@@ -41,7 +41,7 @@ def _lora_4bit_layers(model: nn.Module) -> list[nn.Module]:
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT's LoRA Linear4bit forward, fused; falls back to the original for uncovered states."""
     from qpissa.kernels.fused_linear import fused_nf4_lora_linear, triton_unavailable_reason
-    from qpissa.kernels.reference import NF4Weight
+    from qpissa.quant import NF4Weight
 
     fallback = getattr(self, _ORIG)
     active = [a for a in self.active_adapters if a in self.lora_A]

@@ -9,7 +9,7 @@ Model (the only thing that differs between methods):
 Per optimizer step (PiSSA recipe, Meng et al. 2024: AdamW, cosine schedule, 3% warmup, lr 2e-5):
   loss   = Σ_micro Σ_response-tokens CE / N_response-tokens   (token-weighted over grad-accum)
   clip   ‖g‖₂ ≤ max_grad_norm;  θ ← AdamW(θ, g, η_t)
-  SORSA  θ ← θ − η_t·(γ/η_max)·∇R(θ)  (qpissa.sorsa, only when --sorsa-gamma > 0)
+  SORSA  θ ← θ − η_t·(γ/η_max)·∇R(θ)  (qpissa.train.sorsa, only when --sorsa-gamma > 0)
   η_t    = η_max · t/W during warmup, then η_max · ½(1 + cos(π·(t−W)/(T−W)))
 
 Precision: trainable adapter factors are fp32 master weights (PEFT upcasts the bf16 files on load),
@@ -32,224 +32,29 @@ group: gloo on CPU, nccl with ``--device cuda`` (rank on ``cuda:LOCAL_RANK``), s
 from __future__ import annotations
 
 import json
-import math
 import random
-import resource
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from qpissa import checkpoint as ckpt_lib
 from qpissa import distributed
-from qpissa.data import DataConfig, Example, batches, build_examples, eval_batches, load_records
+from qpissa.data import Example, batches, build_examples, load_records
 from qpissa.errors import UserError
-from qpissa.quant import compute_in_fp32, keep_4bit_layout_trainable
 from qpissa.usage import require_causal_lm
-from qpissa.sorsa import adapter_pairs, sorsa_step
+from qpissa.train import checkpoint as ckpt_lib
+from qpissa.train.config import TrainConfig, TrainingDiverged
+from qpissa.train.gradsync import all_reduce_sum, sync_from_rank0
+from qpissa.train.metrics import evaluate_loss, memory_mb, plot_losses
+from qpissa.train.model import load_model
+from qpissa.train.optim import lr_factor, make_optimizer
+from qpissa.train.sorsa import adapter_pairs, sorsa_step
 
+__all__ = ["TrainConfig", "TrainingDiverged", "evaluate_loss", "fit", "load_model", "train"]
 
-class TrainingDiverged(UserError):
-    """The loss became NaN/inf; the last good checkpoint is kept."""
-
-
-@dataclass
-class TrainConfig:
-    """One training run. Field metadata is the CLI help text."""
-
-    model: str = field(metadata={"help": "decompose OUT dir (residual/ + adapter/), or an HF checkpoint for "
-                                         "--method lora|full"})
-    data: str = field(metadata={"help": "training data: .jsonl/.json/.parquet/.csv or a save_to_disk dir"})
-    output: str = field(metadata={"help": "run directory RUN"})
-    method: Literal["from-out", "lora", "full"] = field(default="from-out", metadata={
-        "help": "from-out: train OUT/adapter on OUT/residual; lora/full: baselines on an unquantized checkpoint"})
-    eval_data: str | None = field(default=None, metadata={"help": "held-out data for eval loss"})
-    steps: int | None = field(default=None, metadata={"help": "optimizer steps (overrides --epochs)"})
-    epochs: float = field(default=1.0, metadata={"help": "epochs when --steps is not given"})
-    batch_size: int = field(default=4, metadata={"help": "micro-batch size"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=2e-5, metadata={"help": "peak learning rate η_max"})
-    schedule: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata={"help": "LR decay"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps of linear warmup"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global grad norm (0: off)"})
-    optim: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = field(default="adamw", metadata={
-        "help": "torch AdamW or bitsandbytes 8-bit AdamW (paged: CUDA unified memory)"})
-    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
-    sorsa_gamma: float = field(default=0.0, metadata={"help": "SORSA regularizer strength γ (4e-4 in the paper)"})
-    lora_rank: int = field(default=16, metadata={"help": "rank for --method lora"})
-    lora_alpha: float | None = field(default=None, metadata={"help": "alpha for --method lora (default: rank)"})
-    data_cfg: DataConfig = field(default_factory=DataConfig)
-    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)"})
-    eval_examples: int = field(default=200, metadata={"help": "at most this many held-out examples"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
-    keep_last: int = field(default=2, metadata={"help": "keep the newest K checkpoints"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest RUN/checkpoint-*"})
-    stop_after: int | None = field(default=None, metadata={"help": "stop (with a checkpoint) after this step; "
-                                                                    "the schedule still spans --steps"})
-    seed: int = field(default=0, metadata={"help": "seed for data order and initialization"})
-    device: Literal["auto", "cpu", "cuda"] = field(default="cpu", metadata={
-        "help": "where to train: auto | cpu | cuda (auto: cuda when available)"})
-    precision: Literal["bf16", "fp32"] = field(default="bf16", metadata={"help": "autocast dtype for compute"})
-    save_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={
-        "help": "dtype of RUN/adapter (checkpoints are always fp32)"})
-    kernels: Literal["none", "triton"] = field(default="none", metadata={"help": "fused NF4 kernels (CUDA)"})
-    progress: bool = field(default=True, metadata={"help": "show a rich progress bar"})
-
-
-# ----------------------------------------------------------------------------- model
-
-def _check_adapter_fits(model, adapter_dir: Path) -> None:
-    """Every adapter tensor must name a module of the residual model with matching in/out features."""
-    from safetensors import safe_open
-
-    modules = dict(model.named_modules())
-    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
-        for key in f.keys():
-            if ".lora_A." not in key and ".lora_B." not in key:
-                continue
-            name = key.split(".lora_")[0].removeprefix("base_model.model.")
-            shape = f.get_slice(key).get_shape()
-            mod = modules.get(name)
-            if mod is None:
-                raise UserError(f"{adapter_dir}: adapter tensor {key} targets module {name}, which the residual "
-                                "model does not have; use the adapter/ and residual/ of the same decompose run")
-            want = mod.in_features if ".lora_A." in key else mod.out_features
-            have = shape[1] if ".lora_A." in key else shape[0]
-            if want != have:
-                raise UserError(f"{adapter_dir}: adapter tensor {key} has shape {shape} but {name} has "
-                                f"{mod.in_features} in / {mod.out_features} out features; adapter and residual "
-                                "come from different models")
-
-
-def load_model(cfg: TrainConfig):
-    """Build (model, tokenizer, description) for cfg.method; only trainable params require grad."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    root = Path(cfg.model)
-    device_map = {"": distributed.rank_device(cfg.device, distributed.detect())}
-    if cfg.method == "from-out":
-        residual, adapter = root / "residual", root / "adapter"
-        if not (residual / "config.json").exists():
-            raise UserError(f"{residual}/config.json not found: pass the output directory of `qpissa decompose`, "
-                            "or --method lora|full with an HF checkpoint")
-        if not (adapter / "adapter_config.json").exists() or not (adapter / "adapter_model.safetensors").exists():
-            raise UserError(f"{adapter} is missing adapter_config.json/adapter_model.safetensors: rerun "
-                            f"`qpissa decompose` into {root} (or --resume it)")
-        from peft import PeftModel
-
-        require_causal_lm(residual, "train")
-        base = AutoModelForCausalLM.from_pretrained(residual, device_map=device_map)
-        _check_adapter_fits(base, adapter)
-        model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
-        tok_dir = residual
-    else:
-        if not (root / "config.json").exists():
-            raise UserError(f"{root}/config.json not found: --method {cfg.method} needs an HF model directory")
-        if "quantization_config" in json.loads((root / "config.json").read_text()):
-            raise UserError(f"{root} is a quantized checkpoint; --method {cfg.method} needs unquantized weights")
-        require_causal_lm(root, "train")
-        dtype = torch.float32 if cfg.method == "full" else "auto"
-        model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, device_map=device_map)
-        if cfg.method == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            torch.manual_seed(cfg.seed)
-            lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=0.0,
-                              target_modules="all-linear", init_lora_weights=True, task_type="CAUSAL_LM")
-            model = get_peft_model(model, lcfg)
-        tok_dir = root
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.use_cache = False
-    keep_4bit_layout_trainable(model)
-    if cfg.precision == "fp32":
-        compute_in_fp32(model)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.kernels == "triton":
-        from qpissa.kernel_backend import apply_kernel_backend  # lazy: only when asked
-
-        apply_kernel_backend(model, "triton")
-    return model, tokenizer
-
-
-# ----------------------------------------------------------------------------- optimizer and schedule
-
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optim == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    import bitsandbytes as bnb
-
-    cls = bnb.optim.AdamW8bit if cfg.optim == "adamw8bit" else bnb.optim.PagedAdamW8bit
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """η_t/η_max for 0-based step t: linear warmup over W steps, then cosine/linear decay to 0 or constant."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1.0 - progress)
-
-
-# ----------------------------------------------------------------------------- metrics
-
-def memory_mb(device: str) -> float:
-    """Peak memory so far: CUDA max allocated, or the process's peak RSS on CPU (MiB)."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def plot_losses(run: Path, rows: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from qpissa.atomic import atomic_path
-
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (response tokens)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    with atomic_path(run / "loss.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
-@torch.no_grad()
-def evaluate_loss(model, examples, batch_size: int, pad_id: int, device: str, precision: str) -> float:
-    """Token-weighted mean cross-entropy over response tokens of the held-out examples."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for batch in eval_batches(examples, batch_size, pad_id):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = model(**batch)
-        total += float(out.loss) * n
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-# ----------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns a summary with the final losses and the adapter path.
@@ -297,7 +102,7 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
         raise UserError(f"{cfg.model}: no trainable parameters (adapter not marked trainable)")
     d = distributed.detect()
     device = distributed.rank_device(cfg.device, d)  # cuda:LOCAL_RANK under torchrun
-    distributed.sync_from_rank0(params, d)
+    sync_from_rank0(params, d)
     per_step = cfg.batch_size * d.world_size * cfg.grad_accum  # examples per optimizer step (global)
     total = cfg.steps or max(1, int(cfg.epochs * len(examples) // per_step))
     warmup = int(round(cfg.warmup_ratio * total))
@@ -377,7 +182,7 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
                 loss.backward()
                 loss_sum += float(loss.detach())
                 del out, loss  # free the (B, T, V) logits before the next forward
-            loss_sum = distributed.all_reduce_sum(params, loss_sum, d)  # Σ over ranks: the global batch's gradient and loss
+            loss_sum = all_reduce_sum(params, loss_sum, d)  # Σ over ranks: the global batch's gradient and loss
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
                          else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
             if not torch.isfinite(grad_norm):
@@ -418,29 +223,7 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
     if state.step >= total:
         summary["adapter"] = str(run / ("model" if full else "adapter"))
         if d.is_main:
-            save_final(run, model, cfg.save_dtype, full)
+            ckpt_lib.save_final(run, model, cfg.save_dtype, full)
     if d.is_main:
         write_json(run / "summary.json", summary)
     return distributed.broadcast(d, summary)  # every rank returns rank 0's summary (its eval loss included)
-
-
-# ----------------------------------------------------------------------------- data parallel
-
-
-def save_final(run: Path, model, save_dtype: str, full: bool) -> Path:
-    """RUN/adapter (PEFT dir, plain-peft loadable) or RUN/model (full fine-tuning), written atomically."""
-    import os
-    import shutil
-
-    final = run / ("model" if full else "adapter")
-    tmp = run / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if save_dtype == "bfloat16" and not full:
-        from safetensors.torch import load_file, save_file
-
-        f = tmp / "adapter_model.safetensors"
-        save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(f), metadata={"format": "pt"})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final

@@ -19,22 +19,18 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
+from qpissa.adapters import ADAPTER_WEIGHTS, Adapter, module_scale, read_adapter
 from qpissa.atomic import write_json
 from qpissa.errors import UserError
 from qpissa.formats import is_within, save_tensors
 
 OutDType = Literal["same", "bfloat16", "float16", "float32"]
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 
 
 @dataclass
@@ -43,73 +39,6 @@ class ConvertConfig:
     base_model: str | None = field(default=None, metadata={
         "help": "base_model_name_or_path to record (the ORIGINAL model); default: found beside the init adapter"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing adapter in the output dir"})
-
-
-@dataclass
-class Adapter:
-    """A PEFT LoRA adapter dir in memory: its config and {module: (A (r×n), B (m×r))} plus other tensors."""
-
-    path: Path
-    config: dict[str, Any]
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    extra: dict[str, torch.Tensor]  # tensors that are not LoRA factors (e.g. modules_to_save), kept as is
-
-
-def read_adapter(path: str | Path) -> Adapter:
-    """Read ``adapter_config.json`` + ``adapter_model.safetensors``; keys ``base_model.model.<module>.lora_A.weight``."""
-    path = Path(path)
-    cfg_path, weights = path / "adapter_config.json", path / ADAPTER_WEIGHTS
-    if not cfg_path.exists():
-        raise UserError(f"{path}: no adapter_config.json; give a PEFT LoRA adapter directory")
-    if not weights.exists():
-        hint = " (re-save with safe_serialization=True)" if (path / "adapter_model.bin").exists() else ""
-        raise UserError(f"{path}: no {ADAPTER_WEIGHTS}{hint}")
-    config = json.loads(cfg_path.read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{cfg_path}: peft_type {config.get('peft_type')!r}; only LoRA adapters are supported")
-    for flag in ("use_dora", "lora_bias"):
-        if config.get(flag):
-            raise UserError(f"{cfg_path}: {flag}=true is not supported; train without it")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError) as err:
-        raise UserError(f"{weights}: cannot read ({err}); re-save the adapter") from None
-    halves: dict[str, dict[str, torch.Tensor]] = {}
-    extra = {}
-    for key, value in tensors.items():
-        m = _FACTOR.match(key)
-        if m is None:
-            extra[key] = value
-            continue
-        module = m.group("module").removeprefix("base_model.model.")
-        halves.setdefault(module, {})[m.group("which")] = value
-    factors = {}
-    for module, pair in sorted(halves.items()):
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise UserError(f"{weights}: module {module} has only {sorted(pair)}; the adapter file is incomplete")
-        a, b = pair["lora_A"], pair["lora_B"]  # (r, n), (m, r)
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise UserError(f"{weights}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
-                            "only linear LoRA factors (r×n, m×r) are supported")
-        factors[module] = (a, b)
-    if not factors:
-        raise UserError(f"{weights}: no lora_A/lora_B tensors found")
-    return Adapter(path, config, factors, extra)
-
-
-def _pattern_value(pattern: dict[str, Any] | None, module: str, default: Any) -> Any:
-    """PEFT's per-module override: the first key that matches ``(.*\\.)?key$`` (peft.utils.get_pattern_key)."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def module_scale(config: dict[str, Any], module: str) -> float:
-    """s for one module as PEFT computes it: α/r, or α/√r with ``use_rslora`` (patterns applied)."""
-    r = _pattern_value(config.get("rank_pattern"), module, config["r"])
-    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
 def converted_config(config: dict[str, Any], base_model: str | None) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Models are loaded the way a user would load them — plain ``transformers`` (+ `
 nothing of ours — so a number here is a number anyone can reproduce (also under lm-eval's ``hf`` model).
 
 * GSM8K (Cobbe et al. 2021): greedy decoding, left-padded batches, the answer read by
-  :func:`qpissa.answers.extract_answer` ("The answer is" first, as PiSSA's evaluation reads it, Meng et al.
+  :func:`qpissa.use.answers.extract_answer` ("The answer is" first, as PiSSA's evaluation reads it, Meng et al.
   2024); accuracy = #(extracted == gold) / N.
 * Perplexity: token-weighted over all documents, PPL = exp(Σ_t −log p(x_t | x_<t) / #tokens), every token
   but a document's first scored exactly once. Long documents use sliding windows: the first window scores its
@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from qpissa.answers import answers_match, extract_answer, gold_answer
+from qpissa.use.answers import answers_match, extract_answer, gold_answer
 from qpissa.data import GSM8K_PROMPT
 from qpissa.errors import UserError
 

@@ -24,11 +24,11 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from qpissa.adapters import module_scale, read_adapter
 from qpissa.atomic import write_json
-from qpissa.convert import module_scale, read_adapter
 from qpissa.devices import DEVICE_HELP, resolve_device
 from qpissa.errors import UserError
-from qpissa.formats import (TensorInfo, copy_side_files, entry_of, is_within, load_tensor,
+from qpissa.formats import (TensorInfo, byte_size, copy_side_files, entry_of, is_within, load_tensor, weight_key,
                             scan_checkpoint, write_index, write_safetensors)
 from qpissa.quant import NF4Spec, NF4Tensor, dequantize_nf4, quantization_config, quantize_nf4
 
@@ -67,19 +67,12 @@ def _nf4_spec_of(weight: TensorInfo, by_name: dict[str, TensorInfo]) -> NF4Spec:
 
 
 def _weight_key(module: str, by_name: dict[str, TensorInfo]) -> str:
-    """Checkpoint key of ``module.weight``, tolerating a base-model prefix on either side (e.g. BERT)."""
-    key = f"{module}.weight"
-    if key in by_name:
-        return key
-    hits = [n for n in by_name if n.endswith("." + key) or key.endswith("." + n)]
-    if len(hits) != 1:
-        raise UserError(f"adapter module {module}: no unique weight {key} in the residual checkpoint; "
+    """Checkpoint key of ``module.weight`` (see :func:`qpissa.formats.weight_key`), or one line saying why not."""
+    key = weight_key(module, by_name)
+    if key is None:
+        raise UserError(f"adapter module {module}: no unique weight {module}.weight in the residual checkpoint; "
                         "is ADAPTER for this RESIDUAL?")
-    return hits[0]
-
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return key
 
 
 def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
@@ -162,7 +155,7 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
         info = by_name[name]
         numel = math.prod(info.shape) * (2 if name in quantized_in else 1)  # packed NF4: 2 weights a byte
         nbytes = numel // 2 if (name in requant or name in quantized_in and cfg.quantize == "nf4") \
-            else _nbytes((numel,), dtype)
+            else byte_size((numel,), dtype)
         if shards[-1] and size + nbytes > cfg.shard_size:
             shards.append([])
             size = 0
@@ -199,7 +192,7 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
 
 def _skip_modules(residual: Path, deltas: dict[str, str]) -> list[str]:
     """Linear modules that stay full precision when only the adapted ones are NF4 (as ``decompose`` writes)."""
-    from qpissa.targets import linear_modules
+    from qpissa.decompose.targets import linear_modules
 
     linears, _, _ = linear_modules(residual)
     adapted = set(deltas.values())

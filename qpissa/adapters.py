@@ -1,0 +1,116 @@
+"""PEFT LoRA adapter dirs, both ways: :func:`read_adapter` and what we write (:func:`adapter_config`,
+:func:`adapter_key`). One place, so the keys and config fields we write are the ones we read."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from qpissa.errors import UserError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+
+
+def adapter_key(module: str, which: str) -> str:
+    """PEFT's saved key for a LoRA factor: base_model.model.<module>.lora_A.weight."""
+    return f"base_model.model.{module}.{which}.weight"
+
+
+def adapter_config(*, base_model: str, rank: int, alpha: float, rslora: bool, target_modules: list[str],
+                   fan_in_fan_out: bool, task_type: str | None) -> dict:
+    """adapter_config.json that plain PEFT loads. ``init_lora_weights`` must be true: "pissa" here
+    would make PEFT re-run PiSSA at load time and fail on a 4-bit base."""
+    import peft
+
+    return {
+        "peft_type": "LORA",
+        "base_model_name_or_path": base_model,
+        "task_type": task_type,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "use_rslora": rslora,
+        "target_modules": sorted(target_modules),
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "revision": None,
+        "peft_version": peft.__version__,
+    }
+
+
+@dataclass
+class Adapter:
+    """A PEFT LoRA adapter dir in memory: its config and {module: (A (r×n), B (m×r))} plus other tensors."""
+
+    path: Path
+    config: dict[str, Any]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    extra: dict[str, torch.Tensor]  # tensors that are not LoRA factors (e.g. modules_to_save), kept as is
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    """Read ``adapter_config.json`` + ``adapter_model.safetensors``; keys ``base_model.model.<module>.lora_A.weight``."""
+    path = Path(path)
+    cfg_path, weights = path / "adapter_config.json", path / ADAPTER_WEIGHTS
+    if not cfg_path.exists():
+        raise UserError(f"{path}: no adapter_config.json; give a PEFT LoRA adapter directory")
+    if not weights.exists():
+        hint = " (re-save with safe_serialization=True)" if (path / "adapter_model.bin").exists() else ""
+        raise UserError(f"{path}: no {ADAPTER_WEIGHTS}{hint}")
+    config = json.loads(cfg_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{cfg_path}: peft_type {config.get('peft_type')!r}; only LoRA adapters are supported")
+    for flag in ("use_dora", "lora_bias"):
+        if config.get(flag):
+            raise UserError(f"{cfg_path}: {flag}=true is not supported; train without it")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{weights}: cannot read ({err}); re-save the adapter") from None
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    extra = {}
+    for key, value in tensors.items():
+        m = _FACTOR.match(key)
+        if m is None:
+            extra[key] = value
+            continue
+        module = m.group("module").removeprefix("base_model.model.")
+        halves.setdefault(module, {})[m.group("which")] = value
+    factors = {}
+    for module, pair in sorted(halves.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise UserError(f"{weights}: module {module} has only {sorted(pair)}; the adapter file is incomplete")
+        a, b = pair["lora_A"], pair["lora_B"]  # (r, n), (m, r)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise UserError(f"{weights}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                            "only linear LoRA factors (r×n, m×r) are supported")
+        factors[module] = (a, b)
+    if not factors:
+        raise UserError(f"{weights}: no lora_A/lora_B tensors found")
+    return Adapter(path, config, factors, extra)
+
+
+def pattern_value(pattern: dict[str, Any] | None, module: str, default: Any) -> Any:
+    """PEFT's per-module override: the first key that matches ``(.*\\.)?key$`` (peft.utils.get_pattern_key)."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def module_scale(config: dict[str, Any], module: str) -> float:
+    """s for one module as PEFT computes it: α/r, or α/√r with ``use_rslora`` (patterns applied)."""
+    r = pattern_value(config.get("rank_pattern"), module, config["r"])
+    alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r

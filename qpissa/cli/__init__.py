@@ -1,0 +1,13 @@
+"""Thin command line on top of the library: ``qpissa decompose | report | train | convert | merge | eval | plan | example``.
+
+Each command parses options (derived from the config dataclasses, see :mod:`qpissa.cli.options`),
+calls one library function and prints a rich table. :func:`main` is the ``qpissa`` entry point.
+"""
+from __future__ import annotations
+
+
+def main() -> None:
+    """Entry point (``qpissa`` and ``python -m qpissa``); see :func:`qpissa.cli.main.main`."""
+    from qpissa.cli.main import main as run
+
+    run()

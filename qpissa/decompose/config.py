@@ -1,0 +1,127 @@
+"""What one decomposition is asked to do: :class:`DecomposeConfig`, the single declaration of every
+``qpissa decompose`` option (the CLI derives its flags, defaults and help from these fields)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from qpissa.devices import DEVICE_HELP
+from qpissa.errors import UserError
+from qpissa.decompose.methods import CALIBRATED_METHODS, DEFAULT_DAMP, METHODS, Method, SvdOptions
+from qpissa.quant import NF4Spec
+
+RUN_ONLY_FIELDS = ("resume", "overwrite", "progress", "device", "workers", "eval_kl")  # may differ on --resume
+# "auto" metrics (None): LoftQ baseline and full-spectrum norms only while the targets hold at most this many
+# weights: all-MiniLM-L6-v2 (10.6M) gets them, SmolLM2-135M (106M) and larger models get Frobenius + QLoRA only
+AUTO_FULL_METRICS_MAX_WEIGHTS = 32_000_000
+AUTO_PARALLEL_MAX_WEIGHTS = 16 * 2**20  # auto workers: two tensors at a time while the largest is this small
+
+
+@dataclass
+class DecomposeConfig:
+    """Arguments of one decomposition (also what ``--resume`` must match)."""
+
+    method: Method = field(default="qpissa", metadata={
+        "help": "lora | qlora | pissa | qpissa | loftq | cloq | corda | milora | olora (cloq, corda need --calib-data)"})
+    rank: int = field(default=16, metadata={"help": "adapter rank r"})
+    alpha: float | None = field(default=None, metadata={"help": "lora_alpha (default r)"})
+    rslora: bool = field(default=False, metadata={"help": "scale α/√r"})
+    iters: int = field(default=1, metadata={"help": "T iterations (qpissa, loftq)"})
+    targets: list[str] | None = field(default=None, metadata={"help": "module names or regexes (repeatable)"})
+    blocksize: int = field(default=64, metadata={"help": "NF4 block size"})
+    double_quant: bool = field(default=False, metadata={"help": "NF4 double quantization"})
+    compute_dtype: str = field(default="bfloat16", metadata={"help": "bnb_4bit_compute_dtype in config"})
+    svd: Literal["randomized", "exact"] = field(default="randomized", metadata={
+        "help": "randomized (default: p=16, q=4, seeded) | exact (LAPACK, slow)"})
+    oversample: int = field(default=16, metadata={"help": "randomized SVD oversampling"})
+    power_iters: int = field(default=4, metadata={"help": "randomized SVD power iterations"})
+    seed: int = field(default=0, metadata={"help": "seed"})
+    dtype: Literal["float32", "float64"] = field(default="float32", metadata={"help": "SVD precision: float32 | float64"})
+    adapter_dtype: Literal["bfloat16", "float16", "float32"] = field(default="bfloat16", metadata={
+        "help": "stored adapter dtype"})
+    refit: bool = field(default=True, metadata={"help": "qpissa: refit A,B on the stored Q"})
+    loftq_baseline: bool | None = field(default=None, metadata={
+        "help": "measure LoftQ(T) too (default: auto, on when the targets hold ≤ 32M weights)"})
+    spectral_norms: bool | None = field(default=None, metadata={
+        "help": "nuclear/spectral norms too, one svdvals each (default: auto, on when the targets hold ≤ 32M weights)"})
+    device: str = field(default="cpu", metadata={"help": DEVICE_HELP})
+    workers: int | None = field(default=None, metadata={
+        "help": "tensors decomposed at once (default: auto, 2 on a multi-core CPU while every target ≤ 16M weights)"})
+    calib_data: str | None = field(default=None, metadata={
+        "help": "calibration data (.jsonl/.json/.parquet/.csv records or .txt lines): fit in the output-error "
+                "norm ‖(W − Ŵ)·H^½‖ (qpissa/loftq become calibrated; cloq/corda require it)"})
+    calib_samples: int = field(default=128, metadata={"help": "calibration sequences for H"})
+    calib_holdout: int = field(default=32, metadata={"help": "held-out sequences after them (output-error report, KL)"})
+    calib_seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence (truncated)"})
+    calib_template: str = field(default="gsm8k", metadata={
+        "help": "how records become text, as in train: gsm8k | alpaca | a format string, e.g. '{question}'"})
+    damp: float = field(default=DEFAULT_DAMP, metadata={"help": "H damping λ: H + λ·mean(diag H)·I"})
+    eval_kl: int = field(default=0, metadata={
+        "help": "mean token KL(original ‖ initialized) on N held-out sequences (encoders: mean-pooled cosine)"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
+    progress: bool = field(default=True, metadata={"help": "progress bar on stderr (CLI: --quiet turns it off)"})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Values alone (run at construction); whether the device exists is checked by :func:`decompose`."""
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.rank <= 0:
+            raise UserError(f"--rank must be positive, got {self.rank}")
+        if self.iters < 1:
+            raise UserError(f"--iters must be at least 1, got {self.iters}")
+        if self.svd not in ("exact", "randomized"):
+            raise UserError(f"--svd must be exact or randomized, got {self.svd!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise UserError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if self.adapter_dtype not in ("bfloat16", "float16", "float32"):
+            raise UserError(f"--adapter-dtype must be bfloat16, float16 or float32, got {self.adapter_dtype!r}")
+        try:
+            self.spec()
+        except ValueError as err:
+            raise UserError(f"--blocksize: {err}") from None
+        if self.method in CALIBRATED_METHODS and not self.calib_data:
+            raise UserError(f"--method {self.method} needs calibration data: pass --calib-data FILE")
+        if self.eval_kl and not self.calib_data:
+            raise UserError("--eval-kl N reads held-out calibration sequences: pass --calib-data FILE too")
+        if self.eval_kl > self.calib_holdout:
+            raise UserError(f"--eval-kl {self.eval_kl} exceeds --calib-holdout {self.calib_holdout}; raise the latter")
+
+    def spec(self) -> NF4Spec:
+        return NF4Spec(self.blocksize, self.double_quant, self.compute_dtype)
+
+    def svd_options(self) -> SvdOptions:
+        return SvdOptions(self.svd, self.oversample, self.power_iters, self.seed)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the output (a resume must match them)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_ONLY_FIELDS}
+
+    def resolved(self, target_weights: int) -> "DecomposeConfig":
+        """``loftq_baseline`` / ``spectral_norms`` left at auto (None) become True for targets holding at
+        most :data:`AUTO_FULL_METRICS_MAX_WEIGHTS` weights in all, else False."""
+        small = target_weights <= AUTO_FULL_METRICS_MAX_WEIGHTS
+        return dataclasses.replace(self, loftq_baseline=small if self.loftq_baseline is None else self.loftq_baseline,
+                                   spectral_norms=small if self.spectral_norms is None else self.spectral_norms)
+
+    def metrics_computed(self, target_weights: int) -> dict[str, str]:
+        """What the report measured and how (for report.json/csv/md and the console)."""
+        r = self.resolved(target_weights)
+        auto = [n for n, v in (("loftq_baseline", self.loftq_baseline), ("spectral_norms", self.spectral_norms))
+                if v is None]
+        how = "exact (svdvals)" if r.spectral_norms else "skipped"
+        loftq = "exact" if (r.loftq_baseline or self.method == "loftq") else "skipped"
+        out = {"frobenius": "exact", "nuclear": how, "spectral": how, "qlora_baseline": "exact",
+               "loftq_baseline": loftq, "svd": self.svd}
+        if self.calib_data:
+            out["output_error"] = "exact: ‖(W − Ŵ)·H^½‖_F on the held-out sequences' H"
+        if auto:
+            out["auto"] = (f"{', '.join(auto)} auto: targets hold {target_weights:,} weights "
+                           f"{'≤' if target_weights <= AUTO_FULL_METRICS_MAX_WEIGHTS else '>'} "
+                           f"{AUTO_FULL_METRICS_MAX_WEIGHTS:,}; pass --loftq-baseline / --spectral-norms to force them")
+        return out
+

@@ -1,0 +1,80 @@
+"""One target weight → (part tensors, metrics): the method plus the QLoRA/LoftQ baselines, measured."""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from qpissa.errors import UserError
+from qpissa.decompose.config import DecomposeConfig
+from qpissa.decompose.linalg import error_norms
+from qpissa.decompose.methods import adapter_scale, initialize, loftq, qpissa
+from qpissa.decompose.targets import Target
+from qpissa.decompose.whitening import Whitening, output_error
+from qpissa.quant import nf4_roundtrip
+
+Stats = tuple[Whitening, torch.Tensor | None]  # (calibration H with its roots, held-out H) of one target
+
+
+def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
+                     stats: Stats | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Run the method and the baselines on one weight (calibrated when ``stats`` is given); return
+    (part tensors, metrics)."""
+    dtype = getattr(torch, cfg.dtype)
+    w = (w.T if target.transposed else w).to(device=cfg.device, dtype=dtype)  # (m, n)
+    if not torch.isfinite(w).all():
+        raise UserError(f"{target.weight.file}: tensor {target.weight.name} contains NaN or Inf; fix the checkpoint")
+    if cfg.loftq_baseline is None or cfg.spectral_norms is None:
+        cfg = cfg.resolved(w.numel())
+    spec, svd = cfg.spec(), cfg.svd_options()
+    scale = adapter_scale(cfg.rank, cfg.alpha, cfg.rslora)
+    adapter_dtype = getattr(torch, cfg.adapter_dtype)
+    seed = cfg.seed + int(hashlib.sha256(target.module.encode()).hexdigest()[:8], 16)
+    h = None if stats is None else stats[0]
+    init = initialize(cfg.method, w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, seed=seed,
+                      adapter_dtype=adapter_dtype, refit=cfg.refit, h=h, damp=cfg.damp)
+    if init.residual is not None:  # measure what is stored: the residual in the checkpoint's dtype
+        init.residual = init.residual.to(_source_dtype(target))
+    h_eval = None if stats is None else (stats[1] if stats[1] is not None else stats[0])  # held-out H if any
+    outputs: dict[str, float] = {}
+
+    def measure(which: str, hat: torch.Tensor) -> dict:
+        """Weight-error norms of one reconstruction, and its output error when calibrated (``hat`` is not kept)."""
+        if h_eval is not None:
+            outputs[which] = output_error(w - hat, h_eval)
+        return error_norms(w - hat, cfg.spectral_norms)
+
+    error = measure("method", init.reconstruction().to(dtype))
+    metrics = {"module": target.module, "tensor": target.weight.name, "shape": list(target.shape),
+               "method": error, "qlora": error, "info": init.info}
+    if cfg.method == "qlora":  # B = 0: the method's reconstruction is the QLoRA baseline's
+        if h_eval is not None:
+            outputs["qlora"] = outputs["method"]
+    else:  # quantize W once more for the baseline
+        metrics["qlora"] = measure("qlora", nf4_roundtrip(w, spec)[1])
+    if cfg.method == "loftq" and h is None:
+        metrics["loftq"] = metrics["method"]
+    elif cfg.loftq_baseline:  # uncalibrated LoftQ(T), also in calibrated runs
+        baseline = loftq(w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype)
+        metrics["loftq"] = measure("loftq", baseline.reconstruction().to(dtype))
+    if stats is not None and cfg.loftq_baseline:  # uncalibrated QPiSSA(T) too
+        plain = qpissa(w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype,
+                       refit=cfg.refit)
+        metrics["qpissa"] = measure("qpissa", plain.reconstruction().to(dtype))
+    if stats is not None:  # every output error on the held-out H
+        metrics["output"] = outputs
+        metrics["output_split"] = "held_out" if stats[1] is not None else "calibration"
+    name = target.weight.name
+    if init.quantized is not None:
+        tensors = init.quantized.serialized(name)
+    else:
+        residual = init.residual
+        tensors = {name: (residual.T if target.transposed else residual).contiguous().cpu()}
+    tensors["__lora_A__"] = init.a.contiguous().cpu()
+    tensors["__lora_B__"] = init.b.contiguous().cpu()
+    return tensors, metrics
+
+
+def _source_dtype(target: Target) -> torch.dtype:
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[target.weight.dtype]
+

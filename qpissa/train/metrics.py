@@ -1,0 +1,58 @@
+"""What a run measures besides the loss: held-out loss, peak memory, the loss plot."""
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qpissa.data import eval_batches
+
+
+def memory_mb(device: str) -> float:
+    """Peak memory so far: CUDA max allocated, or the process's peak RSS on CPU (MiB)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plot_losses(run: Path, rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qpissa.atomic import atomic_path
+
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (response tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    with atomic_path(run / "loss.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples, batch_size: int, pad_id: int, device: str, precision: str) -> float:
+    """Token-weighted mean cross-entropy over response tokens of the held-out examples."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in eval_batches(examples, batch_size, pad_id):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(**batch)
+        total += float(out.loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)

@@ -1,0 +1,95 @@
+"""The model a run trains (the only thing that differs between methods), ready for the loop.
+
+from-out: OUT/residual (frozen) + OUT/adapter as trainable PEFT factors; lora: a fresh PEFT LoRA on an
+unquantized checkpoint; full: every parameter. Then the bitsandbytes trap is disarmed
+(:func:`qpissa.quant.keep_4bit_layout_trainable`: bnb repacks 4-bit weights in eval mode on
+AVX512-BF16 CPUs), and optional fp32 compute, gradient checkpointing and fused kernels are applied.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from qpissa import distributed
+from qpissa.errors import UserError
+from qpissa.quant import compute_in_fp32, keep_4bit_layout_trainable
+from qpissa.train.config import TrainConfig
+from qpissa.usage import require_causal_lm
+
+
+def _check_adapter_fits(model, adapter_dir: Path) -> None:
+    """Every adapter tensor must name a module of the residual model with matching in/out features."""
+    from safetensors import safe_open
+
+    modules = dict(model.named_modules())
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            name = key.split(".lora_")[0].removeprefix("base_model.model.")
+            shape = f.get_slice(key).get_shape()
+            mod = modules.get(name)
+            if mod is None:
+                raise UserError(f"{adapter_dir}: adapter tensor {key} targets module {name}, which the residual "
+                                "model does not have; use the adapter/ and residual/ of the same decompose run")
+            want = mod.in_features if ".lora_A." in key else mod.out_features
+            have = shape[1] if ".lora_A." in key else shape[0]
+            if want != have:
+                raise UserError(f"{adapter_dir}: adapter tensor {key} has shape {shape} but {name} has "
+                                f"{mod.in_features} in / {mod.out_features} out features; adapter and residual "
+                                "come from different models")
+
+
+def load_model(cfg: TrainConfig):
+    """Build (model, tokenizer, description) for cfg.method; only trainable params require grad."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = Path(cfg.model)
+    device_map = {"": distributed.rank_device(cfg.device, distributed.detect())}
+    if cfg.method == "from-out":
+        residual, adapter = root / "residual", root / "adapter"
+        if not (residual / "config.json").exists():
+            raise UserError(f"{residual}/config.json not found: pass the output directory of `qpissa decompose`, "
+                            "or --method lora|full with an HF checkpoint")
+        if not (adapter / "adapter_config.json").exists() or not (adapter / "adapter_model.safetensors").exists():
+            raise UserError(f"{adapter} is missing adapter_config.json/adapter_model.safetensors: rerun "
+                            f"`qpissa decompose` into {root} (or --resume it)")
+        from peft import PeftModel
+
+        require_causal_lm(residual, "train")
+        base = AutoModelForCausalLM.from_pretrained(residual, device_map=device_map)
+        _check_adapter_fits(base, adapter)
+        model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+        tok_dir = residual
+    else:
+        if not (root / "config.json").exists():
+            raise UserError(f"{root}/config.json not found: --method {cfg.method} needs an HF model directory")
+        if "quantization_config" in json.loads((root / "config.json").read_text()):
+            raise UserError(f"{root} is a quantized checkpoint; --method {cfg.method} needs unquantized weights")
+        require_causal_lm(root, "train")
+        dtype = torch.float32 if cfg.method == "full" else "auto"
+        model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, device_map=device_map)
+        if cfg.method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            torch.manual_seed(cfg.seed)
+            lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=0.0,
+                              target_modules="all-linear", init_lora_weights=True, task_type="CAUSAL_LM")
+            model = get_peft_model(model, lcfg)
+        tok_dir = root
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.use_cache = False
+    keep_4bit_layout_trainable(model)
+    if cfg.precision == "fp32":
+        compute_in_fp32(model)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.kernels == "triton":
+        from qpissa.train.kernel_backend import apply_kernel_backend  # lazy: only when asked
+
+        apply_kernel_backend(model, "triton")
+    return model, tokenizer
