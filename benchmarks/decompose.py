@@ -37,7 +37,7 @@ from safetensors import safe_open
 from qpissa.atomic import write_json
 from qpissa.decompose import default_model_dir
 from qpissa.formats import scan_checkpoint
-from qpissa.decompose.methods import initialize
+from qpissa.decompose.initialize import initialize
 from qpissa.quant import nf4_roundtrip
 from qpissa.decompose.targets import find_targets
 

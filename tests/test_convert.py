@@ -22,16 +22,10 @@ from safetensors.torch import load_file
 
 from qpissa.adapters import module_scale
 from qpissa.use.convert import ConvertConfig, convert_pissa_to_lora, converted_config
+from helpers import lora_pairs
 from qpissa.errors import UserError
 
 METHODS = ["pissa", "qpissa"]
-
-
-def _pairs(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module: (A, B)} in fp32, read with safetensors directly (not through qpissa)."""
-    t = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    return {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"):
-            (t[k].float(), t[k.replace("lora_A", "lora_B")].float()) for k in t if ".lora_A." in k}
 
 
 def _base_weight(model, module: str) -> torch.Tensor:
@@ -59,7 +53,7 @@ def converted(smollm2_decomposed, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("method", METHODS)
 def test_layout_and_config(smollm2_decomposed, converted, smollm2_dir, method):
     run = smollm2_decomposed[method]
-    trained, init, conv = _pairs(run["trained"]), _pairs(run["init"]), _pairs(converted[method])
+    trained, init, conv = lora_pairs(run["trained"]), lora_pairs(run["init"]), lora_pairs(converted[method])
     assert set(conv) == set(trained) and len(conv) == 5
     for module, (a2, b2) in conv.items():
         (a, b), (a0, b0) = trained[module], init[module]
@@ -93,7 +87,7 @@ def test_same_tensors_as_peft_conversion(smollm2_decomposed, load_fp32, tmp_path
 def test_original_plus_lora_equals_residual_plus_trained(smollm2_decomposed, converted, smollm2_dir, load_fp32,
                                                          method):
     run = smollm2_decomposed[method]
-    trained, init = _pairs(run["trained"]), _pairs(run["init"])
+    trained, init = lora_pairs(run["trained"]), lora_pairs(run["init"])
     s = 1.0  # decompose default: alpha = r = 8
     residual_model = load_fp32(run["residual"], run["trained"])  # the trained model, as training saw it
     original = load_fp32(smollm2_dir, converted[method])  # plain peft on the untouched original checkpoint
@@ -139,7 +133,7 @@ def test_scale_kept_with_rslora_and_patterns(smollm2_decomposed, smollm2_dir, lo
         variants[name] = d
     convert_pissa_to_lora(variants["trained"], variants["init"], tmp_path / "lora", ConvertConfig(dtype="float32"))
     model = load_fp32(smollm2_dir, tmp_path / "lora")
-    trained, init = _pairs(variants["trained"]), _pairs(variants["init"])
+    trained, init = lora_pairs(variants["trained"]), lora_pairs(variants["init"])
     for module, (a, b) in trained.items():
         alpha = 4 if module.endswith("down_proj") else 16
         s = alpha / math.sqrt(8) if rslora else alpha / 8  # the scale training used (r = 8)

@@ -11,7 +11,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)", allow_module_level=True)
 
 from qpissa.data import build_examples  # noqa: E402
-from qpissa.decompose.methods import SvdOptions, initialize  # noqa: E402
+from qpissa.decompose.methods import SvdOptions  # noqa: E402
+from qpissa.decompose.initialize import initialize  # noqa: E402
 from qpissa.train import fit, load_model  # noqa: E402
 from test_train import decomposed, frozen_state, make_cfg  # noqa: E402,F401  (decomposed: a fixture)
 

@@ -1,7 +1,6 @@
 """End to end on real weights: decompose → plain transformers+peft load (no qpissa) → same reconstruction."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import tree_digest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -49,22 +49,6 @@ def plain_load(tmp: Path, residual: Path, adapter: Path, auto: str = "AutoModel"
     assert proc.returncode == 0, proc.stderr[-3000:]
     with safe_open(str(out), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 of every output file; adapter_config's base model path (OUT/residual) is made relative."""
-    digests = {}
-    for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.name == "manifest.json":
-            continue
-        data = p.read_bytes()
-        if p.name == "adapter_config.json":
-            cfg = json.loads(data)
-            assert Path(cfg["base_model_name_or_path"]) == (root / "residual").resolve()
-            cfg["base_model_name_or_path"] = "OUT/residual"
-            data = json.dumps(cfg, sort_keys=True).encode()
-        digests[str(p.relative_to(root))] = hashlib.sha256(data).hexdigest()
-    return digests
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ from torch.overrides import TorchFunctionMode
 from qpissa.decompose import DecomposeConfig, decompose_tensor
 from qpissa.formats import TensorInfo
 from qpissa.decompose.linalg import error_norms, exact_svd, low_rank_factors, randomized_svd
-from qpissa.decompose.methods import SvdOptions, initialize, loftq
+from qpissa.decompose.methods import SvdOptions, loftq
+from qpissa.decompose.initialize import initialize
 from qpissa.quant import NF4Spec, nf4_roundtrip
 from qpissa.decompose.targets import Target
 

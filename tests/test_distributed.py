@@ -6,7 +6,6 @@ rank with OMP_NUM_THREADS=1, so the single-process reference here runs with 1 th
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -17,11 +16,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import tree_digest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qpissa import distributed
+from qpissa.decompose import sharding
 from qpissa.decompose import decompose
 from qpissa.errors import UserError
 from qpissa.formats import scan_checkpoint
@@ -32,25 +33,6 @@ CLI_ARGS = ["--method", "qpissa", "--rank", "8", "--iters", "1", "--targets", "q
             "--no-loftq-baseline", "--device", "cpu", "--quiet"]
 OUTPUT_FILES = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "residual/config.json",
                 "residual/model.safetensors", "report.json", "report.csv", "report.md", "error_by_layer.png"}
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """Every file but manifest.json (it holds timings), including the parts.
-
-    adapter_config.json names its own OUT/residual as base model, so that path is checked and
-    replaced by a placeholder before hashing.
-    """
-    digest = {}
-    for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.name == "manifest.json":
-            continue
-        data = p.read_bytes()
-        if p.name == "adapter_config.json":
-            base = json.loads(data)["base_model_name_or_path"]
-            assert Path(base) == (root / "residual").resolve(), base
-            data = data.replace(json.dumps(base).encode(), b'"OUT/residual"')
-        digest[str(p.relative_to(root))] = hashlib.sha256(data).hexdigest()
-    return digest
 
 
 def torchrun(tmp: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -84,14 +66,14 @@ def reference(minilm_dir, tmp_path_factory) -> Path:
                                    [4, 4, 3, 3, 3]])
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_assign_covers_every_tensor_and_is_near_optimal(sizes, world):
-    owner = distributed.assign(sizes, world)
+    owner = sharding.assign(sizes, world)
     assert len(owner) == len(sizes) and set(owner) <= set(range(world))
-    assert owner == distributed.assign(list(sizes), world)  # deterministic: every rank computes the same
+    assert owner == sharding.assign(list(sizes), world)  # deterministic: every rank computes the same
     makespan = max(sum(s for s, o in zip(sizes, owner) if o == r) for r in range(world))
     optimal = min(max(sum(s for s, o in zip(sizes, split) if o == r) for r in range(world))
                   for split in itertools.product(range(world), repeat=len(sizes)))  # brute force
     assert makespan <= 4 / 3 * optimal  # Graham's bound for largest-first greedy
-    mine = [distributed.owned([(s,) for s in sizes], distributed.Dist(r, world, r)) for r in range(world)]
+    mine = [sharding.owned([(s,) for s in sizes], distributed.Dist(r, world, r)) for r in range(world)]
     assert sorted(sum(mine, [])) == list(range(len(sizes)))  # a partition: each tensor has one owner
 
 
@@ -117,14 +99,14 @@ def test_fragments_newest_entry_wins_and_a_missing_rank_is_reported(tmp_path):
     old = {"a": {"part": "00000.safetensors", "sha256": "old"}, "b": {"part": "00001.safetensors", "sha256": "b"}}
     (tmp_path / "manifest.json").write_text(json.dumps({"tensors": old}))
     os.utime(tmp_path / "manifest.json", ns=(1, 1))  # written before the fragment
-    distributed.write_fragment(tmp_path / ".parts", distributed.Dist(1, 2, 1), {"a": {"sha256": "new"}})
-    assert distributed.known_parts(tmp_path) == {"a": {"sha256": "new"}, "b": old["b"]}
+    sharding.write_fragment(tmp_path / ".parts", distributed.Dist(1, 2, 1), {"a": {"sha256": "new"}})
+    assert sharding.known_parts(tmp_path) == {"a": {"sha256": "new"}, "b": old["b"]}
     with pytest.raises(UserError, match="manifest-rank0.json is missing"):
-        distributed.merge_fragments(tmp_path / ".parts", 2, ["a", "b"])
-    distributed.write_fragment(tmp_path / ".parts", distributed.Dist(0, 2, 0), {})
+        sharding.merge_fragments(tmp_path / ".parts", 2, ["a", "b"])
+    sharding.write_fragment(tmp_path / ".parts", distributed.Dist(0, 2, 0), {})
     with pytest.raises(UserError, match="no part recorded for b"):
-        distributed.merge_fragments(tmp_path / ".parts", 2, ["a", "b"])
-    distributed.remove_fragments(tmp_path / ".parts")
+        sharding.merge_fragments(tmp_path / ".parts", 2, ["a", "b"])
+    sharding.remove_fragments(tmp_path / ".parts")
     assert list((tmp_path / ".parts").iterdir()) == []
 
 
@@ -167,7 +149,7 @@ def test_resume_across_process_counts(reference, minilm_dir, tmp_path):
     entries, manifest["tensors"], manifest["status"] = manifest["tensors"], {}, "running"
     (cut / "manifest.json").write_text(json.dumps(manifest))
     for rank, chunk in enumerate((modules[:4], modules[4:7])):
-        distributed.write_fragment(cut / ".parts", distributed.Dist(rank, 2, rank), {m: entries[m] for m in chunk})
+        sharding.write_fragment(cut / ".parts", distributed.Dist(rank, 2, rank), {m: entries[m] for m in chunk})
     for module in modules[7:]:
         (cut / ".parts" / entries[module]["part"]).unlink()
     (cut / "report.json").unlink()
@@ -190,7 +172,7 @@ def test_an_error_on_one_rank_stops_all_with_one_clear_line(tmp_path):
     with safe_open(str(model / "model.safetensors"), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     targets, *_ = find_targets(model, scan_checkpoint(model), None)
-    owner = distributed.assign([math.prod(t.shape) for t in targets], 2)
+    owner = sharding.assign([math.prod(t.shape) for t in targets], 2)
     bad = targets[owner.index(1)].weight.name  # a tensor rank 1 decomposes
     tensors[bad][3, 5] = float("nan")
     save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})

@@ -3,29 +3,22 @@
 The fused Triton path must give the same logits and LoRA gradients as bitsandbytes + PEFT.
 Runs on CPU under Triton's interpreter: TRITON_INTERPRET=1 is set before triton is imported.
 """
-import os
+from helpers import triton_interpreter
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede any triton / qpissa.kernels import
+triton_interpreter()  # must precede any triton / qpissa.kernels import
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton not installed: pip install triton (Linux) to test the kernels")
-pytest.importorskip("bitsandbytes")
-
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from qpissa.train.kernel_backend import apply_kernel_backend  # noqa: E402
-from qpissa.kernels.nf4_dequant import interpreting  # noqa: E402
-
-if not interpreting() and not torch.cuda.is_available():
-    pytest.skip("qpissa.kernels was imported before TRITON_INTERPRET=1 was set and there is no GPU",
-                allow_module_level=True)
 
 N_LINEAR = 7  # q, k, v, o, gate, up, down in one decoder layer
 

@@ -2,23 +2,18 @@
 
 Runs on CPU under Triton's interpreter: TRITON_INTERPRET=1 is set before triton is imported.
 """
-import os
+from helpers import triton_interpreter
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede any triton / qpissa.kernels import
+triton_interpreter()  # must precede any triton / qpissa.kernels import
 
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton not installed: pip install triton (Linux) to test the kernels")
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
-from qpissa.kernels.nf4_dequant import interpreting, nf4_dequantize  # noqa: E402
+from qpissa.kernels.nf4_dequant import nf4_dequantize  # noqa: E402
 from qpissa.kernels.reference import nf4_dequantize_reference  # noqa: E402
 from qpissa.quant import NF4Weight  # noqa: E402
-
-if not interpreting() and not torch.cuda.is_available():
-    pytest.skip("qpissa.kernels was imported before TRITON_INTERPRET=1 was set and there is no GPU",
-                allow_module_level=True)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}

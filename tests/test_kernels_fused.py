@@ -2,25 +2,19 @@
 
 Runs on CPU under Triton's interpreter: TRITON_INTERPRET=1 is set before triton is imported.
 """
-import os
+from helpers import triton_interpreter
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede any triton / qpissa.kernels import
+triton_interpreter()  # must precede any triton / qpissa.kernels import
 
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton not installed: pip install triton (Linux) to test the kernels")
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 from qpissa.kernels.fused_linear import fused_nf4_lora_linear, nf4_matmul  # noqa: E402
-from qpissa.kernels.nf4_dequant import interpreting  # noqa: E402
 from qpissa.kernels.reference import (  # noqa: E402
     fused_linear_backward_reference, fused_linear_reference, nf4_dequantize_reference)
 from qpissa.quant import NF4Weight  # noqa: E402
-
-if not interpreting() and not torch.cuda.is_available():
-    pytest.skip("qpissa.kernels was imported before TRITON_INTERPRET=1 was set and there is no GPU",
-                allow_module_level=True)
 
 
 def _weight(n, k, dtype=torch.float32, blocksize=64, nested=False, seed=0):

@@ -15,16 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import lora_pairs
 from qpissa.errors import UserError
 from qpissa.use.merge import MergeConfig, merge
 
 METHODS = ["pissa", "qpissa"]
-
-
-def _pairs(adapter_dir):
-    t = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    return {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"):
-            (t[k].float(), t[k.replace("lora_A", "lora_B")].float()) for k in t if ".lora_A." in k}
 
 
 def _layer_weight(layer) -> torch.Tensor:
@@ -45,7 +40,7 @@ def expected(smollm2_decomposed, load_fp32):
         peft_model = load_fp32(run["residual"], run["trained"])
         inner = peft_model.base_model.model
         weights = {m: _layer_weight(inner.get_submodule(m).base_layer) + 1.0 * b @ a  # s = α/r = 8/8
-                   for m, (a, b) in _pairs(run["trained"]).items()}
+                   for m, (a, b) in lora_pairs(run["trained"]).items()}
         out[method] = (peft_model, weights)
     return out
 
@@ -86,7 +81,7 @@ def test_merge_requantized_nf4(smollm2_decomposed, expected, tmp_path, method):
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"))  # plain transformers, pre-quantized NF4
     _, weights = expected[method]
     rows = {r["module"]: r for r in report["modules"]}
-    trained, init = _pairs(run["trained"]), _pairs(run["init"])
+    trained, init = lora_pairs(run["trained"]), lora_pairs(run["init"])
     for module, (a, b) in trained.items():  # what training changed: ‖s·(BA − B₀A₀)‖, s = 1
         a0, b0 = init[module]
         assert math.isclose(rows[module]["finetune_delta_fro"], float((b @ a - b0 @ a0).norm()), rel_tol=1e-4)

@@ -6,7 +6,8 @@ import torch
 from safetensors import safe_open
 
 from qpissa.decompose.linalg import error_norms
-from qpissa.decompose.methods import adapter_scale, initialize, loftq, pissa, qlora, qpissa
+from qpissa.decompose.methods import adapter_scale, loftq, pissa, qlora, qpissa
+from qpissa.decompose.initialize import initialize
 from qpissa.quant import nf4_roundtrip
 
 

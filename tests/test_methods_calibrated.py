@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 
 from qpissa.errors import UserError
-from qpissa.decompose.methods import (CALIBRATED_METHODS, METHODS, QUANTIZED_METHODS, initialize, loftq, milora, olora,
-                            qlora, qpissa)
+from qpissa.decompose.methods import CALIBRATED_METHODS, METHODS, QUANTIZED_METHODS, loftq, milora, olora, qlora, qpissa
+from qpissa.decompose.initialize import initialize
 from qpissa.decompose.methods_calibrated import cloq, corda
 from qpissa.quant import nf4_roundtrip, quantize_nf4
 from qpissa.decompose.whitening import (Whitening, damped, output_error, sqrt_and_inv_sqrt, weighted_low_rank_factors,

@@ -56,7 +56,7 @@ def test_double_quant_adds_a_little_error(weights):
     w = next(iter(weights.values()))
     plain = error_norms(w - nf4_roundtrip(w)[1])["frobenius"]
     double = error_norms(w - nf4_roundtrip(w, NF4Spec(double_quant=True))[1])["frobenius"]
-    assert 1.0 < double / plain < 1.06  # DESIGN.md: ≈ +2.3%
+    assert 1.0 < double / plain < 1.06  # measured ≈ +2.3% (QLoRA, Dettmers et al. 2023: double quant costs little error)
 
 
 def test_serialized_layout_is_what_bitsandbytes_reads(weights):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 
 def main() -> None:
-    """Entry point (``qpissa`` and ``python -m qpissa``); see :func:`qpissa.cli.main.main`."""
-    from qpissa.cli.main import main as run
+    """Entry point (``qpissa`` and ``python -m qpissa``); see :func:`qpissa.cli.entry.main`."""
+    from qpissa.cli.entry import main as run
 
     run()

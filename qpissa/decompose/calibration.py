@@ -1,7 +1,7 @@
 """Calibration statistics H = Σ xᵀx per distinct linear input, collected block by block (GPTQ-style).
 
 Output error of a linear y = W·x on calibration tokens X (tokens×n) is ‖X(W − Ŵ)ᵀ‖_F² =
-‖(W − Ŵ)·H^½‖_F² with H = XᵀX (DESIGN.md §3); the calibrated methods only need H per target.
+‖(W − Ŵ)·H^½‖_F² with H = XᵀX (GPTQ, Frantar et al. 2023; CLoQ, Deng et al. 2025); the calibrated methods only need H per target.
 The model is never loaded whole: a weightless skeleton is built on the meta device, only the
 tensors before the first block (embeddings, rotary buffers) are read, the N sequences' hidden
 states at block i's input are kept, and block i alone is materialized from the safetensors

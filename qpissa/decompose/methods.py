@@ -1,6 +1,6 @@
 """Adapter initialization methods: one pure function per method, W → (A, B, residual).
 
-Notation (DESIGN.md §3): W ∈ R^{m×n} (out×in), rank r, scale s (α/r, or α/√r with rsLoRA),
+Notation (PiSSA, Meng et al. 2024, §3; LoRA, Hu et al. 2021): W ∈ R^{m×n} (out×in), rank r, scale s (α/r, or α/√r with rsLoRA),
 adapter update ΔW = s·B·A with A: r×n (lora_A), B: m×r (lora_B). Every function returns an
 :class:`Init` whose ``reconstruction()`` is what the saved model computes: deq(Q) + s·B·A
 (or R + s·B·A when the residual stays in full precision). Adapters are cast to their storage
@@ -14,7 +14,6 @@ from typing import Callable, Literal
 
 import torch
 
-from qpissa.errors import UserError
 from qpissa.decompose.linalg import SvdMethod, canonical_signs, low_rank_factors, seeded_draw
 from qpissa.quant import NF4Spec, NF4Tensor, dequantize_nf4, quantize_nf4
 from qpissa.decompose.whitening import DEFAULT_DAMP, Whitening, output_error, weighted_low_rank_factors, whiten
@@ -232,41 +231,3 @@ def olora(w: torch.Tensor, rank: int, scale: float, *, spec: NF4Spec = NF4Spec()
     a = rm[:rank].contiguous().to(adapter_dtype)  # (r, n)
     b = qm[:, :rank].contiguous().to(adapter_dtype)  # (m, r)
     return _finish(w, a, b, scale, spec, quantize, {"iters": 0})
-
-
-def initialize(method: Method, w: torch.Tensor, rank: int, scale: float, *, iters: int = 1,
-               spec: NF4Spec = NF4Spec(), svd: SvdOptions = SvdOptions(), seed: int = 0,
-               adapter_dtype=torch.bfloat16, refit: bool = True,
-               h: torch.Tensor | Whitening | None = None, damp: float = DEFAULT_DAMP) -> Init:
-    """Run ``method`` on one weight ``w`` (m×n, fp32 or fp64).
-
-    ``h``: calibration statistics H = Σ x·xᵀ of this layer's input (n×n), or a :class:`Whitening`
-    built once from it; required by cloq and corda, used by qpissa and loftq, ignored otherwise.
-    ``damp``: λ of H + λ·mean(diag H)·I (for a Whitening, the one it was built with); corda starts its
-    PEFT damping schedule from it.
-    """
-    if method in CALIBRATED_METHODS and h is None:
-        raise UserError(f"method {method!r} needs calibration statistics: pass --calib-data FILE "
-                        f"(or choose one of {', '.join(m for m in METHODS if m not in CALIBRATED_METHODS)})")
-    if method == "lora":
-        return lora(w, rank, scale, seed=seed, adapter_dtype=adapter_dtype)
-    if method == "qlora":
-        return qlora(w, rank, scale, spec=spec, seed=seed, adapter_dtype=adapter_dtype)
-    if method == "pissa":
-        return pissa(w, rank, scale, svd=svd, adapter_dtype=adapter_dtype)
-    if method == "qpissa":
-        return qpissa(w, rank, scale, iters=iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype, refit=refit,
-                      h=h, damp=damp)
-    if method == "loftq":
-        return loftq(w, rank, scale, iters=iters, spec=spec, svd=svd, adapter_dtype=adapter_dtype, h=h, damp=damp)
-    if method == "milora":
-        return milora(w, rank, scale, spec=spec, adapter_dtype=adapter_dtype)
-    if method == "olora":
-        return olora(w, rank, scale, spec=spec, adapter_dtype=adapter_dtype)
-    if method in ("cloq", "corda"):
-        from qpissa.decompose.methods_calibrated import cloq, corda  # imports this module: import here, not at the top
-
-        if method == "cloq":
-            return cloq(w, rank, scale, h, spec=spec, svd=svd, adapter_dtype=adapter_dtype, damp=damp)
-        return corda(w, rank, scale, h, spec=spec, svd=svd, adapter_dtype=adapter_dtype, damp=damp)
-    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")

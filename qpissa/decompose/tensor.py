@@ -8,7 +8,8 @@ import torch
 from qpissa.errors import UserError
 from qpissa.decompose.config import DecomposeConfig
 from qpissa.decompose.linalg import error_norms
-from qpissa.decompose.methods import adapter_scale, initialize, loftq, qpissa
+from qpissa.decompose.methods import adapter_scale, loftq, qpissa
+from qpissa.decompose.initialize import initialize
 from qpissa.decompose.targets import Target
 from qpissa.decompose.whitening import Whitening, output_error
 from qpissa.quant import nf4_roundtrip
