@@ -31,7 +31,8 @@ class Options:
 
     ``defaults``: CLI defaults that differ from the Python API's (e.g. ``device="auto"``);
     ``toggles``: booleans as ``--x/--no-x`` (else an on-switch ``--x``); ``shorts``: field → short flag;
-    ``list_choices``: append "(one of: …)" to the help of ``Literal`` fields.
+    ``list_choices``: append "(one of: …)" to the help of ``Literal`` fields; ``flags``: field → flag name when
+    it is not ``--field-name`` (e.g. ``init_adapter`` → ``--init``).
     """
 
     cls: type
@@ -41,6 +42,7 @@ class Options:
     toggles: bool = True
     shorts: Mapping[str, str] = field(default_factory=dict)
     list_choices: bool = True
+    flags: Mapping[str, str] = field(default_factory=dict)
 
     def parameters(self) -> list[inspect.Parameter]:
         hints = typing.get_type_hints(self.cls)
@@ -59,9 +61,9 @@ class Options:
             if self.list_choices:
                 help_text = f"{help_text} (one of: {', '.join(allowed)})"
             base = str
-        flag = "--" + f.name.replace("_", "-")
+        flag = self.flags.get(f.name, "--" + f.name.replace("_", "-"))
         if base is bool and (self.toggles or optional):
-            flag = f"{flag}/--no-{f.name.replace('_', '-')}"
+            flag = f"{flag}/--no-{flag[2:]}"
         decls = [flag, *([self.shorts[f.name]] if f.name in self.shorts else [])]
         if f.name in self.defaults:
             default = self.defaults[f.name]

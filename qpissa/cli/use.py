@@ -6,13 +6,17 @@ Each parses options, calls one library function (:mod:`qpissa.use.convert`, :mod
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, get_args
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from qpissa.cli.app import app
+from qpissa.cli.options import Options, with_options
+from qpissa.use.convert import ConvertConfig
+from qpissa.use.evaluate import Gsm8kConfig, PerplexityConfig
+from qpissa.use.merge import MergeConfig
 
 console = Console()  # results (tables) on stdout
 log = Console(stderr=True)  # progress and warnings on stderr
@@ -26,75 +30,60 @@ def _table(title: str, rows: dict) -> Table:
 
 
 @app.command("convert")
+@with_options(options=Options(ConvertConfig, list_choices=False))
 def convert_cmd(
     trained: Path = typer.Argument(..., help="trained PiSSA/QPiSSA adapter dir (e.g. RUN/adapter)"),
     init: Path = typer.Option(..., "--init", help="the adapter training started from (decompose's OUT/adapter)"),
     output: Path = typer.Option(..., "--output", "-o", help="new dir for the rank-2r LoRA on the original model"),
-    dtype: str = typer.Option("same", help="same | bfloat16 | float16 | float32 (factor dtype)"),
-    base_model: Optional[str] = typer.Option(None, help="original model path/id to record in adapter_config.json"),
-    overwrite: bool = typer.Option(False, help="replace an adapter already in --output"),
+    options: dict = None,  # type: ignore[assignment]  (ConvertConfig's fields, see with_options)
 ) -> None:
     """PiSSA → LoRA: ΔW = s·B·A − s·B₀·A₀ as a rank-2r LoRA (A′=[A;A₀], B′=[B,−B₀]) on the ORIGINAL model."""
-    from qpissa.use.convert import ConvertConfig, convert_pissa_to_lora
-    from qpissa.errors import UserError
+    from qpissa.use.convert import convert_pissa_to_lora
 
-    if dtype not in ("same", "bfloat16", "float16", "float32"):
-        raise UserError(f"--dtype {dtype!r}: choose same, bfloat16, float16 or float32")
-    summary = convert_pissa_to_lora(trained, init, output, ConvertConfig(dtype, base_model, overwrite))  # type: ignore[arg-type]
+    summary = convert_pissa_to_lora(trained, init, output, ConvertConfig(**options))
     console.print(_table("converted adapter", summary))
     if not summary["base_model_found"]:
         log.print("[yellow]original model unknown: pass --base-model so the LoRA loads on the original weights")
 
 
 @app.command("merge")
+@with_options(options=Options(MergeConfig, exclude=("shard_size",), defaults={"device": "auto"},
+                              flags={"init_adapter": "--init"}, list_choices=False))
 def merge_cmd(
     residual: Path = typer.Argument(..., help="residual model dir (decompose's OUT/residual) or any HF model dir"),
     adapter: Path = typer.Argument(..., help="LoRA adapter dir to fold in (e.g. RUN/adapter)"),
     output: Path = typer.Option(..., "--output", "-o", help="new dir for the standalone model"),
-    dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
-    quantize: str = typer.Option("none", help="none | nf4 (re-quantize merged weights; extra error reported)"),
-    init: Optional[Path] = typer.Option(None, "--init", help="initial adapter: also report what training changed"),
-    overwrite: bool = typer.Option(False, help="replace a model already in --output"),
-    device: str = typer.Option("auto", help="where to compute: auto | cpu | cuda (auto: cuda when available)"),
+    options: dict = None,  # type: ignore[assignment]  (MergeConfig's fields, see with_options)
 ) -> None:
     """Standalone model = deq(residual) + s·B·A, loadable with plain transformers (optionally NF4 again)."""
     from rich.progress import Progress
 
-    from qpissa.errors import UserError
-    from qpissa.use.merge import MergeConfig, merge
+    from qpissa.use.merge import merge
 
-    if dtype not in ("bfloat16", "float16", "float32"):
-        raise UserError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
-    if quantize not in ("none", "nf4"):
-        raise UserError(f"--quantize {quantize!r}: choose none or nf4")
+    if options["init_adapter"] is not None:  # a path, recorded as given (as before)
+        options["init_adapter"] = str(Path(options["init_adapter"]))
+    cfg = MergeConfig(**options)
     with Progress(console=log, transient=True) as bar:
         task = bar.add_task("merging", total=None)
-        report = merge(residual, adapter, output, MergeConfig(dtype=dtype, quantize=quantize, overwrite=overwrite,
-                                                              init_adapter=str(init) if init else None,
-                                                              device=device),  # type: ignore[arg-type]
-                       progress=lambda name: bar.update(task, description=f"merging {name}"))
+        report = merge(residual, adapter, output, cfg, progress=lambda name: bar.update(task, description=f"merging {name}"))
     console.print(_table("merged model", {k: v for k, v in report.items() if k not in ("modules", "warning")}))
     if report.get("warning"):
         log.print(f"[bold yellow]warning:[/] {report['warning']}")
 
 
 @app.command("eval")
+@with_options(gsm8k=Options(Gsm8kConfig, list_choices=False),
+              ppl=Options(PerplexityConfig, exclude=("limit", "batch_size")))  # those two: Gsm8kConfig's, for both
 def eval_cmd(
     model: Path = typer.Argument(..., help="HF model dir, decompose/train output dir, or adapter dir"),
     task: str = typer.Option(..., "--task", help="gsm8k | perplexity"),
     data: Path = typer.Option(..., "--data", help="GSM8K JSONL (question/answer) or a text/JSONL file"),
     output: Path = typer.Option(..., "--output", "-o", help="dir for <task>_examples.jsonl and <task>_summary.json"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter to load on MODEL"),
-    limit: Optional[int] = typer.Option(None, help="first N rows/documents only"),
-    batch_size: int = typer.Option(8, help="prompts (gsm8k) or windows (perplexity) per forward"),
-    max_new_tokens: int = typer.Option(256, help="gsm8k: generation budget"),
-    prompt_style: str = typer.Option("alpaca", help="gsm8k: alpaca (= qpissa train's template) | chat | plain"),
-    instruction: str = typer.Option("", help="gsm8k: text appended to each question"),
-    max_length: int = typer.Option(1024, help="perplexity: tokens per window"),
-    stride: int = typer.Option(512, help="perplexity: new tokens scored per later window"),
-    text_field: str = typer.Option("text", help="perplexity: JSONL field(s), comma-separated"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 (NF4 models compute per their config)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda (auto: cuda when available)"),
+    gsm8k: dict = None,  # type: ignore[assignment]  (Gsm8kConfig's fields, see with_options)
+    ppl: dict = None,  # type: ignore[assignment]  (PerplexityConfig's other fields)
 ) -> None:
     """GSM8K accuracy (batched greedy) or token-weighted perplexity, with plain transformers + peft."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -105,10 +94,9 @@ def eval_cmd(
 
     if task not in ("gsm8k", "perplexity"):
         raise UserError(f"--task {task!r}: choose gsm8k or perplexity")
-    if prompt_style not in ("alpaca", "chat", "plain"):
-        raise UserError(f"--prompt-style {prompt_style!r}: choose alpaca, chat or plain")
-    if dtype not in ("float32", "bfloat16", "float16"):
+    if dtype not in get_args(ev.DType):
         raise UserError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
+    gcfg = ev.Gsm8kConfig(**gsm8k)  # checks --prompt-style before any weights are read
     if not data.exists():
         raise UserError(f"--data {data}: file not found")
     device = resolve_device(device)
@@ -117,12 +105,11 @@ def eval_cmd(
     columns = (TextColumn(f"[bold]{task}"), BarColumn(), MofNCompleteColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=log, transient=True) as bar:
         if task == "gsm8k":
-            cfg = ev.Gsm8kConfig(limit, batch_size, max_new_tokens, prompt_style, instruction)  # type: ignore[arg-type]
-            n = len(ev.read_jsonl(data, limit))
+            n = len(ev.read_jsonl(data, gcfg.limit))
             t = bar.add_task(task, total=n)
-            summary, records = ev.evaluate_gsm8k(model_obj, tokenizer, data, cfg, lambda k: bar.advance(t, k))
+            summary, records = ev.evaluate_gsm8k(model_obj, tokenizer, data, gcfg, lambda k: bar.advance(t, k))
         else:
-            pcfg = ev.PerplexityConfig(max_length, stride, batch_size, text_field, limit)
+            pcfg = ev.PerplexityConfig(**ppl, limit=gcfg.limit, batch_size=gcfg.batch_size)
             t = bar.add_task(task, total=None)
             summary, records = ev.evaluate_perplexity(model_obj, tokenizer, data, pcfg, lambda k: bar.advance(t, k))
     summary.update({"model": str(base), "adapter": str(adapter_dir) if adapter_dir else None, "dtype": dtype})

@@ -27,6 +27,7 @@ import torch
 
 from qpissa.adapters import ADAPTER_WEIGHTS, Adapter, module_scale, read_adapter
 from qpissa.atomic import write_json
+from qpissa.choices import check_choices
 from qpissa.errors import UserError
 from qpissa.formats import is_within, save_tensors
 
@@ -35,10 +36,12 @@ OutDType = Literal["same", "bfloat16", "float16", "float32"]
 
 @dataclass
 class ConvertConfig:
-    dtype: OutDType = field(default="same", metadata={"help": "dtype of the written factors ('same' = trained's)"})
-    base_model: str | None = field(default=None, metadata={
-        "help": "base_model_name_or_path to record (the ORIGINAL model); default: found beside the init adapter"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing adapter in the output dir"})
+    dtype: OutDType = field(default="same", metadata={"help": "same | bfloat16 | float16 | float32 (factor dtype)"})
+    base_model: str | None = field(default=None, metadata={"help": "original model path/id to record in adapter_config.json"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an adapter already in --output"})
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 def converted_config(config: dict[str, Any], base_model: str | None) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import torch
 
 from qpissa.use.answers import answers_match, extract_answer, gold_answer
 from qpissa.data import GSM8K_PROMPT
+from qpissa.choices import check_choices
 from qpissa.errors import UserError
 
 PromptStyle = Literal["alpaca", "chat", "plain"]
@@ -41,22 +42,23 @@ _CONTINUATION_MARKERS = ("\nQuestion:", "\n\nQuestion", "### Instruction", "<|im
 
 @dataclass
 class Gsm8kConfig:
-    limit: int | None = field(default=None, metadata={"help": "evaluate the first N rows only"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generate() call (left padding)"})
-    max_new_tokens: int = field(default=256, metadata={"help": "generation budget per answer"})
-    prompt_style: PromptStyle = field(default="alpaca", metadata={
-        "help": "alpaca: the template `qpissa train --template gsm8k` uses (PiSSA's); chat: the tokenizer's chat "
-                "template (instruct models); plain: 'Question: …\\nAnswer:'"})
-    instruction: str = field(default="", metadata={"help": "text appended to each question, e.g. a format hint"})
+    limit: int | None = field(default=None, metadata={"help": "first N rows/documents only"})
+    batch_size: int = field(default=8, metadata={"help": "prompts (gsm8k) or windows (perplexity) per forward"})
+    max_new_tokens: int = field(default=256, metadata={"help": "gsm8k: generation budget"})
+    prompt_style: PromptStyle = field(default="alpaca", metadata={"help":
+        "gsm8k: alpaca (= qpissa train's template) | chat | plain"})
+    instruction: str = field(default="", metadata={"help": "gsm8k: text appended to each question"})
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 @dataclass
 class PerplexityConfig:
-    max_length: int = field(default=1024, metadata={"help": "tokens per window (context + scored)"})
-    stride: int = field(default=512, metadata={"help": "new tokens scored per later window (< max_length)"})
+    max_length: int = field(default=1024, metadata={"help": "perplexity: tokens per window"})
+    stride: int = field(default=512, metadata={"help": "perplexity: new tokens scored per later window"})
     batch_size: int = field(default=4, metadata={"help": "windows per forward pass"})
-    text_field: str = field(default="text", metadata={
-        "help": "JSONL field(s) holding the text; comma-separated fields are joined with a newline"})
+    text_field: str = field(default="text", metadata={"help": "perplexity: JSONL field(s), comma-separated"})
     limit: int | None = field(default=None, metadata={"help": "first N documents only"})
 
 

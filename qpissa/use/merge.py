@@ -26,6 +26,7 @@ import torch
 
 from qpissa.adapters import module_scale, read_adapter
 from qpissa.atomic import write_json
+from qpissa.choices import check_choices
 from qpissa.devices import DEVICE_HELP, resolve_device
 from qpissa.errors import UserError
 from qpissa.formats import (TensorInfo, byte_size, copy_side_files, entry_of, is_within, load_tensor, weight_key,
@@ -40,14 +41,15 @@ _COMPANIONS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quan
 
 @dataclass
 class MergeConfig:
-    dtype: MergeDType = field(default="bfloat16", metadata={"help": "dtype of every floating output tensor"})
-    quantize: Quantize = field(default="none", metadata={
-        "help": "nf4: re-quantize the merged weights (pre-quantized bitsandbytes format), reporting the added error"})
+    dtype: MergeDType = field(default="bfloat16", metadata={"help": "bfloat16 | float16 | float32"})
+    quantize: Quantize = field(default="none", metadata={"help": "none | nf4 (re-quantize merged weights; extra error reported)"})
     shard_size: int = field(default=4 * 2**30, metadata={"help": "bytes per output shard"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing model in the output dir"})
-    init_adapter: str | None = field(default=None, metadata={
-        "help": "the adapter training started from: report ‖s·(BA − B₀A₀)‖ (what fine-tuning changed) per module"})
-    device: str = field(default="cpu", metadata={"help": "where deq(R) + s·B·A is computed: " + DEVICE_HELP})
+    overwrite: bool = field(default=False, metadata={"help": "replace a model already in --output"})
+    init_adapter: str | None = field(default=None, metadata={"help": "initial adapter: also report what training changed"})
+    device: str = field(default="cpu", metadata={"help": "where to compute: auto | cpu | cuda (auto: cuda when available)"})
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 def _read_nf4(weight: TensorInfo, by_name: dict[str, TensorInfo], device: str = "cpu") -> torch.Tensor:
