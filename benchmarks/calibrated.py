@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def _load_sibling(name: str):
-    """Import benchmarks/NAME.py by path (benchmarks/ on sys.path would let benchmarks/kernels.py shadow HF's
+    """Import benchmarks/NAME.py by path (benchmarks/ stays off sys.path: no file there may ever shadow HF's
     ``kernels`` package that bitsandbytes imports)."""
     spec = importlib.util.spec_from_file_location(f"qpissa_bench_{name}", HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

@@ -10,8 +10,8 @@
 3. train: a full training step (forward, backward, AdamW) of a real transformers Llama with 7B-sized
    layers (2 decoder layers, 4-bit via BitsAndBytesConfig, PEFT LoRA on all linears), tokens/s per backend.
 
-GPU only: ``python benchmarks/kernels.py`` → benchmarks/results/kernels.json.
-``python benchmarks/kernels.py --dry-run`` runs tiny shapes on CPU under TRITON_INTERPRET=1 to prove the
+GPU only: ``python benchmarks/kernel_bench.py`` → benchmarks/results/kernels.json.
+``python benchmarks/kernel_bench.py --dry-run`` runs tiny shapes on CPU under TRITON_INTERPRET=1 to prove the
 script works (timings there are meaningless and go to benchmarks/results/kernels_dryrun.json).
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# This file is named kernels.py: keep its folder off sys.path so bitsandbytes' optional
-# `import kernels` (HF kernels hub) does not import this script.
+# Keep this folder off sys.path: bitsandbytes' optional `import kernels` (HF kernels hub) must find HF's
+# package, never a file here (this script was once named kernels.py; see also the repo's kernels/ folder).
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 if "--dry-run" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton / qpissa.kernels are imported
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
         name, dq_shapes, lin_shapes = "CPU (Triton interpreter)", DRY_DEQUANT, DRY_LINEAR
     else:
         if not torch.cuda.is_available():
-            print("benchmarks/kernels.py needs a CUDA GPU; use --dry-run to exercise the script on CPU",
+            print("benchmarks/kernel_bench.py needs a CUDA GPU; use --dry-run to exercise the script on CPU",
                   file=sys.stderr)
             return 2
         dev, warmup, reps, tokens, rank = torch.device("cuda"), 3, args.reps, args.tokens, args.rank
