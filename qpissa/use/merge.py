@@ -27,7 +27,7 @@ import torch
 from qpissa.adapters import module_scale, read_adapter
 from qpissa.atomic import write_json
 from qpissa.choices import check_choices
-from qpissa.devices import DEVICE_HELP, resolve_device
+from qpissa.devices import resolve_device
 from qpissa.errors import UserError
 from qpissa.formats import (TensorInfo, byte_size, copy_side_files, entry_of, is_within, load_tensor, weight_key,
                             scan_checkpoint, write_index, write_safetensors)
