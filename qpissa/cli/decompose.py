@@ -44,7 +44,7 @@ def print_summary(report: dict) -> None:
 
 @app.command()
 @with_options(options=Options(DecomposeConfig, exclude=("compute_dtype", "progress"), defaults={"device": "auto"},
-                                      list_choices=False))
+                                      list_choices=False, types={"calib_data": Path}))
 def decompose(
     model: Optional[Path] = typer.Argument(None, help="HF model dir (config.json + *.safetensors); default: all-MiniLM-L6-v2"),
     out: Path = typer.Option(Path("out"), "--output", "-o", help="output directory"),
@@ -54,8 +54,8 @@ def decompose(
     """Split each target weight into principal adapter + (NF4) residual; write residual/, adapter/, reports."""
     from qpissa.decompose.driver import decompose as run
 
-    if options["calib_data"] is not None:  # recorded in the manifest as a normalized path, as before
-        options["calib_data"] = str(Path(options["calib_data"]))
+    if options["calib_data"] is not None:  # a Path on the CLI, a str in the config (and the manifest)
+        options["calib_data"] = str(options["calib_data"])
     report = run(model, out, DecomposeConfig(**options, progress=not quiet))
     from qpissa.distributed import detect
 

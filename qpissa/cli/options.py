@@ -32,7 +32,8 @@ class Options:
     ``defaults``: CLI defaults that differ from the Python API's (e.g. ``device="auto"``);
     ``toggles``: booleans as ``--x/--no-x`` (else an on-switch ``--x``); ``shorts``: field → short flag;
     ``list_choices``: append "(one of: …)" to the help of ``Literal`` fields; ``flags``: field → flag name when
-    it is not ``--field-name`` (e.g. ``init_adapter`` → ``--init``).
+    it is not ``--field-name`` (e.g. ``init_adapter`` → ``--init``); ``types``: field → CLI type when it is not
+    the field's (e.g. ``Path`` for a ``str`` path: typer shows ``<path>``; the command converts it back).
     """
 
     cls: type
@@ -43,6 +44,7 @@ class Options:
     shorts: Mapping[str, str] = field(default_factory=dict)
     list_choices: bool = True
     flags: Mapping[str, str] = field(default_factory=dict)
+    types: Mapping[str, type] = field(default_factory=dict)
 
     def parameters(self) -> list[inspect.Parameter]:
         hints = typing.get_type_hints(self.cls)
@@ -55,6 +57,7 @@ class Options:
 
     def _parameter(self, f: dataclasses.Field, hint: Any) -> inspect.Parameter:
         base, optional = unoptional(hint)
+        base = self.types.get(f.name, base)
         help_text = f.metadata.get("help", "")
         if typing.get_origin(base) is Literal:
             allowed = [str(a) for a in typing.get_args(base)]

@@ -48,7 +48,8 @@ def convert_cmd(
 
 @app.command("merge")
 @with_options(options=Options(MergeConfig, exclude=("shard_size",), defaults={"device": "auto"},
-                              flags={"init_adapter": "--init"}, list_choices=False))
+                              flags={"init_adapter": "--init"}, list_choices=False,
+                              types={"init_adapter": Path}))
 def merge_cmd(
     residual: Path = typer.Argument(..., help="residual model dir (decompose's OUT/residual) or any HF model dir"),
     adapter: Path = typer.Argument(..., help="LoRA adapter dir to fold in (e.g. RUN/adapter)"),
@@ -60,8 +61,8 @@ def merge_cmd(
 
     from qpissa.use.merge import merge
 
-    if options["init_adapter"] is not None:  # a path, recorded as given (as before)
-        options["init_adapter"] = str(Path(options["init_adapter"]))
+    if options["init_adapter"] is not None:  # a Path on the CLI, a str in the config
+        options["init_adapter"] = str(options["init_adapter"])
     cfg = MergeConfig(**options)
     with Progress(console=log, transient=True) as bar:
         task = bar.add_task("merging", total=None)
