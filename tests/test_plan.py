@@ -203,7 +203,7 @@ def test_bert_activation_formula_matches_saved_tensors_cpu(minilm_dir):
 def test_70b_on_one_80gb_gpu():
     s = shapes("llama-3-70b")
     base = PlanConfig(rank=128, seq_len=2048, gpu_memory=parse_size("80GB"))
-    assert plan(s, base).trainable == 1_656_750_080                                 # DESIGN §4: ≈ 1.66B
+    assert plan(s, base).trainable == 1_656_750_080                                 # ≈ 1.66B: r=128 on all 7 linears × 80 blocks
     assert not plan(s, base).fits                                                    # no checkpointing: ~170 GB
     ckpt = plan(s, replace(base, grad_checkpointing=True))
     assert ckpt.fits and ckpt.total > 70e9

@@ -116,7 +116,7 @@ class Plan:
 
 # ---------------------------------------------------------------- weights
 
-def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = False) -> dict[str, int]:
+def nf4_bytes(numel: int, blocksize: int = NF4Spec.blocksize, double_quant: bool = False) -> dict[str, int]:
     """Bytes bitsandbytes stores for one NF4 tensor: packed codes, absmax (nested with double quant), code."""
     blocks = math.ceil(numel / blocksize)
     if double_quant:
