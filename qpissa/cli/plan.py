@@ -11,7 +11,6 @@ from qpissa.plan.model_shapes import load_config, shapes_from_config
 from qpissa.plan.memory import (GiB, PlanConfig, decompose_estimate, largest_batch, largest_rank, parse_size, plan)
 
 
-
 @app.command("plan")
 @with_options(setup=Options(PlanConfig, exclude=("gpu_memory", "overhead", "device"), list_choices=False))
 def plan_cmd(

@@ -70,7 +70,6 @@ def assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets:
         task_type=task))
 
 
-
 def _read(path: Path, key: str) -> torch.Tensor:
     return load_tensor(TensorInfo(key, Path(path), (), ""))
 

@@ -257,6 +257,7 @@ def _torch_threads(workers: int):
     finally:
         torch.set_num_threads(before)
 
+
 def _versions() -> dict[str, str]:
     import bitsandbytes
     import peft
