@@ -502,14 +502,12 @@ def _read(path: Path, key: str) -> torch.Tensor:
 
 
 def _versions() -> dict[str, str]:
-    import bitsandbytes
-    import peft
-    import safetensors
-    import transformers
+    """Library versions for the manifest, read from package metadata: importing peft and transformers
+    only to read ``__version__`` costs seconds."""
+    from importlib.metadata import version
 
-    return {"torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "safetensors": safetensors.__version__}
+    return {"torch": torch.__version__, "bitsandbytes": version("bitsandbytes"),
+            "transformers": version("transformers"), "peft": version("peft"), "safetensors": version("safetensors")}
 
 
 def default_model_dir() -> Path:

@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 
+from qpissa import nf4_cpu
+
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
 
 
@@ -48,7 +50,11 @@ class NF4Tensor:
 
 
 def quantize_nf4(w: torch.Tensor, spec: NF4Spec = NF4Spec()) -> NF4Tensor:
-    """NF4-quantize ``w`` (m×n, any float dtype) with bitsandbytes; the state records fp32 as dtype."""
+    """NF4-quantize ``w`` (m×n, any float dtype) with bitsandbytes; the state records fp32 as dtype.
+
+    On the CPU :mod:`qpissa.nf4_cpu` writes the same bytes in chunks (faster, no full-size temporaries)."""
+    if w.device.type == "cpu" and w.dtype in nf4_cpu.DTYPES:
+        return NF4Tensor(*nf4_cpu.quantize_nf4_cpu(w, spec.blocksize, spec.double_quant))
     import bitsandbytes.functional as bnbf
 
     packed, state = bnbf.quantize_4bit(
