@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
-# elements per chunk (1 MiB of fp32): the 15 compare passes stay in cache, and 2 threads split each op
-CHUNK_ELEMENTS = 1 << 18
+# elements per chunk (4 MiB of fp32): big enough that few parallel regions run (on a loaded machine each can wait
+# a scheduler slice for its second thread), small enough that the 15 compare passes stay mostly in cache
+CHUNK_ELEMENTS = 1 << 20
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes.functional.quantize_4bit accepts
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # read as w.float(), chunk by chunk
 
