@@ -223,10 +223,12 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
     outputs: dict[str, float] = {}
 
     def measure(which: str, hat: torch.Tensor) -> dict:
-        """Weight-error norms of one reconstruction, and its output error when calibrated (``hat`` is not kept)."""
+        """Weight-error norms of one reconstruction, and its output error when calibrated (``hat`` is not kept:
+        W − Ŵ is written over it when the layouts agree, the values and layout of ``w - hat``)."""
+        e = torch.sub(w, hat, out=hat) if hat.stride() == w.stride() else w - hat  # (m, n)
         if h_eval is not None:
-            outputs[which] = output_error(w - hat, h_eval)
-        return error_norms(w - hat, cfg.spectral_norms)
+            outputs[which] = output_error(e, h_eval)
+        return error_norms(e, cfg.spectral_norms)
 
     error = measure("method", init.reconstruction().to(dtype))
     metrics = {"module": target.module, "tensor": target.weight.name, "shape": list(target.shape),

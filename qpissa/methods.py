@@ -56,8 +56,8 @@ class Init:
         return dequantize_nf4(self.quantized) if self.quantized is not None else self.residual.float()
 
     def reconstruction(self) -> torch.Tensor:
-        """base + s·B·A in fp32: what the saved residual + adapter compute."""
-        return self.base() + self.scale * (self.b.float() @ self.a.float())  # (m, n)
+        """base + s·B·A in fp32: what the saved residual + adapter compute (summed into the fresh s·B·A)."""
+        return (self.b.float() @ self.a.float()).mul_(self.scale).add_(self.base())  # (m, n)
 
 
 def adapter_scale(rank: int, alpha: float | None, rslora: bool = False) -> float:
@@ -93,7 +93,31 @@ def _measure(wh: Whitening | None) -> Callable[[torch.Tensor], float]:
 
 
 def _delta(a: torch.Tensor, b: torch.Tensor, scale: float, like: torch.Tensor) -> torch.Tensor:
-    return scale * (b.to(like.dtype) @ a.to(like.dtype))  # (m, n)
+    return (b.to(like.dtype) @ a.to(like.dtype)).mul_(scale)  # (m, n) s·B·A, scaled in place: one m×n buffer
+
+
+ROWS_PER_CHUNK = 256  # rows of the m×n temporaries below: a few MB, not another weight-sized buffer
+
+
+def _residual(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W − s·B·A (m×n), written over the s·B·A buffer: the same values as ``w - _delta(...)``, one buffer.
+    A transposed W (Conv1D) keeps ``w - d``: its result takes W's layout, and reductions over it depend on that."""
+    d = _delta(a, b, scale, w)  # (m, n)
+    return torch.sub(w, d, out=d) if d.stride() == w.stride() else w - d
+
+
+def _error(w: torch.Tensor, deq: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """E = (W − deq) − s·B·A (m×n) in the s·B·A buffer, row chunk by row chunk: the values of
+    ``w - deq - _delta(...)`` without the two extra m×n temporaries."""
+    e = _delta(a, b, scale, w)  # (m, n)
+    if e.stride() != w.stride() or deq.stride() != w.stride():  # keep W's layout, as the expression would
+        return w - deq - e
+    tmp = torch.empty_like(e[:ROWS_PER_CHUNK])  # (≤256, n)
+    for i in range(0, e.shape[0], ROWS_PER_CHUNK):
+        rows = slice(i, i + ROWS_PER_CHUNK)
+        t = torch.sub(w[rows], deq[rows], out=tmp[: e[rows].shape[0]])  # W − deq
+        torch.sub(t, e[rows], out=e[rows])  # (W − deq) − s·B·A
+    return e
 
 
 def _frob(e: torch.Tensor) -> float:
@@ -147,15 +171,16 @@ def qpissa(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF
     """
     wh = None if h is None else whiten(h, damp)
     fit, measure = _fitter(svd, adapter_dtype, wh), _measure(wh)
-    deq = torch.zeros_like(w)
+    deq = None  # Q₀ = 0: the first fit sees W itself (W − 0 = W exactly)
     best: tuple[float, torch.Tensor, torch.Tensor, NF4Tensor] | None = None
     history = []
     a = None
     for _ in range(iters):
-        a, b = fit(w - deq, rank, scale, start=a)
-        q = quantize_nf4(w - _delta(a, b, scale, w), spec)
+        a, b = fit(w if deq is None else w - deq, rank, scale, start=a)
+        deq = None  # free it before the next one is made
+        q = quantize_nf4(_residual(w, a, b, scale), spec)
         deq = dequantize_nf4(q).to(w.dtype)
-        err = measure(w - deq - _delta(a, b, scale, w))
+        err = measure(_error(w, deq, a, b, scale))
         history.append(err)
         if best is None or err < best[0]:
             best = (err, a, b, q)
@@ -165,9 +190,10 @@ def qpissa(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF
     if wh is not None:
         info["damp"] = wh.damp
     if refit:
+        deq = None
         deq = dequantize_nf4(q).to(w.dtype)
         a2, b2 = fit(w - deq, rank, scale, start=a)
-        if measure(w - deq - _delta(a2, b2, scale, w)) < err:
+        if measure(_error(w, deq, a2, b2, scale)) < err:
             a, b, info["refit"] = a2, b2, True
     return Init(a, b, scale, quantized=q, info=info)
 
@@ -188,10 +214,10 @@ def loftq(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF4
     b = w.new_zeros(m, rank, dtype=adapter_dtype)  # (m, r)
     history = []
     for _ in range(iters):
-        q = quantize_nf4(w - _delta(a, b, scale, w), spec)
+        q = quantize_nf4(_residual(w, a, b, scale), spec)
         deq = dequantize_nf4(q).to(w.dtype)
         a, b = fit(w - deq, rank, scale, start=a if history else None)
-        history.append(measure(w - deq - _delta(a, b, scale, w)))
+        history.append(measure(_error(w, deq, a, b, scale)))
     if wh is None:
         return Init(a, b, scale, quantized=q, info={"iters": iters, "frobenius_by_iter": history})
     return Init(a, b, scale, quantized=q, info={"iters": iters, "output_error_by_iter": history, "damp": wh.damp})
@@ -200,7 +226,7 @@ def loftq(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF4
 def _finish(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, spec: NF4Spec, quantize: bool,
             info: dict) -> Init:
     """Residual W − s·B·A (with the adapters as stored): NF4 on our quantizer, or kept in w's dtype."""
-    residual = w - _delta(a, b, scale, w)  # (m, n)
+    residual = _residual(w, a, b, scale)  # (m, n)
     if quantize:
         return Init(a, b, scale, quantized=quantize_nf4(residual, spec), info=info)
     return Init(a, b, scale, residual=residual, info=info)
