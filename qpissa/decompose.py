@@ -34,7 +34,7 @@ from qpissa.lock import LOCK_NAME, OutputLock
 from qpissa.methods import (CALIBRATED_METHODS, DEFAULT_DAMP, METHODS, QUANTIZED_METHODS, Method, SvdOptions,
                             adapter_scale, initialize, loftq, qpissa)
 from qpissa.whitening import Whitening, output_error
-from qpissa.quant import NF4Spec, nf4_roundtrip, quantization_config
+from qpissa.quant import NF4Spec, minus_dequantized, quantization_config, quantize_nf4
 from qpissa.targets import Target, find_targets
 
 OUTPUTS = ("residual", "adapter", ".parts", "manifest.json", "report.json", "report.csv", "report.md",
@@ -222,10 +222,11 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
     h_eval = None if stats is None else (stats[1] if stats[1] is not None else stats[0])  # held-out H if any
     outputs: dict[str, float] = {}
 
-    def measure(which: str, hat: torch.Tensor) -> dict:
+    def measure(which: str, hat: torch.Tensor | None = None, e: torch.Tensor | None = None) -> dict:
         """Weight-error norms of one reconstruction, and its output error when calibrated (``hat`` is not kept:
-        W − Ŵ is written over it when the layouts agree, the values and layout of ``w - hat``)."""
-        e = torch.sub(w, hat, out=hat) if hat.stride() == w.stride() else w - hat  # (m, n)
+        W − Ŵ is written over it when the layouts agree, the values and layout of ``w - hat``; or ``e`` given)."""
+        if e is None:
+            e = torch.sub(w, hat, out=hat) if hat.stride() == w.stride() else w - hat  # (m, n)
         if h_eval is not None:
             outputs[which] = output_error(e, h_eval)
         return error_norms(e, cfg.spectral_norms)
@@ -237,7 +238,7 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
         if h_eval is not None:
             outputs["qlora"] = outputs["method"]
     else:  # quantize W once more for the baseline
-        metrics["qlora"] = measure("qlora", nf4_roundtrip(w, spec)[1])
+        metrics["qlora"] = measure("qlora", e=minus_dequantized(w, quantize_nf4(w, spec)))
     if cfg.method == "loftq" and h is None:
         metrics["loftq"] = metrics["method"]
     elif cfg.loftq_baseline:  # uncalibrated LoftQ(T), also in calibrated runs

@@ -16,7 +16,7 @@ import torch
 
 from qpissa.errors import UserError
 from qpissa.linalg import SvdMethod, canonical_signs, low_rank_factors, seeded_draw
-from qpissa.quant import NF4Spec, NF4Tensor, dequantize_nf4, quantize_nf4
+from qpissa.quant import NF4Spec, NF4Tensor, dequantize_nf4, dequantized_rows, minus_dequantized, quantize_nf4
 from qpissa.whitening import DEFAULT_DAMP, Whitening, output_error, weighted_low_rank_factors, whiten
 
 Method = Literal["lora", "qlora", "pissa", "qpissa", "loftq", "cloq", "corda", "milora", "olora"]
@@ -56,8 +56,14 @@ class Init:
         return dequantize_nf4(self.quantized) if self.quantized is not None else self.residual.float()
 
     def reconstruction(self) -> torch.Tensor:
-        """base + s·B·A in fp32: what the saved residual + adapter compute (summed into the fresh s·B·A)."""
-        return (self.b.float() @ self.a.float()).mul_(self.scale).add_(self.base())  # (m, n)
+        """base + s·B·A in fp32: what the saved residual + adapter compute (deq(Q) added into the fresh s·B·A
+        a few rows at a time: no second m×n buffer)."""
+        d = (self.b.float() @ self.a.float()).mul_(self.scale)  # (m, n)
+        if self.quantized is None:
+            return d.add_(self.residual.float())
+        for rows, part in dequantized_rows(self.quantized):
+            d[rows].add_(part)
+        return d
 
 
 def adapter_scale(rank: int, alpha: float | None, rslora: bool = False) -> float:
@@ -96,9 +102,6 @@ def _delta(a: torch.Tensor, b: torch.Tensor, scale: float, like: torch.Tensor) -
     return (b.to(like.dtype) @ a.to(like.dtype)).mul_(scale)  # (m, n) s·B·A, scaled in place: one m×n buffer
 
 
-ROWS_PER_CHUNK = 256  # rows of the m×n temporaries below: a few MB, not another weight-sized buffer
-
-
 def _residual(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """W − s·B·A (m×n), written over the s·B·A buffer: the same values as ``w - _delta(...)``, one buffer.
     A transposed W (Conv1D) keeps ``w - d``: its result takes W's layout, and reductions over it depend on that."""
@@ -106,17 +109,14 @@ def _residual(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -
     return torch.sub(w, d, out=d) if d.stride() == w.stride() else w - d
 
 
-def _error(w: torch.Tensor, deq: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """E = (W − deq) − s·B·A (m×n) in the s·B·A buffer, row chunk by row chunk: the values of
-    ``w - deq - _delta(...)`` without the two extra m×n temporaries."""
+def _error(w: torch.Tensor, q: NF4Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """E = (W − deq Q) − s·B·A (m×n) in the s·B·A buffer, deq(Q) a few rows at a time: the values of
+    ``w - dequantize_nf4(q).to(w.dtype) - _delta(...)`` without the two extra m×n temporaries."""
     e = _delta(a, b, scale, w)  # (m, n)
-    if e.stride() != w.stride() or deq.stride() != w.stride():  # keep W's layout, as the expression would
-        return w - deq - e
-    tmp = torch.empty_like(e[:ROWS_PER_CHUNK])  # (≤256, n)
-    for i in range(0, e.shape[0], ROWS_PER_CHUNK):
-        rows = slice(i, i + ROWS_PER_CHUNK)
-        t = torch.sub(w[rows], deq[rows], out=tmp[: e[rows].shape[0]])  # W − deq
-        torch.sub(t, e[rows], out=e[rows])  # (W − deq) − s·B·A
+    if e.stride() != w.stride():  # transposed W: the expression's result takes W's layout, keep it
+        return minus_dequantized(w, q) - e
+    for rows, part in dequantized_rows(q):
+        torch.sub(w[rows] - part.to(w.dtype), e[rows], out=e[rows])  # (W − deq) − s·B·A
     return e
 
 
@@ -171,16 +171,14 @@ def qpissa(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF
     """
     wh = None if h is None else whiten(h, damp)
     fit, measure = _fitter(svd, adapter_dtype, wh), _measure(wh)
-    deq = None  # Q₀ = 0: the first fit sees W itself (W − 0 = W exactly)
+    q = None  # Q₀ = 0: the first fit sees W itself (W − 0 = W exactly)
     best: tuple[float, torch.Tensor, torch.Tensor, NF4Tensor] | None = None
     history = []
     a = None
     for _ in range(iters):
-        a, b = fit(w if deq is None else w - deq, rank, scale, start=a)
-        deq = None  # free it before the next one is made
+        a, b = fit(w if q is None else minus_dequantized(w, q), rank, scale, start=a)
         q = quantize_nf4(_residual(w, a, b, scale), spec)
-        deq = dequantize_nf4(q).to(w.dtype)
-        err = measure(_error(w, deq, a, b, scale))
+        err = measure(_error(w, q, a, b, scale))
         history.append(err)
         if best is None or err < best[0]:
             best = (err, a, b, q)
@@ -190,10 +188,8 @@ def qpissa(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF
     if wh is not None:
         info["damp"] = wh.damp
     if refit:
-        deq = None
-        deq = dequantize_nf4(q).to(w.dtype)
-        a2, b2 = fit(w - deq, rank, scale, start=a)
-        if measure(_error(w, deq, a2, b2, scale)) < err:
+        a2, b2 = fit(minus_dequantized(w, q), rank, scale, start=a)
+        if measure(_error(w, q, a2, b2, scale)) < err:
             a, b, info["refit"] = a2, b2, True
     return Init(a, b, scale, quantized=q, info=info)
 
@@ -215,9 +211,8 @@ def loftq(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF4
     history = []
     for _ in range(iters):
         q = quantize_nf4(_residual(w, a, b, scale), spec)
-        deq = dequantize_nf4(q).to(w.dtype)
-        a, b = fit(w - deq, rank, scale, start=a if history else None)
-        history.append(measure(_error(w, deq, a, b, scale)))
+        a, b = fit(minus_dequantized(w, q), rank, scale, start=a if history else None)
+        history.append(measure(_error(w, q, a, b, scale)))
     if wh is None:
         return Init(a, b, scale, quantized=q, info={"iters": iters, "frobenius_by_iter": history})
     return Init(a, b, scale, quantized=q, info={"iters": iters, "output_error_by_iter": history, "damp": wh.damp})

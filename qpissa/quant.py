@@ -8,7 +8,7 @@ packed bytes and quant state so what we measure is exactly what the model loads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 
@@ -68,6 +68,45 @@ def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(q.packed, q.state).float()
+
+
+ROWS_PER_CHUNK = 256  # rows of deq(Q) materialized at once by dequantized_rows: a few MB, not a weight
+
+
+def dequantized_rows(q: NF4Tensor, rows: int = ROWS_PER_CHUNK) -> Iterator[tuple[slice, torch.Tensor]]:
+    """deq(Q) (fp32) as (row slice, chunk) pairs: the values of ``dequantize_nf4(q)[rows]`` without an m×n buffer.
+
+    Chunked only where bitsandbytes' CPU kernel is row-independent: n a multiple of the block size (its C kernel
+    indexes absmax per row, so blocks that straddle rows come out differently in a chunk, and in bitsandbytes
+    0.50 wrongly even for the whole tensor), n even and blocksize < 2048 (else a torch.compile'd fallback,
+    compiled per shape). Otherwise, and off the CPU, one chunk: the whole dequantize_nf4(q)."""
+    import bitsandbytes.functional as bnbf
+
+    m, n = q.shape
+    state, bs = q.state, q.state.blocksize
+    if q.packed.device.type != "cpu" or n % bs or n % 2 or bs >= 2048:
+        yield slice(0, m), dequantize_nf4(q)
+        return
+    absmax = state.absmax  # (blocks,) fp32, first undone as bitsandbytes' dequantize_4bit does
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2)
+        absmax += state.offset
+        absmax = absmax.float()
+    per_row = n // bs  # blocks per row
+    for i in range(0, m, rows):
+        j = min(i + rows, m)
+        part = torch.ops.bitsandbytes.dequantize_4bit.default(
+            q.packed[i * n // 2:j * n // 2], absmax[i * per_row:j * per_row], bs, "nf4", (j - i, n),
+            torch.float32)  # (j − i, n)
+        yield slice(i, j), part
+
+
+def minus_dequantized(w: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
+    """W − deq(Q) in W's dtype and layout: the values of ``w - dequantize_nf4(q).to(w.dtype)``, one m×n buffer."""
+    out = torch.empty_like(w)  # (m, n)
+    for rows, part in dequantized_rows(q):
+        torch.sub(w[rows], part.to(w.dtype), out=out[rows])
+    return out
 
 
 def nf4_roundtrip(w: torch.Tensor, spec: NF4Spec = NF4Spec()) -> tuple[NF4Tensor, torch.Tensor]:

@@ -161,3 +161,25 @@ def test_rejects_what_bitsandbytes_rejects():
         quantize_nf4_cpu(torch.zeros(4, 64), 48)
     with pytest.raises(ValueError, match="float"):
         quantize_nf4_cpu(torch.zeros(4, 64, dtype=torch.int32), 64)
+
+
+@pytest.mark.parametrize("shape", [(600, 576), (300, 4096), (33, 97), (576, 1536)])
+def test_dequantized_rows_equal_bitsandbytes_dequantize(shape):
+    """quant.dequantized_rows / minus_dequantized (what decompose uses to avoid m×n temporaries) give exactly
+    bitsandbytes' whole-tensor dequantization, also where blocks straddle rows (n % blocksize ≠ 0)."""
+    from qpissa.quant import dequantized_rows, minus_dequantized
+
+    for blocksize, dq in ((64, False), (128, True), (256, False), (1024, True)):
+        for dtype in (torch.float32, torch.float64):
+            w = heavy_tailed(shape, seed=blocksize, dtype=dtype)
+            q = quantize_nf4(w, NF4Spec(blocksize=blocksize, double_quant=dq))
+            full = bnb_dequantize(q.packed, q.state)
+            chunks = list(dequantized_rows(q, rows=100))
+            assert torch.equal(torch.cat([part for _, part in chunks]), full)
+            assert [rows.start for rows, _ in chunks] == list(range(0, shape[0], 100 if len(chunks) > 1 else shape[0]))
+            assert torch.equal(minus_dequantized(w, q), w - full.to(dtype))
+            wt = w.T  # a Conv1D weight as decompose sees it: the result keeps W's (transposed) layout
+            qt = quantize_nf4(wt, NF4Spec(blocksize=blocksize, double_quant=dq))
+            expected = wt - bnb_dequantize(qt.packed, qt.state).to(dtype)
+            got = minus_dequantized(wt, qt)
+            assert torch.equal(got, expected) and got.stride() == expected.stride()
