@@ -70,16 +70,17 @@ def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
     return bnbf.dequantize_4bit(q.packed, q.state).float()
 
 
-ROWS_PER_CHUNK = 256  # rows of deq(Q) materialized at once by dequantized_rows: a few MB, not a weight
+CHUNK_ELEMENTS = 1 << 20  # weights of deq(Q) materialized at once by dequantized_rows: 4 MiB, not a weight
 
 
-def dequantized_rows(q: NF4Tensor, rows: int = ROWS_PER_CHUNK) -> Iterator[tuple[slice, torch.Tensor]]:
+def dequantized_rows(q: NF4Tensor, rows: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
     """deq(Q) (fp32) as (row slice, chunk) pairs: the values of ``dequantize_nf4(q)[rows]`` without an m×n buffer.
 
     Chunked only where bitsandbytes' CPU kernel is row-independent: n a multiple of the block size (its C kernel
     indexes absmax per row, so blocks that straddle rows come out differently in a chunk, and in bitsandbytes
     0.50 wrongly even for the whole tensor), n even and blocksize < 2048 (else a torch.compile'd fallback,
-    compiled per shape). Otherwise, and off the CPU, one chunk: the whole dequantize_nf4(q)."""
+    compiled per shape). Otherwise, and off the CPU, one chunk: the whole dequantize_nf4(q). ``rows`` per chunk
+    defaults to :data:`CHUNK_ELEMENTS` weights."""
     import bitsandbytes.functional as bnbf
 
     m, n = q.shape
@@ -93,6 +94,7 @@ def dequantized_rows(q: NF4Tensor, rows: int = ROWS_PER_CHUNK) -> Iterator[tuple
         absmax += state.offset
         absmax = absmax.float()
     per_row = n // bs  # blocks per row
+    rows = rows or max(1, CHUNK_ELEMENTS // n)
     for i in range(0, m, rows):
         j = min(i + rows, m)
         part = torch.ops.bitsandbytes.dequantize_4bit.default(
