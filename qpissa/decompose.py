@@ -8,6 +8,7 @@ the parts, so peak memory stays a few times the largest tensor.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -419,7 +420,19 @@ def _process_one(target: Target, part: Path, cfg: DecomposeConfig, stats: Stats 
     start = time.perf_counter()
     tensors, m = decompose_tensor(target, load_tensor(target.weight), cfg, stats)
     save_tensors(part, tensors, durable=False)  # no fsync: the checksum in the manifest catches a torn part
+    del tensors
+    _release_freed_heap()
     return {"part": part.name, "sha256": _sha256(part), "metrics": m, "seconds": round(time.perf_counter() - start, 4)}
+
+
+def _release_freed_heap() -> None:
+    """Hand freed heap pages back to the OS between tensors (glibc ``malloc_trim``; a no-op elsewhere): glibc keeps
+    freed blocks below its mmap threshold (the chunked temporaries) in its arenas, and that carried ≈0.5× the
+    largest fp32 weight of RSS into the next tensor's peak (8B-shaped rehearsal: 3.5× → 3.1×)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _workers(cfg: DecomposeConfig, targets: list[Target]) -> int:
