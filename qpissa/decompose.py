@@ -35,7 +35,7 @@ from qpissa.lock import LOCK_NAME, OutputLock
 from qpissa.methods import (CALIBRATED_METHODS, DEFAULT_DAMP, METHODS, QUANTIZED_METHODS, Method, SvdOptions,
                             adapter_scale, initialize, loftq, qpissa)
 from qpissa.whitening import Whitening, output_error
-from qpissa.quant import NF4Spec, minus_dequantized, quantization_config, quantize_nf4
+from qpissa.quant import NF4Spec, warn_cpu_blocksize, minus_dequantized, quantization_config, quantize_nf4
 from qpissa.targets import Target, find_targets
 
 OUTPUTS = ("residual", "adapter", ".parts", "manifest.json", "report.json", "report.csv", "report.md",
@@ -308,6 +308,7 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
             if cfg.rank >= min(t.shape):
                 raise UserError(f"{t.weight.file}: rank {cfg.rank} >= min{t.shape} of tensor {t.weight.name}; "
                                 "choose a smaller --rank or exclude it with --targets")
+        warn_cpu_blocksize({t.weight.name: t.shape[1] for t in targets}, cfg.blocksize, cfg.device)
     except UserError as err:
         distributed.agree(d, str(err))
         raise

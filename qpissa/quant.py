@@ -7,10 +7,13 @@ packed bytes and quant state so what we measure is exactly what the model loads.
 """
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 import torch
+
 
 from qpissa import nf4_cpu
 
@@ -68,6 +71,41 @@ def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(q.packed, q.state).float()
+
+
+@functools.cache
+def cpu_dequantize_handles_blocks_across_rows() -> bool:
+    """Does this bitsandbytes' CPU ``dequantize_4bit`` read blocks that straddle rows correctly?
+
+    bitsandbytes 0.50.2 does not: for a 576-wide weight at blocksize 128 its CPU result is off by up to 2.1
+    (flat-order reference: 0.0 at blocksize 64). A 2×96 probe at blocksize 64 against the flat formula
+    code[q]·absmax decides it, so a fixed release is used as soon as it is installed.
+    """
+    import bitsandbytes.functional as bnbf
+
+    w = torch.linspace(-1.0, 1.0, 192).reshape(2, 96)  # (2, 96): block 2 spans both rows
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    q = packed.flatten()
+    codes = torch.stack([q >> 4, q & 15], 1).flatten().long()  # (192,) high nibble first
+    flat = (state.code[codes].view(-1, 64) * state.absmax.view(-1, 1)).view(2, 96)
+    return torch.equal(bnbf.dequantize_4bit(packed, state).float(), flat)
+
+
+def warn_cpu_blocksize(widths: dict[str, int], blocksize: int, device: str) -> str | None:
+    """Warn (and return the line) when NF4 blocks would straddle rows on a CPU whose bitsandbytes dequantize misreads
+    them: that run's errors and QPiSSA fit, and a CPU-loaded model, use wrong weights (the stored bytes are right,
+    and a GPU reads them correctly). Real widths are multiples of 64, so the default blocksize is never affected.
+    ``widths``: tensor name → row length."""
+    if device != "cpu" or all(n % blocksize == 0 for n in widths.values()):
+        return None
+    if cpu_dequantize_handles_blocks_across_rows():
+        return None
+    name, n = next((k, v) for k, v in widths.items() if v % blocksize)
+    line = (f"qpissa: warning: {name}: rows of {n} weights are not a multiple of --blocksize {blocksize}, and this "
+            "bitsandbytes' CPU dequantize reads such blocks wrongly: errors and fits on the CPU are off; use a "
+            "blocksize dividing every input width (64 for real models) or --device cuda")
+    logging.getLogger("qpissa").warning(line)
+    return line
 
 
 CHUNK_ELEMENTS = 1 << 20  # weights of deq(Q) materialized at once by dequantized_rows: 4 MiB, not a weight
