@@ -7,10 +7,15 @@ packed bytes and quant state so what we measure is exactly what the model loads.
 """
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
+
+
+from qpissa import nf4_cpu
 
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # NF4 block sizes we write (the one declaration)
@@ -93,7 +98,11 @@ class NF4Weight:
 
 
 def quantize_nf4(w: torch.Tensor, spec: NF4Spec = NF4Spec()) -> NF4Tensor:
-    """NF4-quantize ``w`` (m×n, any float dtype) with bitsandbytes; the state records fp32 as dtype."""
+    """NF4-quantize ``w`` (m×n, any float dtype) with bitsandbytes; the state records fp32 as dtype.
+
+    On the CPU :mod:`qpissa.nf4_cpu` writes the same bytes in chunks (faster, no full-size temporaries)."""
+    if w.device.type == "cpu" and w.dtype in nf4_cpu.DTYPES:
+        return NF4Tensor(*nf4_cpu.quantize_nf4_cpu(w, spec.blocksize, spec.double_quant))
     import bitsandbytes.functional as bnbf
 
     packed, state = bnbf.quantize_4bit(
@@ -107,6 +116,82 @@ def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(q.packed, q.state).float()
+
+
+@functools.cache
+def cpu_dequantize_handles_blocks_across_rows() -> bool:
+    """Does this bitsandbytes' CPU ``dequantize_4bit`` read blocks that straddle rows correctly?
+
+    bitsandbytes 0.50.2 does not: for a 576-wide weight at blocksize 128 its CPU result is off by up to 2.1
+    (flat-order reference: 0.0 at blocksize 64). A 2×96 probe at blocksize 64 against the flat formula
+    code[q]·absmax decides it, so a fixed release is used as soon as it is installed.
+    """
+    import bitsandbytes.functional as bnbf
+
+    w = torch.linspace(-1.0, 1.0, 192).reshape(2, 96)  # (2, 96): block 2 spans both rows
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    q = packed.flatten()
+    codes = torch.stack([q >> 4, q & 15], 1).flatten().long()  # (192,) high nibble first
+    flat = (state.code[codes].view(-1, 64) * state.absmax.view(-1, 1)).view(2, 96)
+    return torch.equal(bnbf.dequantize_4bit(packed, state).float(), flat)
+
+
+def warn_cpu_blocksize(widths: dict[str, int], blocksize: int, device: str) -> str | None:
+    """Warn (and return the line) when NF4 blocks would straddle rows on a CPU whose bitsandbytes dequantize misreads
+    them: that run's errors and QPiSSA fit, and a CPU-loaded model, use wrong weights (the stored bytes are right,
+    and a GPU reads them correctly). Real widths are multiples of 64, so the default blocksize is never affected.
+    ``widths``: tensor name → row length."""
+    if device != "cpu" or all(n % blocksize == 0 for n in widths.values()):
+        return None
+    if cpu_dequantize_handles_blocks_across_rows():
+        return None
+    name, n = next((k, v) for k, v in widths.items() if v % blocksize)
+    line = (f"qpissa: warning: {name}: rows of {n} weights are not a multiple of --blocksize {blocksize}, and this "
+            "bitsandbytes' CPU dequantize reads such blocks wrongly: errors and fits on the CPU are off; use a "
+            "blocksize dividing every input width (64 for real models) or --device cuda")
+    logging.getLogger("qpissa").warning(line)
+    return line
+
+
+CHUNK_ELEMENTS = 1 << 20  # weights of deq(Q) materialized at once by dequantized_rows: 4 MiB, not a weight
+
+
+def dequantized_rows(q: NF4Tensor, rows: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+    """deq(Q) (fp32) as (row slice, chunk) pairs: the values of ``dequantize_nf4(q)[rows]`` without an m×n buffer.
+
+    Chunked only where bitsandbytes' CPU kernel is row-independent: n a multiple of the block size (its C kernel
+    indexes absmax per row, so blocks that straddle rows come out differently in a chunk, and in bitsandbytes
+    0.50 wrongly even for the whole tensor), n even and blocksize < 2048 (else a torch.compile'd fallback,
+    compiled per shape). Otherwise, and off the CPU, one chunk: the whole dequantize_nf4(q). ``rows`` per chunk
+    defaults to :data:`CHUNK_ELEMENTS` weights."""
+    import bitsandbytes.functional as bnbf
+
+    m, n = q.shape
+    state, bs = q.state, q.state.blocksize
+    if q.packed.device.type != "cpu" or n % bs or n % 2 or bs >= 2048:
+        yield slice(0, m), dequantize_nf4(q)
+        return
+    absmax = state.absmax  # (blocks,) fp32, first undone as bitsandbytes' dequantize_4bit does
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2)
+        absmax += state.offset
+        absmax = absmax.float()
+    per_row = n // bs  # blocks per row
+    rows = rows or max(1, CHUNK_ELEMENTS // n)
+    for i in range(0, m, rows):
+        j = min(i + rows, m)
+        part = torch.ops.bitsandbytes.dequantize_4bit.default(
+            q.packed[i * n // 2:j * n // 2], absmax[i * per_row:j * per_row], bs, "nf4", (j - i, n),
+            torch.float32)  # (j − i, n)
+        yield slice(i, j), part
+
+
+def minus_dequantized(w: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
+    """W − deq(Q) in W's dtype and layout: the values of ``w - dequantize_nf4(q).to(w.dtype)``, one m×n buffer."""
+    out = torch.empty_like(w)  # (m, n)
+    for rows, part in dequantized_rows(q):
+        torch.sub(w[rows], part.to(w.dtype), out=out[rows])
+    return out
 
 
 def nf4_roundtrip(w: torch.Tensor, spec: NF4Spec = NF4Spec()) -> tuple[NF4Tensor, torch.Tensor]:

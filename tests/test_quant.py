@@ -74,3 +74,24 @@ def test_serialized_layout_is_what_bitsandbytes_reads(weights):
 def test_bad_blocksize_is_refused():
     with pytest.raises(ValueError, match="blocksize"):
         NF4Spec(blocksize=48)
+
+
+def test_cpu_blocks_across_rows_probe_and_warning():
+    """The probe agrees with a direct check on a real width (576 at blocksize 128); the warning names the tensor."""
+    import bitsandbytes.functional as bnbf
+
+    from qpissa.quant import cpu_dequantize_handles_blocks_across_rows, warn_cpu_blocksize
+
+    w = torch.randn(8, 576, generator=torch.Generator().manual_seed(0))  # (8, 576): 4.5 blocks of 128 per row
+    packed, state = bnbf.quantize_4bit(w, blocksize=128, quant_type="nf4")
+    q = packed.flatten()
+    codes = torch.stack([q >> 4, q & 15], 1).flatten().long()
+    flat = (state.code[codes].view(-1, 128) * state.absmax.view(-1, 1)).view(8, 576)  # flat-order reference
+    correct = torch.equal(bnbf.dequantize_4bit(packed, state).float(), flat)
+    assert cpu_dequantize_handles_blocks_across_rows() == correct
+    line = warn_cpu_blocksize({"layers.0.q.weight": 576}, 128, "cpu")
+    assert (line is None) == correct
+    if line:
+        assert "layers.0.q.weight" in line and "576" in line and "--blocksize 128" in line
+    assert warn_cpu_blocksize({"layers.0.q.weight": 576}, 64, "cpu") is None
+    assert warn_cpu_blocksize({"layers.0.q.weight": 576}, 128, "cuda") is None

@@ -15,7 +15,7 @@ from typing import Callable, Literal
 import torch
 
 from qpissa.decompose.linalg import SvdMethod, canonical_signs, low_rank_factors, seeded_draw
-from qpissa.quant import NF4Spec, NF4Tensor, dequantize_nf4, quantize_nf4
+from qpissa.quant import NF4Spec, NF4Tensor, dequantize_nf4, dequantized_rows, minus_dequantized, quantize_nf4
 from qpissa.decompose.whitening import DEFAULT_DAMP, Whitening, output_error, weighted_low_rank_factors, whiten
 
 Method = Literal["lora", "qlora", "pissa", "qpissa", "loftq", "cloq", "corda", "milora", "olora"]
@@ -55,8 +55,14 @@ class Init:
         return dequantize_nf4(self.quantized) if self.quantized is not None else self.residual.float()
 
     def reconstruction(self) -> torch.Tensor:
-        """base + s·B·A in fp32: what the saved residual + adapter compute."""
-        return self.base() + self.scale * (self.b.float() @ self.a.float())  # (m, n)
+        """base + s·B·A in fp32: what the saved residual + adapter compute (deq(Q) added into the fresh s·B·A
+        a few rows at a time: no second m×n buffer)."""
+        d = (self.b.float() @ self.a.float()).mul_(self.scale)  # (m, n)
+        if self.quantized is None:
+            return d.add_(self.residual.float())
+        for rows, part in dequantized_rows(self.quantized):
+            d[rows].add_(part)
+        return d
 
 
 def adapter_scale(rank: int, alpha: float | None, rslora: bool = False) -> float:
@@ -92,7 +98,25 @@ def _measure(wh: Whitening | None) -> Callable[[torch.Tensor], float]:
 
 
 def _delta(a: torch.Tensor, b: torch.Tensor, scale: float, like: torch.Tensor) -> torch.Tensor:
-    return scale * (b.to(like.dtype) @ a.to(like.dtype))  # (m, n)
+    return (b.to(like.dtype) @ a.to(like.dtype)).mul_(scale)  # (m, n) s·B·A, scaled in place: one m×n buffer
+
+
+def _residual(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W − s·B·A (m×n), written over the s·B·A buffer: the same values as ``w - _delta(...)``, one buffer.
+    A transposed W (Conv1D) keeps ``w - d``: its result takes W's layout, and reductions over it depend on that."""
+    d = _delta(a, b, scale, w)  # (m, n)
+    return torch.sub(w, d, out=d) if d.stride() == w.stride() else w - d
+
+
+def _error(w: torch.Tensor, q: NF4Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """E = (W − deq Q) − s·B·A (m×n) in the s·B·A buffer, deq(Q) a few rows at a time: the values of
+    ``w - dequantize_nf4(q).to(w.dtype) - _delta(...)`` without the two extra m×n temporaries."""
+    e = _delta(a, b, scale, w)  # (m, n)
+    if e.stride() != w.stride():  # transposed W: the expression's result takes W's layout, keep it
+        return minus_dequantized(w, q) - e
+    for rows, part in dequantized_rows(q):
+        torch.sub(w[rows] - part.to(w.dtype), e[rows], out=e[rows])  # (W − deq) − s·B·A
+    return e
 
 
 def _frob(e: torch.Tensor) -> float:
@@ -146,15 +170,14 @@ def qpissa(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF
     """
     wh = None if h is None else whiten(h, damp)
     fit, measure = _fitter(svd, adapter_dtype, wh), _measure(wh)
-    deq = torch.zeros_like(w)
+    q = None  # Q₀ = 0: the first fit sees W itself (W − 0 = W exactly)
     best: tuple[float, torch.Tensor, torch.Tensor, NF4Tensor] | None = None
     history = []
     a = None
     for _ in range(iters):
-        a, b = fit(w - deq, rank, scale, start=a)
-        q = quantize_nf4(w - _delta(a, b, scale, w), spec)
-        deq = dequantize_nf4(q).to(w.dtype)
-        err = measure(w - deq - _delta(a, b, scale, w))
+        a, b = fit(w if q is None else minus_dequantized(w, q), rank, scale, start=a)
+        q = quantize_nf4(_residual(w, a, b, scale), spec)
+        err = measure(_error(w, q, a, b, scale))
         history.append(err)
         if best is None or err < best[0]:
             best = (err, a, b, q)
@@ -164,9 +187,8 @@ def qpissa(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF
     if wh is not None:
         info["damp"] = wh.damp
     if refit:
-        deq = dequantize_nf4(q).to(w.dtype)
-        a2, b2 = fit(w - deq, rank, scale, start=a)
-        if measure(w - deq - _delta(a2, b2, scale, w)) < err:
+        a2, b2 = fit(minus_dequantized(w, q), rank, scale, start=a)
+        if measure(_error(w, q, a2, b2, scale)) < err:
             a, b, info["refit"] = a2, b2, True
     return Init(a, b, scale, quantized=q, info=info)
 
@@ -187,10 +209,9 @@ def loftq(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF4
     b = w.new_zeros(m, rank, dtype=adapter_dtype)  # (m, r)
     history = []
     for _ in range(iters):
-        q = quantize_nf4(w - _delta(a, b, scale, w), spec)
-        deq = dequantize_nf4(q).to(w.dtype)
-        a, b = fit(w - deq, rank, scale, start=a if history else None)
-        history.append(measure(w - deq - _delta(a, b, scale, w)))
+        q = quantize_nf4(_residual(w, a, b, scale), spec)
+        a, b = fit(minus_dequantized(w, q), rank, scale, start=a if history else None)
+        history.append(measure(_error(w, q, a, b, scale)))
     if wh is None:
         return Init(a, b, scale, quantized=q, info={"iters": iters, "frobenius_by_iter": history})
     return Init(a, b, scale, quantized=q, info={"iters": iters, "output_error_by_iter": history, "damp": wh.damp})
@@ -199,7 +220,7 @@ def loftq(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF4
 def _finish(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, spec: NF4Spec, quantize: bool,
             info: dict) -> Init:
     """Residual W − s·B·A (with the adapters as stored): NF4 on our quantizer, or kept in w's dtype."""
-    residual = w - _delta(a, b, scale, w)  # (m, n)
+    residual = _residual(w, a, b, scale)  # (m, n)
     if quantize:
         return Init(a, b, scale, quantized=quantize_nf4(residual, spec), info=info)
     return Init(a, b, scale, residual=residual, info=info)

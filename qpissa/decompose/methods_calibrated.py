@@ -10,7 +10,7 @@ import torch
 
 from qpissa.decompose.linalg import top_singular
 from qpissa.decompose.methods import DEFAULT_DAMP, Init, SvdOptions, _delta, _finish, _fitter
-from qpissa.quant import NF4Spec, dequantize_nf4, quantize_nf4
+from qpissa.quant import NF4Spec, minus_dequantized, quantize_nf4
 from qpissa.decompose.whitening import Whitening, output_error, whiten
 
 
@@ -23,7 +23,7 @@ def cloq(w: torch.Tensor, rank: int, scale: float, h: torch.Tensor | Whitening, 
     """
     wh = whiten(h, damp)
     q = quantize_nf4(w, spec)
-    e = w - dequantize_nf4(q).to(w.dtype)  # (m, n) QLoRA's quantization error
+    e = minus_dequantized(w, q)  # (m, n) QLoRA's quantization error W − deq(Q)
     a, b = _fitter(svd, adapter_dtype, wh)(e, rank, scale)
     info = {"iters": 0, "damp": wh.damp, "output_error_qlora": output_error(e, wh),
             "output_error": output_error(e - _delta(a, b, scale, w), wh)}

@@ -12,7 +12,7 @@ from qpissa.decompose.methods import adapter_scale, loftq, qpissa
 from qpissa.decompose.initialize import initialize
 from qpissa.decompose.targets import Target
 from qpissa.decompose.whitening import Whitening, output_error
-from qpissa.quant import nf4_roundtrip
+from qpissa.quant import minus_dequantized, quantize_nf4
 
 Stats = tuple[Whitening, torch.Tensor | None]  # (calibration H with its roots, held-out H) of one target
 
@@ -39,11 +39,14 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
     h_eval = None if stats is None else (stats[1] if stats[1] is not None else stats[0])  # held-out H if any
     outputs: dict[str, float] = {}
 
-    def measure(which: str, hat: torch.Tensor) -> dict:
-        """Weight-error norms of one reconstruction, and its output error when calibrated (``hat`` is not kept)."""
+    def measure(which: str, hat: torch.Tensor | None = None, e: torch.Tensor | None = None) -> dict:
+        """Weight-error norms of one reconstruction, and its output error when calibrated (``hat`` is not kept:
+        W − Ŵ is written over it when the layouts agree, the values and layout of ``w - hat``; or ``e`` given)."""
+        if e is None:
+            e = torch.sub(w, hat, out=hat) if hat.stride() == w.stride() else w - hat  # (m, n)
         if h_eval is not None:
-            outputs[which] = output_error(w - hat, h_eval)
-        return error_norms(w - hat, cfg.spectral_norms)
+            outputs[which] = output_error(e, h_eval)
+        return error_norms(e, cfg.spectral_norms)
 
     error = measure("method", init.reconstruction().to(dtype))
     metrics = {"module": target.module, "tensor": target.weight.name, "shape": list(target.shape),
@@ -52,7 +55,7 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
         if h_eval is not None:
             outputs["qlora"] = outputs["method"]
     else:  # quantize W once more for the baseline
-        metrics["qlora"] = measure("qlora", nf4_roundtrip(w, spec)[1])
+        metrics["qlora"] = measure("qlora", e=minus_dequantized(w, quantize_nf4(w, spec)))
     if cfg.method == "loftq" and h is None:
         metrics["loftq"] = metrics["method"]
     elif cfg.loftq_baseline:  # uncalibrated LoftQ(T), also in calibrated runs
