@@ -10,7 +10,7 @@
 3. calibration of the planner (item 5): ``decompose`` on layer 0's q_proj (``--calibration-targets``) at
    (r, T) = (16, 1), (128, 1), (16, 5), in one fresh process → α, β, γ, import and per-byte costs and peak bytes
    per weight of :mod:`qpissa.plan.decompose_cost`; the planner's prediction of run 2 from these rates alone is
-   printed beside the measurement; ``--write-rates`` stores the table as ``qpissa/decompose_rates.json``
+   printed beside the measurement; ``--write-rates`` stores the table as ``qpissa/plan/decompose_rates.json``
    (what ``qpissa plan`` uses). ``--only-calibration`` skips 2.
 4. extrapolation per layer to Llama-3-8B (32 layers) and Llama-3-70B (80 layers; 3.9× the weights per layer).
 
@@ -132,7 +132,7 @@ def main() -> None:
                         "then equal a quiet machine's wall time and the calibration is not skewed by load)")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-calibration", action="store_true")
-    parser.add_argument("--write-rates", action="store_true", help="store the fit as qpissa/decompose_rates.json")
+    parser.add_argument("--write-rates", action="store_true", help="store the fit as qpissa/plan/decompose_rates.json")
     parser.add_argument("--calibration-targets", nargs=2, default=[r"model\.layers\.0\.self_attn\.q_proj",
                                                                     r"model\.layers\.0\.self_attn\.k_proj"],
                         help="two regexes: the main calibration target and a smaller one (separates fixed cost)")
@@ -169,7 +169,7 @@ def main() -> None:
             print(f"calibration CPU s: {[round(r['seconds'], 1) for r in cal['runs']]}; rates {per_weight}, "
                   f"fixed {fixed:.1f} s")
             if args.write_rates:
-                write_json(ROOT / "qpissa" / "decompose_rates.json", rates)
+                write_json(ROOT / "qpissa" / "plan" / "decompose_rates.json", rates)
         if args.only_calibration:
             write_json(args.output, res)
             print(f"wrote {args.output}")

@@ -11,7 +11,7 @@ planner's ``overhead=0``). The planner sees only config.json.
 Part 2 (decompose): times exact and randomized SVD (r=128) + bitsandbytes NF4 on real-shaped synthetic
 weights with a decaying spectrum (8192×8192 and 8192×28672), peak RSS per shape in a fresh subprocess,
 for reference; the 70B figure is :func:`qpissa.plan.decompose_estimate`, whose rates come from timing the real
-driver (benchmarks/decompose_rehearsal.py → qpissa/decompose_rates.json), not from these per-op timings.
+driver (benchmarks/decompose_rehearsal.py → qpissa/plan/decompose_rates.json), not from these per-op timings.
 
 Run: ``python benchmarks/plan_memory.py [--quick] [--skip-decompose]`` → benchmarks/results/plan_memory.json
 """

@@ -56,7 +56,7 @@ def plan_cmd(
         console.print(f"decompose stage (`qpissa decompose` defaults, r={cfg.rank}, one tensor at a time): peak ≈ "
                       f"{est['peak_bytes'] / GiB:.1f} GiB (largest {m}×{n}), ≈ {est['seconds'] / 60:.0f} min "
                       f"for {est['tensors']} tensors (rates measured by timing qpissa.decompose on "
-                      f"{est['rates'].get('machine', 'the machine in qpissa/decompose_rates.json')})")
+                      f"{est['rates'].get('machine', 'the machine in qpissa/plan/decompose_rates.json')})")
         out["decompose"] = est
     if json_out:
         from qpissa.atomic import write_json

@@ -353,7 +353,7 @@ def decompose_estimate(s: ModelShapes, rank: int = 128, iterations: int = 1, tar
     """Streaming ``qpissa decompose`` (default settings: QPiSSA T=``iterations``, randomized SVD) of a checkpoint.
 
     Time and peak memory come from :mod:`qpissa.plan.decompose_cost`, whose rates were fit to timings of the shipped
-    driver (``benchmarks/decompose_rehearsal.py``; packaged in ``qpissa/decompose_rates.json``, measured on the
+    driver (``benchmarks/decompose_rehearsal.py``; packaged in ``qpissa/plan/decompose_rates.json``, measured on the
     CPU named there: a GPU is far faster; pass ``rates=`` for another machine). Targets as :func:`select_targets`.
     """
     from qpissa.plan.decompose_cost import estimate_peak_bytes, estimate_seconds, load_rates
