@@ -72,6 +72,7 @@ class Check:
         return max(0.0, min(self.stage_deadline, self.start + self.args.budget_s) - time.monotonic())
 
     def smollm2(self) -> Path:
+        """The model the train and plan stages use: SmolLM2 (real or synthetic weights), a toy Llama in a dry run."""
         if "smollm2" not in self.models:
             if self.args.synthetic_smollm2:  # shapes, config and tokenizer of SmolLM2; synthetic weights
                 full = sibling("synthetic_checkpoint").write_synthetic_like(self.work / "smollm2-shaped-synthetic",
@@ -84,6 +85,11 @@ class Check:
             self.models["smollm2"] = tiny_llama(self.work / "tiny-llama", full) if self.dry else full
         return self.models["smollm2"]
 
+    def smollm2_full_size(self) -> Path:
+        """SmolLM2 at full size even in a dry run (what the tests' smollm2_dir fixture expects)."""
+        self.smollm2()
+        return self.models["smollm2-full-size"]
+
 
 def stage_tests(c: Check) -> dict:
     if c.dry:  # plumbing only: one quick CPU test of the device suite
@@ -91,7 +97,9 @@ def stage_tests(c: Check) -> dict:
     else:
         select = ["tests", "-k", "cuda or device or kernels"]
     cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", *select]
-    env = {**os.environ, **({"QPISSA_SMOLLM2_DIR": str(c.smollm2() and c.models["smollm2-full-size"])} if c.args.synthetic_smollm2 else {})}
+    env = dict(os.environ)
+    if c.args.synthetic_smollm2:  # the tests' smollm2_dir fixture takes the synthetic stand-in too
+        env["QPISSA_SMOLLM2_DIR"] = str(c.smollm2_full_size())
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=max(1.0, c.left()), env=env)
     except subprocess.TimeoutExpired as err:

@@ -171,27 +171,12 @@ def worker_plan(spec: dict) -> dict:
     """PEFT QLoRA training of ``spec`` on ``device`` (plan_memory.py's setup); peak CUDA memory after a warm-up
     step, which is what ``qpissa plan`` predicts (weights + adapter + optimizer + activations, overhead 0)."""
     import torch
-    import transformers
-    from peft import LoraConfig, get_peft_model
 
+    pm = sibling("plan_memory")  # the same model setup plan_memory.py measures on the CPU
     device = spec["device"]
     cuda = device.startswith("cuda")
     torch.manual_seed(0)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["dtype"]]
-    kw: dict = {"dtype": dtype, "device_map": device}
-    if spec["quantized"]:
-        kw["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=spec["double_quant"], bnb_4bit_quant_storage=torch.uint8)
-    model = transformers.AutoModelForCausalLM.from_pretrained(spec["model"], **kw)
-    model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=spec["rank"], lora_alpha=spec["rank"], lora_dropout=0.0,
-                                             target_modules="all-linear"))
-    if spec["grad_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model, opt = pm.add_lora(pm.load_base(spec, device_map=device), spec)
     B, L, V = spec["batch_size"], spec["seq_len"], model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     peak = None

@@ -65,39 +65,56 @@ def minilm_dir() -> Path | None:
 
 # ------------------------------------------------------------------ worker: one training run
 
-def train_worker(spec: dict) -> dict:
-    """Load the model as ``spec`` says, train ``steps`` steps, return RSS figures (bytes)."""
+def load_base(spec: dict, **kw):
+    """The base model as ``spec`` says: dtype, transformers' own NF4 when ``quantized`` (QLoRA's setup)."""
     import torch
     import transformers
-    from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
-    base_rss = _status("VmRSS")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["dtype"]]
-    kw: dict = {"dtype": dtype}
+    kw["dtype"] = dtype
     if spec["quantized"]:
         kw["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=spec["double_quant"], bnb_4bit_quant_storage=torch.uint8)
-    causal = spec["family"] == "llama"
-    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    model = cls.from_pretrained(spec["model"], **kw)
-    for mod in model.modules():          # own every tensor: drop the read-only mmap of model.safetensors
-        for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
-            if t is not None:
-                t.data = t.data.clone()
-    import gc
-    gc.collect()
+    cls = transformers.AutoModelForCausalLM if spec["family"] == "llama" else transformers.AutoModel
+    return cls.from_pretrained(spec["model"], **kw)
+
+
+def add_lora(model, spec: dict):
+    """PEFT LoRA (r = α = ``rank``, all linears) ready to train, optional gradient checkpointing → (model, AdamW)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
     model.config.use_cache = False
-    lcfg = LoraConfig(r=spec["rank"], lora_alpha=spec["rank"], lora_dropout=0.0, target_modules="all-linear")
-    model = get_peft_model(model, lcfg)
-    trainable, _ = model.get_nb_trainable_parameters()
+    model = get_peft_model(model, LoraConfig(r=spec["rank"], lora_alpha=spec["rank"], lora_dropout=0.0,
+                                             target_modules="all-linear"))
     if spec["grad_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def train_worker(spec: dict) -> dict:
+    """Load the model as ``spec`` says, train ``steps`` steps, return RSS figures (bytes)."""
+    import gc
+
+    import peft  # noqa: F401 - imported before the baseline: the figures exclude the libraries' own memory
+    import torch
+    import transformers  # noqa: F401
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    base_rss = _status("VmRSS")
+    model = load_base(spec)
+    for mod in model.modules():          # own every tensor: drop the read-only mmap of model.safetensors
+        for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if t is not None:
+                t.data = t.data.clone()
+    gc.collect()
+    model, opt = add_lora(model, spec)
+    trainable, _ = model.get_nb_trainable_parameters()
+    causal = spec["family"] == "llama"
     B, L, V = spec["batch_size"], spec["seq_len"], model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     gc.collect()

@@ -134,30 +134,20 @@ def write_synthetic_like(out_dir: str | Path, like_dir: str | Path, seed: int = 
     depend on shapes only, so SmolLM2's config + tokenizer (3.5 MB) stand in for its 270 MB of weights.
     Written into a temp folder and renamed, reused when complete.
     """
-    import json
     import shutil
     import tempfile
 
     from qpissa.formats import DTYPE_NAMES, write_safetensors
+    from qpissa.plan.model_shapes import load_config, shapes_from_config
 
     out, like = Path(out_dir), Path(like_dir)
     if (out / "model.safetensors").is_file():
         return out
-    cfg = json.loads((like / "config.json").read_text())
-    hidden, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    head_dim = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * head_dim, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim
-    linears = {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
-               "self_attn.o_proj": (hidden, q), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
-               "mlp.down_proj": (hidden, inter)}
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg["vocab_size"], hidden),
-                                          "model.norm.weight": (hidden,)}
-    for i in range(layers):
-        shapes.update({f"model.layers.{i}.{mod}.weight": shape for mod, shape in linears.items()})
-        shapes.update({f"model.layers.{i}.{norm}.weight": (hidden,)
-                       for norm in ("input_layernorm", "post_attention_layernorm")})
-    if not cfg.get("tie_word_embeddings", False):
-        shapes["lm_head.weight"] = (cfg["vocab_size"], hidden)
+    model = shapes_from_config(load_config(like))  # every parameter tensor of the architecture
+    if model.family != "llama":
+        raise ValueError(f"{like}: write_synthetic_like writes Llama-style decoders, got {model.model_type}")
+    shapes = {f"{p.name.format(i=i)}.weight": p.shape  # no biases: none in Llama / SmolLM2
+              for p in model.params for i in range(p.count)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
