@@ -27,8 +27,9 @@ def adapter_key(module: str, which: str) -> str:
 def adapter_config(*, base_model: str, rank: int, alpha: float, rslora: bool, target_modules: list[str],
                    fan_in_fan_out: bool, task_type: str | None) -> dict:
     """adapter_config.json that plain PEFT loads. ``init_lora_weights`` must be true: "pissa" here
-    would make PEFT re-run PiSSA at load time and fail on a 4-bit base."""
-    import peft
+    would make PEFT re-run PiSSA at load time and fail on a 4-bit base. PEFT's version comes from package
+    metadata: importing peft (and with it transformers) only for it costs seconds."""
+    from importlib.metadata import version
 
     return {
         "peft_type": "LORA",
@@ -45,7 +46,7 @@ def adapter_config(*, base_model: str, rank: int, alpha: float, rslora: bool, ta
         "inference_mode": True,
         "modules_to_save": None,
         "revision": None,
-        "peft_version": peft.__version__,
+        "peft_version": version("peft"),
     }
 
 

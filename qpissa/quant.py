@@ -39,7 +39,7 @@ class NF4Tensor:
     """Packed NF4 bytes plus bitsandbytes' quant state, for one (m×n) weight."""
 
     packed: torch.Tensor  # (m*n/2, 1) uint8
-    state: "object"  # bitsandbytes.functional.QuantState
+    state: "object"  # bitsandbytes.functional.QuantState, or nf4_cpu.NF4State (its fields, CPU, not nested)
 
     @property
     def shape(self) -> torch.Size:
@@ -112,10 +112,25 @@ def quantize_nf4(w: torch.Tensor, spec: NF4Spec = NF4Spec()) -> NF4Tensor:
 
 
 def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
-    """Dequantize to fp32 exactly as the loaded Linear4bit does."""
+    """Dequantize to fp32 exactly as the loaded Linear4bit does (on the CPU with
+    :func:`qpissa.nf4_cpu.dequantize_nf4_cpu`: the same products, blocks read in flat order)."""
+    if q.packed.device.type == "cpu":
+        return nf4_cpu.dequantize_nf4_cpu(q.packed, _absmax(q.state), q.state.code.float(), q.state.blocksize,
+                                          tuple(q.shape))
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(q.packed, q.state).float()
+
+
+def _absmax(state) -> torch.Tensor:
+    """The fp32 absmax of a quant state, the second level undone as bitsandbytes' ``dequantize_4bit`` does."""
+    if not state.nested:
+        return state.absmax.float()
+    import bitsandbytes.functional as bnbf
+
+    absmax = bnbf.dequantize_blockwise(state.absmax, state.state2)
+    absmax += state.offset
+    return absmax.float()
 
 
 @functools.cache
@@ -138,17 +153,17 @@ def cpu_dequantize_handles_blocks_across_rows() -> bool:
 
 def warn_cpu_blocksize(widths: dict[str, int], blocksize: int, device: str) -> str | None:
     """Warn (and return the line) when NF4 blocks would straddle rows on a CPU whose bitsandbytes dequantize misreads
-    them: that run's errors and QPiSSA fit, and a CPU-loaded model, use wrong weights (the stored bytes are right,
-    and a GPU reads them correctly). Real widths are multiples of 64, so the default blocksize is never affected.
-    ``widths``: tensor name → row length."""
+    them: a model loaded on that CPU computes with wrong weights (the stored bytes, the decomposition's own errors
+    and fits, which use :func:`dequantize_nf4`, and a GPU are right). Real widths are multiples of 64, so the
+    default blocksize is never affected. ``widths``: tensor name → row length."""
     if device != "cpu" or all(n % blocksize == 0 for n in widths.values()):
         return None
     if cpu_dequantize_handles_blocks_across_rows():
         return None
     name, n = next((k, v) for k, v in widths.items() if v % blocksize)
     line = (f"qpissa: warning: {name}: rows of {n} weights are not a multiple of --blocksize {blocksize}, and this "
-            "bitsandbytes' CPU dequantize reads such blocks wrongly: errors and fits on the CPU are off; use a "
-            "blocksize dividing every input width (64 for real models) or --device cuda")
+            "bitsandbytes' CPU dequantize reads such blocks wrongly: the output is right, but loaded on this CPU it "
+            "computes with wrong weights; use a blocksize dividing every input width (64 for real models)")
     logging.getLogger("qpissa").warning(line)
     return line
 
@@ -159,30 +174,21 @@ CHUNK_ELEMENTS = 1 << 20  # weights of deq(Q) materialized at once by dequantize
 def dequantized_rows(q: NF4Tensor, rows: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
     """deq(Q) (fp32) as (row slice, chunk) pairs: the values of ``dequantize_nf4(q)[rows]`` without an m×n buffer.
 
-    Chunked only where bitsandbytes' CPU kernel is row-independent: n a multiple of the block size (its C kernel
-    indexes absmax per row, so blocks that straddle rows come out differently in a chunk, and in bitsandbytes
-    0.50 wrongly even for the whole tensor), n even and blocksize < 2048 (else a torch.compile'd fallback,
-    compiled per shape). Otherwise, and off the CPU, one chunk: the whole dequantize_nf4(q). ``rows`` per chunk
+    Chunked on the CPU when every chunk starts on a block boundary and a whole byte (n a multiple of the block
+    size, n even); otherwise, and off the CPU, one chunk: the whole dequantize_nf4(q). ``rows`` per chunk
     defaults to :data:`CHUNK_ELEMENTS` weights."""
-    import bitsandbytes.functional as bnbf
-
     m, n = q.shape
-    state, bs = q.state, q.state.blocksize
-    if q.packed.device.type != "cpu" or n % bs or n % 2 or bs >= 2048:
+    bs = q.state.blocksize
+    if q.packed.device.type != "cpu" or n % bs or n % 2:
         yield slice(0, m), dequantize_nf4(q)
         return
-    absmax = state.absmax  # (blocks,) fp32, first undone as bitsandbytes' dequantize_4bit does
-    if state.nested:
-        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2)
-        absmax += state.offset
-        absmax = absmax.float()
+    absmax, code = _absmax(q.state), q.state.code.float()  # (blocks,) fp32, (16,)
     per_row = n // bs  # blocks per row
     rows = rows or max(1, CHUNK_ELEMENTS // n)
     for i in range(0, m, rows):
         j = min(i + rows, m)
-        part = torch.ops.bitsandbytes.dequantize_4bit.default(
-            q.packed[i * n // 2:j * n // 2], absmax[i * per_row:j * per_row], bs, "nf4", (j - i, n),
-            torch.float32)  # (j − i, n)
+        part = nf4_cpu.dequantize_nf4_cpu(q.packed[i * n // 2:j * n // 2], absmax[i * per_row:j * per_row], code, bs,
+                                          (j - i, n))  # (j − i, n)
         yield slice(i, j), part
 
 

@@ -24,11 +24,14 @@ def architecture(model_dir: str | Path) -> tuple[str, str]:
 
 
 def is_causal_lm(model_dir: str | Path) -> bool:
-    """True for ``…ForCausalLM`` / ``…LMHeadModel`` classes that transformers maps to AutoModelForCausalLM."""
+    """True for ``…ForCausalLM`` / ``…LMHeadModel`` classes that transformers maps to AutoModelForCausalLM
+    (its table only read for names without the suffix: importing transformers costs a second)."""
+    arch, _ = architecture(model_dir)
+    if arch.endswith("ForCausalLM"):
+        return True
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    arch, _ = architecture(model_dir)
-    return arch.endswith("ForCausalLM") or arch in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return arch in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def require_causal_lm(model_dir: str | Path, command: str) -> None:

@@ -109,6 +109,25 @@ def test_exact_ties_at_midpoints():
     assert torch.equal(codes[:, 30:45], torch.arange(1, 16).expand(3, 15))  # just above → upper code
 
 
+def test_table_lookup_equals_bucketize_near_bin_edges_and_midpoints():
+    """The lookup (what finite chunks use) against torch.bucketize: values within 8 ulps of every bin edge and
+    every midpoint, ±1 and slightly beyond (x·(1/a) can round above 1), and a dense sweep of [−1, 1]."""
+    bounds = nf4_cpu.nf4_midpoints(nf4_cpu.nf4_code())
+    half = nf4_cpu.LUT_BINS / 2
+    marks = torch.cat([torch.arange(nf4_cpu.LUT_BINS + 1) / half - 1, torch.tensor(bounds)])  # edges, midpoints
+    near = [marks]
+    for direction in (-2.0, 2.0):
+        x = marks
+        for _ in range(8):
+            x = torch.nextafter(x, torch.tensor(direction))
+            near.append(x)
+    x = torch.cat(near + [torch.linspace(-1, 1, 1_000_003)]).clamp(-1.0000002, 1.0000002)  # (n,)
+    out = torch.empty(x.numel(), dtype=torch.uint8)
+    nf4_cpu._codes_lut(x, bounds, out, torch.empty(x.numel(), dtype=torch.int32), torch.empty(x.numel()),
+                       torch.empty(x.numel(), dtype=torch.bool))
+    assert torch.equal(out.long(), torch.bucketize(x, torch.tensor(bounds)))
+
+
 def test_all_zero_blocks_and_non_finite():
     """A zero block stores absmax 0 (codes 7); a zero last block stores 1e-38; NaN/Inf as bitsandbytes."""
     w = heavy_tailed((4, 100), seed=1)
@@ -147,13 +166,79 @@ def test_real_residual_identical_through_quant_module(smol_weights):
         ours = quantize_nf4(residual, spec)
         ref_packed, ref = bnb_nf4(residual, spec.blocksize, spec.double_quant)
         assert torch.equal(ours.packed, ref_packed)
-        assert torch.equal(dequantize_nf4(ours), bnb_dequantize(ref_packed, ref))
+        assert torch.equal(dequantize_nf4(ours), flat_dequantize(ref_packed, ref))
 
 
 def bnb_dequantize(packed, state) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
+    state = state.to_bitsandbytes() if isinstance(state, nf4_cpu.NF4State) else state
     return bnbf.dequantize_4bit(packed, state).float()
+
+
+def flat_dequantize(packed, state) -> torch.Tensor:
+    """Reference deq(Q), written plainly: code[q_i]·absmax[i // blocksize] in flat order (high nibble first);
+    bitsandbytes' formula, equal to its CPU dequantize wherever that one reads blocks right (n % blocksize = 0)."""
+    import bitsandbytes.functional as bnbf
+
+    shape = tuple(state.shape)
+    n = shape[0] * shape[1]
+    absmax = state.absmax.float()
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    q = packed.reshape(-1).long()
+    codes = torch.stack([q >> 4, q & 15], 1).reshape(-1)[:n]  # (n,)
+    return (state.code.float()[codes] * absmax.float()[torch.arange(n) // state.blocksize]).view(shape)
+
+
+@pytest.mark.parametrize("shape,blocksize,double_quant", [((64, 128), 64, False), ((96, 256), 128, True),
+                                                          ((576, 576), 64, False), ((33, 1024), 1024, True)])
+def test_flat_reference_is_bitsandbytes_where_blocks_follow_rows(shape, blocksize, double_quant):
+    w = heavy_tailed(shape, seed=3)
+    packed, state = bnb_nf4(w, blocksize, double_quant)
+    assert torch.equal(flat_dequantize(packed, state), bnb_dequantize(packed, state))
+
+
+@pytest.mark.parametrize("shape", [(576, 576), (33, 97), (7, 64)])
+@pytest.mark.parametrize("blocksize,double_quant", [(64, False), (128, False), (128, True), (4096, False)])
+def test_dequantize_equals_flat_reference(shape, blocksize, double_quant):
+    """quant.dequantize_nf4 on the CPU (our routine, no bitsandbytes kernel) = the flat formula, bit for bit,
+    also where blocks straddle rows (bitsandbytes 0.50.2's CPU kernel misreads those)."""
+    w = heavy_tailed(shape, seed=blocksize)
+    q = quantize_nf4(w, NF4Spec(blocksize=blocksize, double_quant=double_quant))
+    assert torch.equal(bits(dequantize_nf4(q)), bits(flat_dequantize(q.packed, q.state)))
+
+
+def test_state_without_bitsandbytes_matches_its_quant_state():
+    """The non-nested state (built without importing bitsandbytes) serializes exactly as bitsandbytes'
+    QuantState.as_dict(packed=True), and its NF4 levels are get_4bit_type("nf4")."""
+    from bitsandbytes.functional import get_4bit_type
+
+    assert torch.equal(bits(nf4_cpu.nf4_code()), bits(get_4bit_type("nf4", device="cpu")))
+    packed, state = quantize_nf4_cpu(heavy_tailed((96, 128), seed=1), 64)
+    assert isinstance(state, nf4_cpu.NF4State)
+    ours, ref = state.as_dict(packed=True), state.to_bitsandbytes().as_dict(packed=True)
+    assert list(ours) == list(ref)
+    for key in ref:
+        assert ours[key].dtype == ref[key].dtype and torch.equal(bits(ours[key]), bits(ref[key])), key
+    assert {k: v for k, v in state.as_dict().items() if not isinstance(v, torch.Tensor)} == \
+           {k: v for k, v in state.to_bitsandbytes().as_dict().items() if not isinstance(v, torch.Tensor)}
+
+
+def test_cpu_decompose_path_does_not_import_bitsandbytes():
+    """Quantize, dequantize and serialize a non-nested NF4 weight in a fresh interpreter: bitsandbytes (≈1 s of
+    import: it torch.compiles kernels) stays unimported."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from qpissa.quant import quantize_nf4, dequantize_nf4, minus_dequantized\n"
+            "w = torch.randn(64, 128)\n"
+            "q = quantize_nf4(w)\n"
+            "dequantize_nf4(q); minus_dequantized(w, q); q.serialized('x.weight')\n"
+            "print('bitsandbytes' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_rejects_what_bitsandbytes_rejects():
@@ -164,22 +249,22 @@ def test_rejects_what_bitsandbytes_rejects():
 
 
 @pytest.mark.parametrize("shape", [(600, 576), (300, 4096), (33, 97), (576, 1536)])
-def test_dequantized_rows_equal_bitsandbytes_dequantize(shape):
+def test_dequantized_rows_equal_whole_dequantize(shape):
     """quant.dequantized_rows / minus_dequantized (what decompose uses to avoid m×n temporaries) give exactly
-    bitsandbytes' whole-tensor dequantization, also where blocks straddle rows (n % blocksize ≠ 0)."""
+    the whole-tensor dequantization (the flat formula), also where blocks straddle rows (n % blocksize ≠ 0)."""
     from qpissa.quant import dequantized_rows, minus_dequantized
 
     for blocksize, dq in ((64, False), (128, True), (256, False), (1024, True)):
         for dtype in (torch.float32, torch.float64):
             w = heavy_tailed(shape, seed=blocksize, dtype=dtype)
             q = quantize_nf4(w, NF4Spec(blocksize=blocksize, double_quant=dq))
-            full = bnb_dequantize(q.packed, q.state)
+            full = flat_dequantize(q.packed, q.state)
             chunks = list(dequantized_rows(q, rows=100))
             assert torch.equal(torch.cat([part for _, part in chunks]), full)
             assert [rows.start for rows, _ in chunks] == list(range(0, shape[0], 100 if len(chunks) > 1 else shape[0]))
             assert torch.equal(minus_dequantized(w, q), w - full.to(dtype))
             wt = w.T  # a Conv1D weight as decompose sees it: the result keeps W's (transposed) layout
             qt = quantize_nf4(wt, NF4Spec(blocksize=blocksize, double_quant=dq))
-            expected = wt - bnb_dequantize(qt.packed, qt.state).to(dtype)
+            expected = wt - flat_dequantize(qt.packed, qt.state).to(dtype)
             got = minus_dequantized(wt, qt)
             assert torch.equal(got, expected) and got.stride() == expected.stride()

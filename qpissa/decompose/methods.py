@@ -49,6 +49,7 @@ class Init:
     quantized: NF4Tensor | None = None  # frozen NF4 residual, or
     residual: torch.Tensor | None = None  # frozen full-precision residual
     info: dict = field(default_factory=dict)
+    frobenius: float | None = None  # ‖W − reconstruction()‖_F where the method measured it (the driver reuses it)
 
     def base(self) -> torch.Tensor:
         """The frozen base as the loaded model sees it (fp32)."""
@@ -188,9 +189,10 @@ def qpissa(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF
         info["damp"] = wh.damp
     if refit:
         a2, b2 = fit(minus_dequantized(w, q), rank, scale, start=a)
-        if measure(_error(w, q, a2, b2, scale)) < err:
-            a, b, info["refit"] = a2, b2, True
-    return Init(a, b, scale, quantized=q, info=info)
+        err2 = measure(_error(w, q, a2, b2, scale))
+        if err2 < err:
+            a, b, err, info["refit"] = a2, b2, err2, True
+    return Init(a, b, scale, quantized=q, info=info, frobenius=err if wh is None else None)
 
 
 def loftq(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF4Spec = NF4Spec(),
@@ -213,7 +215,8 @@ def loftq(w: torch.Tensor, rank: int, scale: float, *, iters: int = 1, spec: NF4
         a, b = fit(minus_dequantized(w, q), rank, scale, start=a if history else None)
         history.append(measure(_error(w, q, a, b, scale)))
     if wh is None:
-        return Init(a, b, scale, quantized=q, info={"iters": iters, "frobenius_by_iter": history})
+        return Init(a, b, scale, quantized=q, info={"iters": iters, "frobenius_by_iter": history},
+                    frobenius=history[-1])
     return Init(a, b, scale, quantized=q, info={"iters": iters, "output_error_by_iter": history, "damp": wh.damp})
 
 

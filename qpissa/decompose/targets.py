@@ -7,6 +7,7 @@ module names or regular expressions (full match on the module name).
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from qpissa.errors import UserError
 from qpissa.formats import TensorInfo, weight_key
+from qpissa.decompose.architectures import known_linear_modules
 
 BLOCK_INDEX = re.compile(r"(^|\.)\d+(\.|$)")
 
@@ -36,7 +38,14 @@ class Target:
 
 def linear_modules(model_dir: Path) -> tuple[dict[str, bool], str, str | None]:
     """{module name: is_conv1d} for every linear layer, via a weightless (meta) model; plus the
-    architecture class name and PEFT task type."""
+    architecture class name and PEFT task type. Architectures of :mod:`qpissa.decompose.architectures` are
+    read from config.json alone (the same answer, without importing transformers)."""
+    try:
+        known = known_linear_modules(json.loads((model_dir / "config.json").read_text()))
+    except (OSError, ValueError, AttributeError):
+        known = None  # unreadable or not a JSON object: the meta path below reports it
+    if known is not None:
+        return known
     import transformers
     from transformers import AutoConfig
     from transformers.pytorch_utils import Conv1D

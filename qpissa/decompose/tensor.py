@@ -23,7 +23,7 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
     (part tensors, metrics)."""
     dtype = getattr(torch, cfg.dtype)
     w = (w.T if target.transposed else w).to(device=cfg.device, dtype=dtype)  # (m, n)
-    if not torch.isfinite(w).all():
+    if not _all_finite(w):
         raise UserError(f"{target.weight.file}: tensor {target.weight.name} contains NaN or Inf; fix the checkpoint")
     if cfg.loftq_baseline is None or cfg.spectral_norms is None:
         cfg = cfg.resolved(w.numel())
@@ -48,7 +48,10 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
             outputs[which] = output_error(e, h_eval)
         return error_norms(e, cfg.spectral_norms)
 
-    error = measure("method", init.reconstruction().to(dtype))
+    if init.frobenius is not None and h_eval is None and not cfg.spectral_norms:  # measured by the method already
+        error = {"nuclear": None, "frobenius": init.frobenius, "spectral": None}
+    else:
+        error = measure("method", init.reconstruction().to(dtype))
     metrics = {"module": target.module, "tensor": target.weight.name, "shape": list(target.shape),
                "method": error, "qlora": error, "info": init.info}
     if cfg.method == "qlora":  # B = 0: the method's reconstruction is the QLoRA baseline's
@@ -77,6 +80,12 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
     tensors["__lora_A__"] = init.a.contiguous().cpu()
     tensors["__lora_B__"] = init.b.contiguous().cpu()
     return tensors, metrics
+
+
+def _all_finite(w: torch.Tensor) -> bool:
+    """No NaN/Inf in ``w``: a NaN or Inf makes the sum NaN or Inf, so a finite sum settles it in one read (an
+    overflowing sum of finite weights falls back to the elementwise check, no m×n bool temporary otherwise)."""
+    return bool(torch.isfinite(w.sum())) or bool(torch.isfinite(w).all())
 
 
 def _source_dtype(target: Target) -> torch.dtype:
