@@ -1,9 +1,10 @@
 """Where does `qpissa decompose` spend its time? cProfile of the real driver, grouped by stage.
 
 Runs :func:`qpissa.decompose.decompose` in this process under cProfile with a CPU-time clock
-(``time.process_time``) and ``torch.set_num_threads(--threads)`` (default 1), so the breakdown is the
-work done, not the wait for a loaded machine. Stages are cumulative times of the driver's own functions
-(nested stages are listed indented: their time is inside the parent's).
+(``time.process_time``), ``torch.set_num_threads(--threads)`` (default 1) and ``workers=1``, so the breakdown is
+the work done, not the wait for a loaded machine. The per-tensor work runs in the driver's worker thread: a
+second profiler wraps each ``_process_one`` call there and the two are merged. Stages are cumulative times of
+the driver's own functions (nested stages are listed indented: their time is inside the parent's).
 
 Usage: python benchmarks/profile_decompose.py MODEL [--threads 1] [--layers 0-2] [decompose kwargs as k=v ...]
   e.g. python benchmarks/profile_decompose.py ~/.cache/qpissa-test-assets/smollm2-135m-instruct iters=5
@@ -23,20 +24,23 @@ RESULT = Path(__file__).resolve().parent / "results" / "profile_decompose.json"
 
 # (label, module file suffix, function name, depth)
 STAGES = [
-    ("per-tensor loop (_run_targets)", "decompose.py", "_run_targets", 0),
+    ("imports and target discovery (find_targets)", "targets.py", "find_targets", 0),
+    ("per-tensor work (_process_one)", "driver.py", "_process_one", 0),
     ("read weight (load_tensor)", "formats.py", "load_tensor", 1),
-    ("decompose_tensor", "decompose.py", "decompose_tensor", 1),
-    ("method (initialize)", "methods.py", "initialize", 2),
+    ("decompose_tensor", "tensor.py", "decompose_tensor", 1),
+    ("method (initialize)", "initialize.py", "initialize", 2),
     ("LoftQ baseline", "methods.py", "loftq", 2),
     ("SVD exact", "linalg.py", "exact_svd", 2),
     ("SVD randomized", "linalg.py", "randomized_svd", 2),
-    ("NF4 quantize (bnb)", "quant.py", "quantize_nf4", 2),
-    ("NF4 dequantize (bnb)", "quant.py", "dequantize_nf4", 2),
+    ("NF4 quantize", "quant.py", "quantize_nf4", 2),
+    ("NF4 dequantize (whole)", "quant.py", "dequantize_nf4", 2),
+    ("NF4 dequantize (row chunks)", "nf4_cpu.py", "dequantize_nf4_cpu", 2),
+    ("error E = W − deq Q − sBA (_error)", "methods.py", "_error", 2),
     ("error norms (svdvals + Frobenius)", "linalg.py", "error_norms", 2),
     ("write part (save_tensors)", "formats.py", "save_tensors", 1),
-    ("sha256 of parts", "decompose.py", "_sha256", 1),
-    ("manifest.json rewrites (write_json)", "atomic.py", "write_json", 1),
-    ("assemble shards + adapter (_assemble)", "decompose.py", "_assemble", 0),
+    ("sha256 of parts", "driver.py", "_sha256", 1),
+    ("manifest.json rewrites (write_json)", "atomic.py", "write_json", 0),
+    ("assemble shards + adapter (assemble)", "assemble.py", "assemble", 0),
     ("reports (write_report)", "report.py", "write_report", 0),
 ]
 
@@ -77,14 +81,29 @@ def main() -> None:
     if args.layers:
         lo, hi = (int(x) for x in args.layers.split("-"))
         kwargs["targets"] = [rf".*\.({'|'.join(str(i) for i in range(lo, hi + 1))})\..*"]
-    prof = cProfile.Profile(time.process_time)
+    from qpissa.decompose import driver
+
+    prof, worker_prof = cProfile.Profile(time.process_time), cProfile.Profile(time.process_time)
+    process_one = driver._process_one
+
+    def profiled(*a, **k):  # runs in the worker thread, where cProfile's main-thread hook does not reach
+        worker_prof.enable()
+        try:
+            return process_one(*a, **k)
+        finally:
+            worker_prof.disable()
+
+    driver._process_one = profiled
+    kwargs.setdefault("workers", 1)
     with tempfile.TemporaryDirectory() as tmp:
         wall, cpu = time.perf_counter(), time.process_time()
         prof.enable()
         report = decompose(args.model, Path(tmp) / "out", progress=False, **kwargs)
         prof.disable()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    driver._process_one = process_one
     stats = pstats.Stats(prof)
+    stats.add(worker_prof)
     stages = stage_times(stats)
     key = json.dumps({"model": args.model.name, "layers": args.layers, "threads": args.threads, **kwargs},
                      sort_keys=True)
