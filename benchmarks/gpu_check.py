@@ -168,17 +168,19 @@ def stage_train(c: Check) -> dict:
     qpissa_out = c.models.get("out-smollm2") or _complete(c.work / "out-smollm2")
     ours_init = "qpissa (decompose stage output)" if qpissa_out else "qlora init (decompose stage failed)"
     ours_argv = argv + (["--train-out", str(qpissa_out)] if qpissa_out else [])
+    # the peer right after ours on bitsandbytes, so the ratio exists even if the Triton run is cut short (on the H100
+    # the Triton run once used the whole stage and HF got 1 s); each run gets an equal share of what is left
     runs = {"qpissa_bnb": ("ours", ours_argv + ["--kernels", "none"], None),
+            "hf_trainer_peft_qlora": ("hf", argv, None),
             # dry run: no CUDA, so --kernels triton logs and falls back to bitsandbytes (the Triton interpreter takes
             # minutes per step here); the kernels stage runs the kernels themselves under TRITON_INTERPRET
-            "qpissa_triton": ("ours", ours_argv + ["--kernels", "triton"], None),
-            "hf_trainer_peft_qlora": ("hf", argv, None)}
+            "qpissa_triton": ("ours", ours_argv + ["--kernels", "triton"], None)}
     out: dict[str, Any] = {"steps": steps, "batch_size": batch, "seq_len": seq, "rank": RANK, "ours_init": ours_init,
                            "tokens_per_step": batch * seq, "warmup_steps_excluded": 2}
     errors = []
-    for label, (side, a, env) in runs.items():
+    for i, (label, (side, a, env)) in enumerate(runs.items()):
         try:
-            r = tt.run_side(side, a, work, timeout=max(1.0, c.left()), env=env)
+            r = tt.run_side(side, a, work, timeout=max(1.0, c.left() / (len(runs) - i)), env=env)
             steady = sorted(r["step_s"][2:] or r["step_s"])
             median = steady[len(steady) // 2]
             out[label] = {"tokens_per_s": batch * seq / median, "median_step_s": median, "peak_mb": r["peak_mb"],
