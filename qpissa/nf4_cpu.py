@@ -6,10 +6,11 @@ bitsandbytes ≥0.46 quantizes 4-bit on the CPU with its pure-torch "default" ke
 nibble). It does so on the whole tensor at once: an fp32 copy, x̂, the clamp, int32 codes and packing
 temporaries, ≈ 4–6× the fp32 weight; and ``bucketize`` (a binary search per element) is most of its time.
 
-Here the same arithmetic runs on chunks of whole blocks written into preallocated outputs, and the code
-is a compare-and-count over the 15 midpoints mₖ: code = 15 − #{k : x̂ ≤ mₖ}, which equals bucketize's
-#{k : mₖ < x̂} for every x̂ including exact ties (x̂ = mₖ → lower code) and gives 15 for NaN as bucketize
-does. The clamp is dropped: clamping to ±1 never moves a value across a midpoint in (−1, 1).
+Here the same arithmetic runs on chunks of whole blocks written into preallocated outputs. The code is
+bucketize's #{k : mₖ < x̂} over the 15 midpoints mₖ (exact ties x̂ = mₖ → the lower code), found by a table
+lookup on 64 uniform bins plus one compare (:func:`_codes_lut`); a chunk holding NaN/Inf uses a
+compare-and-count, code = 15 − #{k : x̂ ≤ mₖ}, which gives bucketize's 15 for NaN. The clamp is dropped:
+clamping to ±1 never moves a value across a midpoint in (−1, 1).
 
 Without double quantization nothing here imports bitsandbytes (its import compiles kernels with
 torch.compile: ≈1 s of a fresh process): the state is :class:`NF4State`, bitsandbytes' ``QuantState`` fields

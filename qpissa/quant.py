@@ -1,4 +1,5 @@
-"""NF4 quantization through bitsandbytes: the exact quantizer used at training time.
+"""NF4 quantization with bitsandbytes' exact bytes: the quantizer used at training time (on the CPU our
+byte-identical :mod:`qpissa.nf4_cpu`, elsewhere bitsandbytes itself).
 
 NF4 (Dettmers et al., "QLoRA", 2023): per block of ``blocksize`` weights, absmax scaling
 and rounding to the nearest of 16 normal-quantile code values. Double quantization stores
