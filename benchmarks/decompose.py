@@ -7,7 +7,8 @@
    ours T=5 = the same with `--iters 5`
    peer     = PEFT: load the fp32 model, `get_peft_model(..., init_lora_weights="pissa_niter_4")`, save the
               residual (unload) and the adapter, reload the residual in 4-bit (bnb NF4) + the adapter.
-   Reported: median wall time, peak RSS (ru_maxrss of the child), Σ‖W − deq(Q) − s·B·A‖_F and the ratios
+   Reported: median wall time, peak RSS (VmHWM of the child: ru_maxrss would include this
+   process's size at fork), Σ‖W − deq(Q) − s·B·A‖_F and the ratios
    ours/PEFT (goals: T=1 ≤ 0.7, T=5 ≤ 2, error ≤ PEFT's).
 2. Error sweep (--sweep): reduction vs QLoRA (Frobenius and nuclear, summed over modules) for qpissa(T=1,5)
    and loftq(T=5) at r ∈ {8, 16, 64, 128}.
@@ -53,8 +54,9 @@ CHILD_OURS = textwrap.dedent('''
     except SystemExit as err:
         if err.code:
             raise
+    from qpissa.train.metrics import peak_rss_mb
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"peak_rss_mb": ru.ru_maxrss / 1024, "cpu_s": ru.ru_utime + ru.ru_stime}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "cpu_s": ru.ru_utime + ru.ru_stime}))
 ''')
 
 CHILD_PEFT = textwrap.dedent('''
@@ -75,8 +77,9 @@ CHILD_PEFT = textwrap.dedent('''
     q = cls.from_pretrained(out + "/residual", quantization_config=BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
     q = PeftModel.from_pretrained(q, out + "/adapter")
+    from qpissa.train.metrics import peak_rss_mb
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"peak_rss_mb": ru.ru_maxrss / 1024, "cpu_s": ru.ru_utime + ru.ru_stime}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "cpu_s": ru.ru_utime + ru.ru_stime}))
 ''')
 
 

@@ -8,7 +8,6 @@ extrapolates to the 80 × 7 linears of Llama-3-70B. Usage: python benchmarks/dec
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ def one(m: int, n: int) -> dict:
     from qpissa.decompose import DecomposeConfig, decompose_tensor
     from qpissa.formats import TensorInfo
     from qpissa.decompose.targets import Target
+    from qpissa.train.metrics import peak_rss_mb
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(m, n, generator=gen) * 0.02
@@ -39,7 +39,7 @@ def one(m: int, n: int) -> dict:
     start = time.perf_counter()
     _, metrics = decompose_tensor(target, w, cfg)
     return {"seconds": time.perf_counter() - start,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_rss_gib": peak_rss_mb() / 1024,
             "reduction_vs_qlora": 1 - metrics["method"]["frobenius"] / metrics["qlora"]["frobenius"]}
 
 

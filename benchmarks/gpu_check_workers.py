@@ -98,11 +98,11 @@ def run_worker(name: str, spec: dict, timeout: float, env: dict[str, str] | None
 
 # ----------------------------------------------------------------------------- workers (child processes)
 def _peaks(device: str) -> dict:
-    import resource
-
     import torch
 
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    from qpissa.train.metrics import peak_rss_mb
+
+    out = {"peak_rss_mb": peak_rss_mb()}
     if device.startswith("cuda"):
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out

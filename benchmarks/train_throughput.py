@@ -4,7 +4,7 @@ Both sides train the *same* starting point: SmolLM2-135M quantized to NF4 by tra
 (all seven projections of every block) plus the same PEFT LoRA init (r=16), on the same packed GSM8K
 rows of exactly --seq-len tokens, bf16 autocast, AdamW, cosine schedule. Each side runs in its own
 subprocess (peak RSS is per process), alternating for --rounds; tokens/s is the median over steps
-after the first two (warm-up), peak memory is the process's max RSS on CPU (ru_maxrss) or
+after the first two (warm-up), peak memory is the process's max RSS on CPU (VmHWM; ru_maxrss would include the parent's size) or
 torch.cuda.max_memory_allocated on CUDA.
 
 Usage:  python benchmarks/train_throughput.py [--steps 12 --batch-size 4 --seq-len 256 --rounds 2]
@@ -84,13 +84,13 @@ def device_of(args) -> str:
 
 
 def peak_mb(device: str = "auto") -> float:
-    import resource
-
     import torch
 
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from qpissa.train.metrics import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def worker_ours(args, out: Path) -> dict:
@@ -200,7 +200,7 @@ def main() -> None:
     table.add_row("ratio ours/HF", f"{ratio_tps:.2f}×", "", f"{ratio_mem:.2f}×")
     Console().print(table)
     payload = {"benchmark": "train_throughput", "device": device, "cpu_count": os.cpu_count(),
-               "memory_metric": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS (ru_maxrss)",
+               "memory_metric": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS (VmHWM)",
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "tokens_per_s_ratio": ratio_tps, "peak_memory_ratio": ratio_mem, "results": summary,
                "load_average_at_end": os.getloadavg()}
