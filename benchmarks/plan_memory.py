@@ -8,7 +8,7 @@ VmHWM, reset through ``/proc/self/clear_refs`` (``5``) after one warm-up step so
 not count. measured = VmHWM − RSS after imports (so interpreter + libraries are excluded, like the
 planner's ``overhead=0``). The planner sees only config.json.
 
-Part 2 (decompose): times exact and randomized SVD (r=128) + bitsandbytes NF4 on real-shaped synthetic
+Part 2 (decompose): times exact and randomized SVD (r=128; the shipped ``qpissa.decompose.linalg.randomized_svd``) + bitsandbytes NF4 on real-shaped synthetic
 weights with a decaying spectrum (8192×8192 and 8192×28672), peak RSS per shape in a fresh subprocess,
 for reference; the 70B figure is :func:`qpissa.plan.decompose_estimate`, whose rates come from timing the real
 driver (benchmarks/decompose_rehearsal.py → qpissa/plan/decompose_rates.json), not from these per-op timings.
@@ -29,13 +29,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "configs"
 RESULTS = ROOT / "benchmarks" / "results" / "plan_memory.json"
-
-
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def _reset_peak() -> bool:
@@ -103,9 +96,11 @@ def train_worker(spec: dict) -> dict:
     import torch
     import transformers  # noqa: F401
 
+    from qpissa.train.metrics import proc_status_bytes
+
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    base_rss = _status("VmRSS")
+    base_rss = proc_status_bytes("VmRSS")
     model = load_base(spec)
     for mod in model.modules():          # own every tensor: drop the read-only mmap of model.safetensors
         for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
@@ -118,14 +113,14 @@ def train_worker(spec: dict) -> dict:
     B, L, V = spec["batch_size"], spec["seq_len"], model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     gc.collect()
-    static_rss = _status("VmRSS") - base_rss
+    static_rss = proc_status_bytes("VmRSS") - base_rss
     losses, times, peaks = [], [], []
     for step in range(spec["steps"]):
         ids = torch.randint(0, V, (B, L), generator=g)                     # (B, L)
         if step == 1:
             gc.collect()
             reset = _reset_peak()
-            start_rss = _status("VmRSS") - base_rss
+            start_rss = proc_status_bytes("VmRSS") - base_rss
         t0 = time.perf_counter()
         if causal:
             loss = model(input_ids=ids, labels=ids).loss
@@ -139,7 +134,7 @@ def train_worker(spec: dict) -> dict:
         losses.append(float(loss))
         del loss
         if step >= 1:
-            peaks.append(_status("VmHWM") - base_rss)
+            peaks.append(proc_status_bytes("VmHWM") - base_rss)
     maps = [ln for ln in Path("/proc/self/maps").read_text().splitlines() if ".safetensors" in ln]
     return {"trainable": trainable, "safetensors_maps": len(maps), "static_rss": static_rss,
             "start_rss": start_rss, "peak_rss": max(peaks),
@@ -162,27 +157,16 @@ def synthetic_weight(m: int, n: int, seed: int = 0, decay: float = 0.6):
     return w.to(torch.bfloat16)
 
 
-def randomized_svd(w, rank: int, oversample: int = 16, power_iters: int = 4, seed: int = 0):
-    """Halko et al. 2011, Alg. 4.4: Y = W Ω, q power iterations with QR, SVD of the small QᵀW."""
-    import torch
-    m, n = w.shape
-    k = min(rank + oversample, m, n)
-    omega = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))  # (n, k)
-    q = torch.linalg.qr(w @ omega)[0]                                          # (m, k)
-    for _ in range(power_iters):
-        z = torch.linalg.qr(w.T @ q)[0]                                        # (n, k)
-        q = torch.linalg.qr(w @ z)[0]                                          # (m, k)
-    ub, s, vh = torch.linalg.svd(q.T @ w, full_matrices=False)                 # (k, k), (k,), (k, n)
-    return (q @ ub)[:, :rank], s[:rank], vh[:rank]
-
-
 def decompose_worker(spec: dict) -> dict:
     """One PiSSA/QPiSSA step on an m×n tensor: fp32 copy, SVD_r, residual, NF4 quantize, error."""
     import torch
     import bitsandbytes.functional as bf
 
+    from qpissa.decompose.linalg import randomized_svd
+    from qpissa.train.metrics import proc_status_bytes
+
     torch.set_num_threads(os.cpu_count() or 1)
-    base_rss = _status("VmRSS")
+    base_rss = proc_status_bytes("VmRSS")
     m, n, r = spec["m"], spec["n"], spec["rank"]
     src = synthetic_weight(m, n)                                             # (m, n) bf16, "read from disk"
     import gc
@@ -212,7 +196,7 @@ def decompose_worker(spec: dict) -> dict:
     base_err = torch.linalg.matrix_norm(w - bf.dequantize_4bit(*bf.quantize_4bit(w, blocksize=64))).item()
     out["total_s"] = time.perf_counter() - t0
     out["error_reduction"] = 1 - err / base_err
-    out["peak_rss"] = _status("VmHWM") - base_rss
+    out["peak_rss"] = proc_status_bytes("VmHWM") - base_rss
     out["src_bytes"] = src.numel() * 2
     return out
 

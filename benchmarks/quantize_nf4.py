@@ -25,13 +25,6 @@ SHAPES = {"llama3-8b q_proj 4096x4096": (4096, 4096), "llama3-8b gate_proj 14336
 SIDES = ("qpissa", "bitsandbytes")
 
 
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def worker(side: str, m: int, n: int, threads: int, repeats: int, double_quant: bool) -> dict:
     """One side, one shape, in this (fresh) process."""
     import hashlib
@@ -43,6 +36,7 @@ def worker(side: str, m: int, n: int, threads: int, repeats: int, double_quant: 
     import bitsandbytes.functional as bnbf
 
     from qpissa.nf4_cpu import quantize_nf4_cpu
+    from qpissa.train.metrics import proc_status_bytes
 
     def quantize(w):
         if side == "qpissa":
@@ -51,10 +45,10 @@ def worker(side: str, m: int, n: int, threads: int, repeats: int, double_quant: 
 
     w = torch.randn(m, n, generator=torch.Generator().manual_seed(0)).mul_(0.02)  # (m, n) fp32
     quantize(torch.randn(256, 256))  # warm-up: lazy imports, kernel registration
-    base = _status("VmRSS")
+    base = proc_status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     packed, state = quantize(w)
-    peak = _status("VmHWM") - base
+    peak = proc_status_bytes("VmHWM") - base
     digest = hashlib.sha256(packed.numpy().tobytes())
     for key, value in sorted(state.as_dict(packed=True).items()):
         digest.update(key.encode() + value.contiguous().view(torch.uint8).numpy().tobytes())

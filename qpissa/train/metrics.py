@@ -22,13 +22,17 @@ def peak_rss_mb() -> float:
     ``ru_maxrss`` (the fallback off Linux) also holds the parent's resident size at fork time (Linux keeps the
     pre-exec image's peak): a child of a 700 MB benchmark process read ≥ 700 MB whatever it did itself."""
     try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return proc_status_bytes("VmHWM") / 2**20
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def proc_status_bytes(key: str) -> int:
+    """A memory field of /proc/self/status in bytes (``VmRSS``, ``VmHWM``, …; Linux only)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise KeyError(key)
 
 
 def plot_losses(run: Path, rows: list[dict[str, Any]]) -> None:
