@@ -1,0 +1,213 @@
+"""The study driver: methods × seeds × learning rates → decompose once per method, train each cell, evaluate.
+
+Everything goes through the stage functions (:func:`qpissa.decompose.decompose`, :func:`qpissa.train.train`,
+:mod:`qpissa.use.evaluate`); there is no second training loop. Layout of STUDY:
+
+    study.json                       the identity (options that define the results), checked on --resume
+    decompose/<method>/              one decompose output per method (shared by its seeds and lrs)
+    runs/<method>/seed<S>-lr<LR>/    one training run per cell (metrics.jsonl, checkpoints, adapter)
+    results.json/.csv, summary.md, curves.png   from the stored runs only (:mod:`qpissa.compare.report`)
+
+Resume at every level: a complete decompose or run is skipped, an interrupted decompose continues from its
+manifest, an interrupted run from its newest checkpoint (saved at every held-out evaluation), so a killed
+study rerun with ``--resume`` does only what is missing and ends as the uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+from qpissa.atomic import write_json
+from qpissa.compare.config import TRAIN_ONLY, CompareConfig, MethodSpec
+from qpissa.compare.grid import Cell, cells, decompose_dir, run_dir
+from qpissa.errors import UserError
+from qpissa.lock import LOCK_NAME, OutputLock
+
+STUDY_FILE = "study.json"
+REFERENCE_FILE = "reference.json"  # the original model's held-out loss: where every init starts from
+
+
+def compare(cfg: CompareConfig) -> dict[str, Any]:
+    """Run (or finish, or only report) a study; returns what :func:`qpissa.compare.report.write_outputs` wrote."""
+    from qpissa.compare.report import write_outputs
+
+    study = Path(cfg.output)
+    if cfg.report:
+        if not (study / STUDY_FILE).exists():
+            raise UserError(f"{study}: no {STUDY_FILE}; --report regenerates the tables of an existing study")
+        return write_outputs(study)
+    run_cfg = _check_inputs(cfg)
+    lock = OutputLock(study, command="qpissa compare")
+    study.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    try:
+        _check_study(study, cfg)
+        write_json(study / STUDY_FILE, {"identity": cfg.identity(), "grid": {
+            "methods": [s.label for s in cfg.specs()], "seeds": cfg.seed_list(), "lrs": cfg.lrs()}})
+        cfg = run_cfg  # the model as a local folder (a hub id resolved to its snapshot); identity written above
+        grid = cells(cfg)
+        to_decompose = [s for s in cfg.specs() if s.name not in TRAIN_ONLY]
+        total = len(to_decompose) + len(grid) * (2 if cfg.task != "none" else 1)
+        done = 0
+        for spec in to_decompose:
+            done += 1
+            _say(f"[{done}/{total}] decompose {spec.label}")
+            _decompose(study, spec, cfg)
+        if cfg.eval_every > 0 and not (study / REFERENCE_FILE).exists():
+            _say(f"[{done}/{total}] held-out loss of the original model")
+            write_json(study / REFERENCE_FILE, _reference(cfg))
+        first = {c.spec: c for c in reversed(grid)}  # a method's init is the same in every cell: measure it once
+        for cell in grid:
+            done += 1
+            _say(f"[{done}/{total}] train {cell.spec.label} seed {cell.seed} lr {cell.lr:g}")
+            _train(study, cell, cfg, eval_at_start=first[cell.spec] == cell and cfg.eval_every > 0)
+        if cfg.task == "gsm8k":
+            for cell in grid:
+                done += 1
+                _say(f"[{done}/{total}] gsm8k {cell.spec.label} seed {cell.seed} lr {cell.lr:g}")
+                _gsm8k(study, cell, cfg)
+        return write_outputs(study)
+    finally:
+        lock.release()
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _check_inputs(cfg: CompareConfig) -> CompareConfig:
+    """One line before any work: the model is a causal LM (a hub id is fetched), the data read. Returns ``cfg``
+    with the model's local folder."""
+    from dataclasses import replace
+
+    from qpissa.data import load_records
+    from qpissa.hub import resolve_model
+    from qpissa.usage import require_causal_lm
+
+    model = resolve_model(cfg.model)
+    if not (model / "config.json").is_file():
+        raise UserError(f"model {model}: no config.json; pass a Hugging Face model directory")
+    require_causal_lm(model, "compare")
+    load_records(cfg.data)
+    load_records(cfg.eval_data, "test")
+    if any(s.calibrated for s in cfg.specs()) or cfg.init_kl:
+        load_records(cfg.calibration())
+    return replace(cfg, model=str(model))
+
+
+def _check_study(study: Path, cfg: CompareConfig) -> None:
+    """A new/empty folder, or (with --resume) the same study; never touch another configuration's files."""
+    path = study / STUDY_FILE
+    if path.exists():
+        stored, now = json.loads(path.read_text())["identity"], cfg.identity()
+        diff = sorted(k for k in set(stored) | set(now) if stored.get(k, _default(k)) != now.get(k, _default(k)))
+        if diff:
+            raise UserError(f"{study} holds a study with other options (differs in: {', '.join(diff)}); repeat its "
+                            "options with --resume, or choose a new -o")
+        if not cfg.resume:
+            raise UserError(f"{study} already holds this study; pass --resume to finish it or --report to "
+                            "regenerate its tables")
+    elif any(p.name != LOCK_NAME for p in study.iterdir()):
+        raise UserError(f"{study} is not empty and holds no {STUDY_FILE}; choose a new or empty folder")
+
+
+def _default(name: str) -> Any:
+    """A field's default: what a study stored before that option existed was computed with."""
+    f = next((f for f in fields(CompareConfig) if f.name == name), None)
+    return None if f is None or f.default is MISSING else f.default
+
+
+def _complete_decompose(out: Path) -> bool:
+    manifest = out / "manifest.json"
+    return manifest.exists() and json.loads(manifest.read_text()).get("status") == "complete"
+
+
+def _decompose(study: Path, spec: MethodSpec, cfg: CompareConfig) -> None:
+    from qpissa.decompose import DecomposeConfig, decompose
+
+    out = decompose_dir(study, spec)
+    if not _complete_decompose(out):
+        has_manifest = (out / "manifest.json").exists()
+        if out.exists() and not has_manifest:
+            shutil.rmtree(out)  # killed before its manifest: nothing in it to keep
+        decompose(cfg.model, out, DecomposeConfig(
+            method=spec.name, rank=cfg.rank, iters=spec.iters, targets=cfg.targets,
+            calib_data=cfg.calibration() if spec.calibrated else None, calib_samples=cfg.calib_samples,
+            calib_seq_len=cfg.calib_seq_len, calib_template=cfg.template, loftq_baseline=False,
+            device=cfg.device, progress=cfg.progress, resume=has_manifest))
+    if cfg.init_kl and not (out / "init_kl.json").exists():
+        write_json(out / "init_kl.json", _init_kl(out, cfg))
+
+
+def _init_kl(out: Path, cfg: CompareConfig) -> dict[str, Any]:
+    """KL(original ‖ initialized) on the held-out calibration sequences (the same ones for every method)."""
+    from qpissa.decompose import DecomposeConfig
+    from qpissa.decompose.calibration import held_out
+    from qpissa.decompose.fidelity import model_fidelity
+    from qpissa.devices import resolve_device
+
+    probe = DecomposeConfig(calib_data=cfg.calibration(), calib_samples=cfg.calib_samples,
+                            calib_seq_len=cfg.calib_seq_len, calib_template=cfg.template,
+                            calib_holdout=max(cfg.init_kl, DecomposeConfig.calib_holdout))
+    sequences = held_out(Path(cfg.model), probe)[:cfg.init_kl]
+    return model_fidelity(Path(cfg.model), out, sequences, resolve_device(cfg.device))
+
+
+def _reference(cfg: CompareConfig) -> dict[str, Any]:
+    """Held-out loss of the original model (LoRA with B = 0 computes exactly the original function)."""
+    from qpissa.data import DataConfig, build_examples, load_records
+    from qpissa.devices import resolve_device
+    from qpissa.train import TrainConfig
+    from qpissa.train.metrics import evaluate_loss
+    from qpissa.train.model import load_model
+
+    device = resolve_device(cfg.device)
+    tcfg = TrainConfig(model=cfg.model, method="lora", data=cfg.data, output="", lora_rank=cfg.rank, device=device,
+                       precision=cfg.precision, data_cfg=DataConfig(template=cfg.template, max_length=cfg.max_length,
+                                                                    skip_long_prompts=cfg.skip_long_prompts))
+    model, tokenizer = load_model(tcfg)
+    examples = build_examples(load_records(cfg.eval_data)[:cfg.eval_examples], tokenizer, tcfg.data_cfg,
+                              source=cfg.eval_data)
+    loss = evaluate_loss(model, examples, cfg.batch_size, tokenizer.pad_token_id, device, cfg.precision)
+    return {"eval_loss": loss, "examples": len(examples)}
+
+
+def _train(study: Path, cell: Cell, cfg: CompareConfig, eval_at_start: bool) -> None:
+    from qpissa.data import DataConfig
+    from qpissa.devices import resolve_device
+    from qpissa.train import TrainConfig, train
+    from qpissa.train.metrics import reset_peak_memory
+
+    run = run_dir(study, cell)
+    summary = run / "summary.json"
+    if summary.exists() and "adapter" in json.loads(summary.read_text()):
+        return  # complete
+    lora = cell.spec.name in TRAIN_ONLY
+    reset_peak_memory(resolve_device(cfg.device))  # each run's peak, not the study process's
+    train(TrainConfig(
+        model=cfg.model if lora else str(decompose_dir(study, cell.spec)), method="lora" if lora else "from-out",
+        data=cfg.data, eval_data=cfg.eval_data, output=str(run), steps=cfg.steps, batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum, lr=cell.lr, schedule=cfg.schedule, warmup_ratio=cfg.warmup_ratio,
+        lora_rank=cfg.rank, data_cfg=DataConfig(template=cfg.template, max_length=cfg.max_length,
+                                                skip_long_prompts=cfg.skip_long_prompts),
+        eval_every=cfg.eval_every, eval_examples=cfg.eval_examples, eval_at_start=eval_at_start,
+        save_every=cfg.eval_every or cfg.steps, keep_last=1, resume=True, seed=cell.seed, device=cfg.device,
+        precision=cfg.precision, progress=cfg.progress))
+
+
+def _gsm8k(study: Path, cell: Cell, cfg: CompareConfig) -> None:
+    from qpissa.devices import resolve_device
+    from qpissa.use import evaluate as ev
+
+    out = run_dir(study, cell) / "eval"
+    if (out / "gsm8k_summary.json").exists():
+        return
+    base, adapter = ev.resolve_model(run_dir(study, cell))
+    model, tokenizer = ev.load_model(base, adapter, device=resolve_device(cfg.device))
+    gcfg = ev.Gsm8kConfig(limit=cfg.task_limit, batch_size=cfg.task_batch_size, max_new_tokens=cfg.max_new_tokens)
+    summary, records = ev.evaluate_gsm8k(model, tokenizer, cfg.eval_data, gcfg)
+    ev.write_results(out, "gsm8k", summary, records)
