@@ -8,6 +8,9 @@ the Alpaca recipe): for one example the model sees ``prompt + response + eos`` a
 
 so ``loss = mean over response tokens of -log p(x_t | x_<t)``. The prompt and the response are
 tokenized separately and concatenated, so the mask boundary is exact (no BPE merge across it).
+Conversations (``--template chat``: a ``messages``/``conversations`` column) are rendered by the
+tokenizer's chat template and trained on every assistant turn, end-of-turn token included
+(:mod:`qpissa.chat` says exactly which tokens).
 
 Data order is a pure function of ``(seed, epoch)`` (:func:`epoch_order`), so a run can resume from
 ``(epoch, position)`` and see exactly the batches the uninterrupted run would have seen.
@@ -16,12 +19,13 @@ from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
+from qpissa.chat import chat_column, messages_of, require_chat_template, tokenize_chat
 from qpissa.errors import UserError
 
 IGNORE_INDEX = -100
@@ -34,7 +38,7 @@ ALPACA_PROMPT_WITH_INPUT = (ALPACA_HEADER.replace("a task.", "a task, paired wit
                             "{input}\n\n### Response:")
 GSM8K_PROMPT = ALPACA_HEADER + "### Instruction:\n{question}\n\n### Response:"  # = qpissa.use.evaluate.ALPACA
 
-TemplateName = Literal["gsm8k", "alpaca"]
+TemplateName = Literal["gsm8k", "alpaca", "chat"]
 
 
 @dataclass
@@ -43,8 +47,10 @@ class DataConfig:
 
     template: str = field(default="gsm8k", metadata={
         "help": "'gsm8k' (question/answer; response ends with 'The answer is: X'), 'alpaca' "
-                "(instruction, optional input, output), or a format string whose LAST {field} is the response, "
-                "e.g. 'Q: {question}\\nA: {answer}'"})
+                "(instruction, optional input, output), 'chat' (a messages/conversations column of "
+                "{role, content} or ShareGPT {from, value} turns, rendered by the model's chat template, "
+                "trained on assistant turns; picked automatically for such data when left at gsm8k), "
+                "or a format string whose LAST {field} is the response, e.g. 'Q: {question}\\nA: {answer}'"})
     max_length: int = field(default=512, metadata={"help": "tokens per sequence (prompt + response + eos)"})
     packing: bool = field(default=False, metadata={
         "help": "concatenate examples into full max_length rows (attention spans example borders)"})
@@ -54,15 +60,24 @@ class DataConfig:
 
 # ----------------------------------------------------------------------------- loading records
 
-def load_records(path: str | Path, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a local JSON/JSONL/Parquet/CSV file or a ``datasets.save_to_disk`` directory (no hub access)."""
+def load_records(path: str | Path, split: str = "train", config: str | None = None, limit: int | None = None,
+                 flags: tuple[str, str] = ("--data-split", "--data-config")) -> list[dict[str, Any]]:
+    """The first ``limit`` rows of a local JSON/JSONL/Parquet/CSV file, a ``datasets.save_to_disk`` directory
+    or, when no such path exists, the Hub dataset ``org/name`` (subset ``config``; see :mod:`qpissa.hub`).
+    ``split`` picks the split of a saved DatasetDict or Hub dataset; ``flags`` name those options in errors."""
     import datasets
 
+    from qpissa.hub import is_hub_id, load_hub_dataset
+
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"data file {path} does not exist: pass a local .jsonl/.json/.parquet/.csv file "
-                        "or a dataset saved with save_to_disk")
-    if path.is_dir():
+    if limit is not None and limit < 1:
+        raise UserError(f"row limit {limit} for {path}: pass a positive number of rows")
+    if not path.exists() and is_hub_id(str(path)):
+        ds = load_hub_dataset(str(path), split, config, flags)
+    elif not path.exists():
+        raise UserError(f"data file {path} does not exist: pass a local .jsonl/.json/.parquet/.csv file, "
+                        "a dataset saved with save_to_disk, or a Hub dataset id org/name")
+    elif path.is_dir():
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as err:  # noqa: BLE001 - datasets raises several types here
@@ -70,7 +85,8 @@ def load_records(path: str | Path, split: str = "train") -> list[dict[str, Any]]
                             "pass a file or a save_to_disk directory") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise UserError(f"dataset {path} has splits {list(ds)} but no '{split}' split")
+                raise UserError(f"dataset {path} has splits {list(ds)} but no '{split}' split; choose one with "
+                                f"{flags[0]}")
             ds = ds[split]
     else:
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix.lower())
@@ -83,6 +99,8 @@ def load_records(path: str | Path, split: str = "train") -> list[dict[str, Any]]
             raise UserError(f"data file {path} could not be read as {kind}: {err}") from None
     if len(ds) == 0:
         raise UserError(f"data file {path} is empty: it needs at least one example")
+    if limit is not None and limit < len(ds):
+        ds = ds.select(range(limit))
     return [dict(row) for row in ds]
 
 
@@ -148,16 +166,44 @@ def tokenize_example(tokenizer, prompt: str, response: str, max_length: int) -> 
     return Example(ids, labels)
 
 
+def chat_example(tokenizer, record: dict[str, Any], max_length: int, where: str) -> tuple[Example | None, int]:
+    """One conversation → (labels = ids on assistant tokens, −100 elsewhere; truncated to max_length, or None
+    when no assistant token fits; the number of tokens before the first assistant token)."""
+    ids, mask = tokenize_chat(tokenizer, messages_of(record, where), where)  # (T,), (T,)
+    first = mask.index(True) if True in mask else len(ids)
+    if first >= max_length:
+        return None, first
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    return Example(ids[:max_length], labels[:max_length]), first
+
+
+def resolve_template(cfg: DataConfig, records: list[dict[str, Any]], source: str = "data") -> tuple[DataConfig, str]:
+    """--template left at its default on conversational data → 'chat', and the line that says so ('' if kept)."""
+    default = next(f.default for f in fields(DataConfig) if f.name == "template")
+    first = records[0] if records else {}
+    column = chat_column(first)
+    if cfg.template != default or column is None or {"question", "answer"} <= first.keys():
+        return cfg, ""
+    return replace(cfg, template="chat"), (f"{source}: a '{column}' column of turns: using --template chat "
+                                           "(the model's chat template; assistant turns are trained)")
+
+
 def build_examples(records: list[dict[str, Any]], tokenizer, cfg: DataConfig, source: str = "data") -> list[Example]:
     """Tokenize all records; a prompt longer than max_length is an error unless skip_long_prompts."""
+    chat = cfg.template == "chat"
+    if chat:
+        require_chat_template(tokenizer)
     out: list[Example] = []
     for i, rec in enumerate(records):
-        prompt, response = render(rec, cfg.template, where=f"{source} row {i}")
-        ex = tokenize_example(tokenizer, prompt, response, cfg.max_length)
+        if chat:  # n: tokens before the first assistant token
+            ex, n = chat_example(tokenizer, rec, cfg.max_length, where=f"{source} row {i}")
+        else:
+            prompt, response = render(rec, cfg.template, where=f"{source} row {i}")
+            ex = tokenize_example(tokenizer, prompt, response, cfg.max_length)
         if ex is None:
             if cfg.skip_long_prompts:
                 continue
-            n = len(tokenizer(prompt)["input_ids"])
+            n = n if chat else len(tokenizer(prompt)["input_ids"])
             raise UserError(f"{source} row {i}: the prompt is {n} tokens but --max-length is {cfg.max_length}; "
                             "raise --max-length or pass --skip-long-prompts")
         out.append(ex)

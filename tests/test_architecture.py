@@ -16,7 +16,7 @@ import qpissa
 
 PACKAGE = Path(qpissa.__file__).resolve().parent
 KERNELS = PACKAGE.parent / "kernels"  # installed as qpissa.kernels (pyproject package-dir)
-LAYER = {"decompose": 1, "train": 2, "use": 3, "plan": 1, "cli": 9, "__main__": 9}  # anything else in qpissa/: 0 (shared)
+LAYER = {"decompose": 1, "train": 2, "use": 3, "compare": 4, "plan": 1, "cli": 9, "__main__": 9}  # anything else in qpissa/: 0 (shared)
 MAX_LINES = 400
 
 

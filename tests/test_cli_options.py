@@ -9,6 +9,7 @@ import typer
 from qpissa.cli.app import app
 from qpissa.cli.entry import main  # noqa: F401  (registers the commands)
 from qpissa.cli.options import Options, with_options
+from qpissa.compare.config import CompareConfig
 from qpissa.data import DataConfig
 from qpissa.decompose.config import DecomposeConfig
 from qpissa.errors import UserError
@@ -27,6 +28,7 @@ EXPOSED = {
     "convert": [(ConvertConfig, set(), {})],
     "merge": [(MergeConfig, {"shard_size"}, {"device": "auto"})],
     "eval": [(Gsm8kConfig, set(), {}), (PerplexityConfig, {"limit", "batch_size"}, {})],
+    "compare": [(CompareConfig, {"model", "output", "progress"}, {})],
 }
 
 

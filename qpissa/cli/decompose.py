@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qpissa.cli.app import app
-from qpissa.cli.options import Options, with_options
+from qpissa.cli.options import Options, with_options, write_config
 from qpissa.decompose.config import DecomposeConfig
 
 console = Console(width=None if Console().is_terminal else 130)
@@ -43,15 +43,19 @@ def print_summary(report: dict) -> None:
 
 
 @app.command()
-@with_options(options=Options(DecomposeConfig, exclude=("compute_dtype", "progress"), defaults={"device": "auto"},
-                                      list_choices=False, types={"calib_data": Path}))
+@with_options(config_file=True,
+              options=Options(DecomposeConfig, exclude=("compute_dtype", "progress"), defaults={"device": "auto"},
+                              list_choices=False, types={"calib_data": Path}))
 def decompose(
-    model: Optional[Path] = typer.Argument(None, help="HF model dir (config.json + *.safetensors); default: all-MiniLM-L6-v2"),
+    model: Optional[Path] = typer.Argument(None, help="HF model dir (config.json + *.safetensors) or Hub id org/name; default: all-MiniLM-L6-v2"),
     out: Path = typer.Option(Path("out"), "--output", "-o", help="output directory"),
     quiet: bool = typer.Option(False, help="no progress bar"),
     options: dict = None,  # type: ignore[assignment]  (DecomposeConfig's fields, see with_options)
+    resolved: dict = None,  # type: ignore[assignment]  (every option's final value → OUT/config.yaml)
 ) -> None:
-    """Split each target weight into principal adapter + (NF4) residual; write residual/, adapter/, reports."""
+    """Split each target weight into principal adapter + (NF4) residual; write residual/, adapter/, reports.
+
+    A finished run writes OUT/config.yaml: `qpissa decompose --config OUT/config.yaml -o OUT2` repeats it."""
     from qpissa.decompose.driver import decompose as run
 
     if options["calib_data"] is not None:  # a Path on the CLI, a str in the config (and the manifest)
@@ -61,8 +65,10 @@ def decompose(
 
     if not detect().is_main:  # under torchrun every rank returns the report; one table is enough
         return
+    write_config(out / "config.yaml", resolved, "decompose")
     print_summary(report)
-    console.print(f"wrote {out}/residual, {out}/adapter, {out}/report.{{json,csv,md}}, {out}/error_by_layer.png")
+    console.print(f"wrote {out}/residual, {out}/adapter, {out}/report.{{json,csv,md}}, {out}/error_by_layer.png, "
+                  f"{out}/config.yaml")
     from qpissa.usage import load_snippet
 
     console.print("load it with plain transformers + peft:")

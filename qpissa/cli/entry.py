@@ -12,6 +12,7 @@ from qpissa.cli import train  # noqa: F401
 from qpissa.cli import use  # noqa: F401
 from qpissa.cli import plan  # noqa: F401
 from qpissa.cli import example  # noqa: F401
+from qpissa.cli import compare  # noqa: F401
 from qpissa.cli.app import app
 from qpissa.errors import UserError
 

@@ -7,14 +7,18 @@ from rich.table import Table
 
 from qpissa.cli.app import app
 from qpissa.cli.options import Options, with_options
+from qpissa.hub import REVISION_HELP
 from qpissa.plan.model_shapes import load_config, shapes_from_config
 from qpissa.plan.memory import (GiB, PlanConfig, decompose_estimate, largest_batch, largest_rank, parse_size, plan)
 
 
 @app.command("plan")
-@with_options(setup=Options(PlanConfig, exclude=("gpu_memory", "overhead", "device"), list_choices=False))
+@with_options(config_file=True,
+              setup=Options(PlanConfig, exclude=("gpu_memory", "overhead", "device"), list_choices=False))
 def plan_cmd(
-    config: str = typer.Argument(..., help="config.json or a model folder holding one (no weights read)"),
+    model: str = typer.Argument(..., help="config.json, a model folder holding one, or a Hub id org/name (only "
+                                          "its config.json is fetched; no weights read)"),
+    revision: str = typer.Option(None, help=REVISION_HELP),
     alpha: float = typer.Option(None, help="lora_alpha (does not change memory; recorded in --json)"),
     gpu_memory: str = typer.Option(f"{PlanConfig.gpu_memory // 10**9}GB",
                                    help="device memory: 80GB (10^9), 79.6GiB (2^30), 24000MB"),
@@ -28,7 +32,7 @@ def plan_cmd(
     rank = setup["rank"]
     cfg = PlanConfig(**setup, gpu_memory=parse_size(gpu_memory), device=device,  # type: ignore[arg-type]
                      overhead=parse_size(overhead) if overhead else (GiB if device == "cuda" else 0))
-    shapes = shapes_from_config(load_config(config))
+    shapes = shapes_from_config(load_config(model, revision))
     p = plan(shapes, cfg)
     console = Console()
     t = Table(title=f"{shapes.model_type}: {shapes.n_params / 1e9:.3f}B params, {cfg.method} r={cfg.rank} "

@@ -2,10 +2,12 @@
 :func:`qpissa.train.loop.train`, print a summary table."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from qpissa.cli.app import app
-from qpissa.cli.options import Options, help_of, with_options
+from qpissa.cli.options import Options, help_of, with_options, write_config
 from qpissa.data import DataConfig
 from qpissa.errors import UserError
 from qpissa.train.config import TrainConfig
@@ -13,18 +15,22 @@ from qpissa.train.config import TrainConfig
 
 @app.command("train")
 @with_options(
+    config_file=True,
     train_opts=Options(TrainConfig, exclude=("model", "data_cfg", "progress"), defaults={"device": "auto"},
                        toggles=False, shorts={"output": "-o"}),
     data_opts=Options(DataConfig, include=("max_length", "template", "packing", "skip_long_prompts"), toggles=False),
 )
 def train_command(
-    out: str = typer.Argument(..., help=help_of(TrainConfig, "model")),
+    model: str = typer.Argument(..., help=help_of(TrainConfig, "model")),
     method_from_out: bool = typer.Option(False, "--method-from-out", help="same as --method from-out (default)"),
     no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
     train_opts: dict = None,  # type: ignore[assignment]  (TrainConfig's fields, see with_options)
     data_opts: dict = None,  # type: ignore[assignment]  (DataConfig's fields)
+    resolved: dict = None,  # type: ignore[assignment]  (every option's final value → RUN/config.yaml)
 ) -> None:
-    """Fine-tune the adapter of a decompose output (or a LoRA/full baseline) on local data."""
+    """Fine-tune the adapter of a decompose output (or a LoRA/full baseline) on local or Hub data.
+
+    A finished run writes RUN/config.yaml: `qpissa train --config RUN/config.yaml -o RUN2` repeats it."""
     from rich.console import Console
     from rich.table import Table
 
@@ -32,12 +38,13 @@ def train_command(
 
     if method_from_out and train_opts["method"] != "from-out":
         raise UserError("--method-from-out and --method are exclusive")
-    cfg = TrainConfig(model=out, **train_opts, data_cfg=DataConfig(**data_opts), progress=not no_progress)
+    cfg = TrainConfig(model=model, **train_opts, data_cfg=DataConfig(**data_opts), progress=not no_progress)
     summary = train(cfg)
     from qpissa.distributed import detect
 
     if not detect().is_main:  # under torchrun every rank returns the summary; one table is enough
         return
+    write_config(Path(cfg.output) / "config.yaml", resolved, "train")  # beside RUN/config.json
     table = Table(title=f"qpissa train → {cfg.output}")
     table.add_column("what")
     table.add_column("value", justify="right")

@@ -5,6 +5,7 @@ Each parses options, calls one library function (:mod:`qpissa.use.convert`, :mod
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, get_args
 
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from qpissa.cli.app import app
 from qpissa.cli.options import Options, with_options
+from qpissa.hub import REVISION_HELP
 from qpissa.use.convert import ConvertConfig
 from qpissa.use.evaluate import Gsm8kConfig, PerplexityConfig
 from qpissa.use.merge import MergeConfig
@@ -51,7 +53,8 @@ def convert_cmd(
                               flags={"init_adapter": "--init"}, list_choices=False,
                               types={"init_adapter": Path}))
 def merge_cmd(
-    residual: Path = typer.Argument(..., help="residual model dir (decompose's OUT/residual) or any HF model dir"),
+    residual: Path = typer.Argument(..., help="residual model dir (decompose's OUT/residual), any HF model dir or a "
+                                              "Hub id org/name"),
     adapter: Path = typer.Argument(..., help="LoRA adapter dir to fold in (e.g. RUN/adapter)"),
     output: Path = typer.Option(..., "--output", "-o", help="new dir for the standalone model"),
     options: dict = None,  # type: ignore[assignment]  (MergeConfig's fields, see with_options)
@@ -74,11 +77,15 @@ def merge_cmd(
 
 @app.command("eval")
 @with_options(gsm8k=Options(Gsm8kConfig, list_choices=False),
-              ppl=Options(PerplexityConfig, exclude=("limit", "batch_size")))  # those two: Gsm8kConfig's, for both
+              ppl=Options(PerplexityConfig,  # these four are Gsm8kConfig's options, for both tasks
+                          exclude=("limit", "batch_size", "data_split", "data_config")))
 def eval_cmd(
-    model: Path = typer.Argument(..., help="HF model dir, decompose/train output dir, or adapter dir"),
+    model: Path = typer.Argument(..., help="HF model dir or Hub id org/name, decompose/train output dir, or "
+                                           "adapter dir"),
     task: str = typer.Option(..., "--task", help="gsm8k | perplexity"),
-    data: Path = typer.Option(..., "--data", help="GSM8K JSONL (question/answer) or a text/JSONL file"),
+    data: str = typer.Option(..., "--data", help="GSM8K JSONL (question/answer), a text/JSONL file, or a Hub dataset "
+                                                 "id org/name (--data-split, default test)"),
+    revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
     output: Path = typer.Option(..., "--output", "-o", help="dir for <task>_examples.jsonl and <task>_summary.json"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter to load on MODEL"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 (NF4 models compute per their config)"),
@@ -92,25 +99,31 @@ def eval_cmd(
     from qpissa.use import evaluate as ev
     from qpissa.devices import resolve_device
     from qpissa.errors import UserError
+    from qpissa.hub import is_hub_id
 
     if task not in ("gsm8k", "perplexity"):
         raise UserError(f"--task {task!r}: choose gsm8k or perplexity")
     if dtype not in get_args(ev.DType):
         raise UserError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
     gcfg = ev.Gsm8kConfig(**gsm8k)  # checks --prompt-style before any weights are read
-    if not data.exists():
-        raise UserError(f"--data {data}: file not found")
+    if not Path(data).exists() and not is_hub_id(data):
+        raise UserError(f"--data {data}: file not found (nor a Hub dataset id org/name)")
     device = resolve_device(device)
-    base, adapter_dir = ev.resolve_model(model, adapter)
+    base, adapter_dir = ev.resolve_model(model, adapter, revision)
+    style, note = ev.resolve_prompt_style(gcfg.prompt_style, base, adapter_dir)  # auto → the run's template
+    gcfg = replace(gcfg, prompt_style=style)
+    if note and task == "gsm8k":
+        log.print(note, markup=False, highlight=False)  # a template may hold [brackets]
     model_obj, tokenizer = ev.load_model(base, adapter_dir, dtype, device)  # type: ignore[arg-type]
     columns = (TextColumn(f"[bold]{task}"), BarColumn(), MofNCompleteColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=log, transient=True) as bar:
         if task == "gsm8k":
-            n = len(ev.read_jsonl(data, gcfg.limit))
+            n = len(ev.read_rows(data, gcfg.limit, gcfg.data_split, gcfg.data_config))
             t = bar.add_task(task, total=n)
             summary, records = ev.evaluate_gsm8k(model_obj, tokenizer, data, gcfg, lambda k: bar.advance(t, k))
         else:
-            pcfg = ev.PerplexityConfig(**ppl, limit=gcfg.limit, batch_size=gcfg.batch_size)
+            pcfg = ev.PerplexityConfig(**ppl, limit=gcfg.limit, batch_size=gcfg.batch_size,
+                                       data_split=gcfg.data_split, data_config=gcfg.data_config)
             t = bar.add_task(task, total=None)
             summary, records = ev.evaluate_perplexity(model_obj, tokenizer, data, pcfg, lambda k: bar.advance(t, k))
     summary.update({"model": str(base), "adapter": str(adapter_dir) if adapter_dir else None, "dtype": dtype})

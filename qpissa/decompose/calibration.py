@@ -40,9 +40,10 @@ class CalibrationData:
     held_out: list[torch.Tensor]
 
 
-def calibration_texts(path: str | Path, template: str, limit: int) -> list[str]:
-    """Up to ``limit`` texts: one per line of a .txt file, or records rendered with a train template
-    (prompt + response, as :func:`qpissa.data.render` builds them for training)."""
+def calibration_texts(path: str | Path, template: str, limit: int, split: str = "train",
+                      config: str | None = None) -> list[str]:
+    """Up to ``limit`` texts: one per line of a .txt file, or records (a file or a Hub dataset's ``split``)
+    rendered with a train template (prompt + response, as :func:`qpissa.data.render` builds them for training)."""
     from qpissa.data import load_records, render
 
     path = Path(path)
@@ -53,21 +54,21 @@ def calibration_texts(path: str | Path, template: str, limit: int) -> list[str]:
         if not texts:
             raise UserError(f"--calib-data {path} has no non-empty line")
         return texts[:limit]
-    records = load_records(path)[:limit]
+    records = load_records(path, split, config, limit, flags=("--calib-split", "--calib-config"))
     if "text" in records[0] and template == "gsm8k" and "question" not in records[0]:
         return [str(r["text"]) for r in records]
     return ["".join(render(r, template, where=f"{path} row {i}")) for i, r in enumerate(records)]
 
 
 def load_calibration(model_dir: Path, path: str | Path, samples: int, held_out: int, seq_len: int,
-                     template: str = "gsm8k") -> CalibrationData:
+                     template: str = "gsm8k", split: str = "train", config: str | None = None) -> CalibrationData:
     """Tokenize the first ``samples`` texts for calibration and the next ``held_out`` ones for the report."""
     from transformers import AutoTokenizer
 
     if samples < 1 or held_out < 0 or seq_len < 2:
         raise UserError(f"--calib-samples ({samples}) must be ≥ 1, --calib-holdout ({held_out}) ≥ 0 and "
                         f"--calib-seq-len ({seq_len}) ≥ 2")
-    texts = calibration_texts(path, template, samples + held_out)
+    texts = calibration_texts(path, template, samples + held_out, split, config)
     if len(texts) < samples + held_out:
         raise UserError(f"--calib-data {path} has {len(texts)} examples but --calib-samples {samples} + "
                         f"--calib-holdout {held_out} = {samples + held_out} are needed; lower them or add data")
@@ -270,7 +271,7 @@ def _set_tensor(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 
 def _data(model_dir: Path, cfg) -> CalibrationData:
     return load_calibration(model_dir, cfg.calib_data, cfg.calib_samples, cfg.calib_holdout, cfg.calib_seq_len,
-                            cfg.calib_template)
+                            cfg.calib_template, cfg.calib_split, cfg.calib_config)
 
 
 def held_out(model_dir: Path, cfg) -> list[torch.Tensor]:

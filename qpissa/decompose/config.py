@@ -8,10 +8,12 @@ from typing import Any, Literal
 
 from qpissa.devices import DEVICE_HELP
 from qpissa.errors import UserError
+from qpissa.hub import REVISION_HELP
 from qpissa.decompose.methods import CALIBRATED_METHODS, DEFAULT_DAMP, METHODS, Method, SvdOptions
 from qpissa.quant import NF4Spec
 
-RUN_ONLY_FIELDS = ("resume", "overwrite", "progress", "device", "workers", "eval_kl")  # may differ on --resume
+# may differ on --resume (revision: the model's resolved snapshot path, commit included, is checked instead)
+RUN_ONLY_FIELDS = ("resume", "overwrite", "progress", "device", "workers", "eval_kl", "revision")
 # "auto" metrics (None): LoftQ baseline and full-spectrum norms only while the targets hold at most this many
 # weights: all-MiniLM-L6-v2 (10.6M) gets them, SmolLM2-135M (106M) and larger models get Frobenius + QLoRA only
 AUTO_FULL_METRICS_MAX_WEIGHTS = 32_000_000
@@ -48,9 +50,13 @@ class DecomposeConfig:
     device: str = field(default="cpu", metadata={"help": DEVICE_HELP})
     workers: int | None = field(default=None, metadata={
         "help": "tensors decomposed at once (default: auto, 2 on a multi-core CPU while every target ≤ 16M weights)"})
+    revision: str | None = field(default=None, metadata={"help": REVISION_HELP})
     calib_data: str | None = field(default=None, metadata={
-        "help": "calibration data (.jsonl/.json/.parquet/.csv records or .txt lines): fit in the output-error "
-                "norm ‖(W − Ŵ)·H^½‖ (qpissa/loftq become calibrated; cloq/corda require it)"})
+        "help": "calibration data (.jsonl/.json/.parquet/.csv records, .txt lines or a Hub dataset id org/name): fit "
+                "in the output-error norm ‖(W − Ŵ)·H^½‖ (qpissa/loftq become calibrated; cloq/corda require it)"})
+    calib_split: str = field(default="train", metadata={"help": "split of a Hub --calib-data dataset"})
+    calib_config: str | None = field(default=None, metadata={"help": "subset (config name) of a Hub --calib-data "
+                                                                      "dataset, e.g. main for openai/gsm8k"})
     calib_samples: int = field(default=128, metadata={"help": "calibration sequences for H"})
     calib_holdout: int = field(default=32, metadata={"help": "held-out sequences after them (output-error report, KL)"})
     calib_seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence (truncated)"})

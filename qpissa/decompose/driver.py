@@ -27,6 +27,7 @@ from qpissa.atomic import write_json
 from qpissa.devices import resolve_device
 from qpissa.errors import UserError
 from qpissa.formats import TensorInfo, is_within, load_tensor, save_tensors, scan_checkpoint
+from qpissa.hub import resolve_model
 from qpissa.lock import LOCK_NAME, OutputLock
 from qpissa.quant import warn_cpu_blocksize
 from qpissa.decompose import sharding
@@ -89,7 +90,8 @@ def decompose(model_dir: str | Path | None = None, out_dir: str | Path = "out", 
               **overrides: Any) -> dict:
     """Decompose every target weight of ``model_dir`` into OUT/residual + OUT/adapter; returns the report.
 
-    ``model_dir=None`` uses the embedded default, all-MiniLM-L6-v2. ``config`` holds the options; keyword
+    ``model_dir``: a folder, or a Hub id ``org/name`` fetched at ``config.revision`` (:func:`qpissa.hub.resolve_model`);
+    ``None`` uses the embedded default, all-MiniLM-L6-v2. ``config`` holds the options; keyword
     ``overrides`` are :class:`DecomposeConfig` fields (``decompose(m, o, rank=8)`` needs no config). Under ``torchrun``/``accelerate launch`` the targets are split
     across ranks (see :mod:`qpissa.decompose.sharding`); the files written are those of a single process
     and every rank returns the same report.
@@ -119,7 +121,7 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
     from qpissa.decompose.report import build_report, write_report
 
     try:  # every rank checks the same inputs before any rank writes
-        model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        model_dir = resolve_model(model_dir, cfg.revision) if model_dir is not None else default_model_dir()
         manifest = _prepare_out(model_dir, out_dir, cfg, wipe=d.is_main, lock=lock)
         tensors = scan_checkpoint(model_dir)
         targets, others, arch, task = find_targets(model_dir, tensors, cfg.targets)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from qpissa.errors import UserError
+from qpissa.hub import CONFIG_FILES, is_hub_id, resolve_model
 
 Family = Literal["llama", "bert"]
 Kind = Literal["linear", "embedding", "norm", "bias", "head"]
@@ -80,9 +81,12 @@ class ModelShapes:
         return sum(p.total for p in self.params)
 
 
-def load_config(path: str | Path) -> dict:
-    """Read ``config.json`` (a file, or a model folder holding one) with errors a user can act on."""
+def load_config(path: str | Path, revision: str | None = None) -> dict:
+    """Read ``config.json`` (a file, a model folder holding one, or a Hub id ``org/name``: its config.json alone is
+    fetched at ``revision``) with errors a user can act on."""
     p = Path(path)
+    if revision is not None or (not p.exists() and is_hub_id(str(path))):
+        p = resolve_model(path, revision, files=CONFIG_FILES)
     if p.is_dir():
         p = p / "config.json"
     if not p.exists():

@@ -7,6 +7,7 @@ from typing import Literal
 from qpissa.choices import check_choices
 from qpissa.data import DataConfig
 from qpissa.errors import UserError
+from qpissa.hub import REVISION_HELP
 
 
 class TrainingDiverged(UserError):
@@ -17,13 +18,22 @@ class TrainingDiverged(UserError):
 class TrainConfig:
     """One training run. Field metadata is the CLI help text."""
 
-    model: str = field(metadata={"help": "decompose OUT dir (residual/ + adapter/), or an HF checkpoint for "
-                                         "--method lora|full"})
-    data: str = field(metadata={"help": "training data: .jsonl/.json/.parquet/.csv or a save_to_disk dir"})
+    model: str = field(metadata={"help": "decompose OUT dir (residual/ + adapter/), or an HF checkpoint (folder or "
+                                         "Hub id org/name) for --method lora|full"})
+    data: str = field(metadata={"help": "training data: .jsonl/.json/.parquet/.csv, a save_to_disk dir or a Hub "
+                                        "dataset id org/name"})
     output: str = field(metadata={"help": "run directory RUN"})
     method: Literal["from-out", "lora", "full"] = field(default="from-out", metadata={
         "help": "from-out: train OUT/adapter on OUT/residual; lora/full: baselines on an unquantized checkpoint"})
-    eval_data: str | None = field(default=None, metadata={"help": "held-out data for eval loss"})
+    eval_data: str | None = field(default=None, metadata={"help": "held-out data for eval loss (file, dir or Hub id)"})
+    data_split: str = field(default="train", metadata={"help": "split of a Hub dataset (or save_to_disk dir) for "
+                                                                "--data"})
+    eval_split: str = field(default="test", metadata={"help": "split of a Hub dataset (or save_to_disk dir) for "
+                                                               "--eval-data"})
+    data_config: str | None = field(default=None, metadata={"help": "subset (config name) of the Hub dataset(s), "
+                                                                     "e.g. main for openai/gsm8k"})
+    data_limit: int | None = field(default=None, metadata={"help": "train on the first N rows of --data only"})
+    revision: str | None = field(default=None, metadata={"help": REVISION_HELP + "; --method lora|full"})
     steps: int | None = field(default=None, metadata={"help": "optimizer steps (overrides --epochs)"})
     epochs: float = field(default=1.0, metadata={"help": "epochs when --steps is not given"})
     batch_size: int = field(default=4, metadata={"help": "micro-batch size"})
@@ -42,8 +52,13 @@ class TrainConfig:
     data_cfg: DataConfig = field(default_factory=DataConfig)
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)"})
     eval_examples: int = field(default=200, metadata={"help": "at most this many held-out examples"})
+    eval_at_start: bool = field(default=False, metadata={"help": "held-out loss of the initialization too "
+                                                                    "(logged as step 0)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     keep_last: int = field(default=2, metadata={"help": "keep the newest K checkpoints"})
+    report_to: Literal["none", "tensorboard", "wandb"] = field(default="none", metadata={
+        "help": "also send the metrics to TensorBoard (RUN/tensorboard) or Weights & Biases (RUN/wandb; "
+                "WANDB_MODE=offline keeps it local); RUN/metrics.jsonl and loss.png are always written"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest RUN/checkpoint-*"})
     stop_after: int | None = field(default=None, metadata={"help": "stop (with a checkpoint) after this step; "
                                                                     "the schedule still spans --steps"})
@@ -58,3 +73,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.revision is not None and self.method == "from-out":
+            raise UserError("--revision picks a Hub checkpoint for --method lora|full; a decompose OUT dir is local")
+        if self.data_limit is not None and self.data_limit < 1:
+            raise UserError(f"--data-limit {self.data_limit}: pass a positive number of rows")

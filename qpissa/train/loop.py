@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -42,10 +43,11 @@ import numpy as np
 import torch
 
 from qpissa import distributed
-from qpissa.data import Example, batches, build_examples, load_records
+from qpissa.data import Example, batches, build_examples, load_records, resolve_template
 from qpissa.errors import UserError
 from qpissa.usage import require_causal_lm
 from qpissa.train import checkpoint as ckpt_lib
+from qpissa.train import trackers
 from qpissa.train.config import TrainConfig, TrainingDiverged
 from qpissa.train.gradsync import all_reduce_sum, sync_from_rank0
 from qpissa.train.metrics import evaluate_loss, memory_mb, plot_losses
@@ -73,11 +75,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise UserError("--batch-size and --grad-accum must be at least 1")
+    trackers.require(cfg.report_to)  # a missing tensorboard/wandb: one line before any data or weights are read
     kind_dir = Path(cfg.model) / "residual" if cfg.method == "from-out" else Path(cfg.model)
     if (kind_dir / "config.json").exists():
         require_causal_lm(kind_dir, "train")  # an encoder: one line before any data or weights are read
-    records = load_records(cfg.data)  # fail fast on bad data, before loading weights
-    eval_records = load_records(cfg.eval_data) if cfg.eval_data else []
+    records = load_records(cfg.data, cfg.data_split, cfg.data_config, cfg.data_limit)  # fail fast, before weights
+    eval_records = (load_records(cfg.eval_data, cfg.eval_split, cfg.data_config,
+                                 flags=("--eval-split", "--data-config")) if cfg.eval_data else [])
+    data_cfg, note = resolve_template(cfg.data_cfg, records, source=str(cfg.data))  # chat data → --template chat
+    if note and distributed.detect().is_main:
+        print(note, file=sys.stderr)
+    cfg = replace(cfg, data_cfg=data_cfg)  # RUN/config.json records the template used (eval prompts with it)
     existing = ckpt_lib.list_checkpoints(Path(cfg.output))
     if existing and not cfg.resume:
         raise UserError(f"{cfg.output} already holds {existing[-1][1].name}; pass --resume to continue or a new "
@@ -128,6 +136,7 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
     if d.is_main:  # only rank 0 writes into RUN
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         write_json(run / "config.json", config_dict)
+    tracker = trackers.start(cfg.report_to if d.is_main else "none", run, config_dict, state.step)
 
     pad_id = tokenizer.pad_token_id
     shard = slice(d.rank * cfg.batch_size, (d.rank + 1) * cfg.batch_size)  # this rank's rows of a global batch
@@ -144,6 +153,7 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
             return
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        tracker.log(row, row["step"])  # --report-to tensorboard|wandb
 
     def diverged(what: str) -> None:
         if d.is_main:
@@ -157,12 +167,16 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
             return run / f"checkpoint-{state.step}"  # rank 0 writes it
         return ckpt_lib.save_checkpoint(run, model, optimizer, scheduler, state, config_dict, cfg.keep_last, full)
 
+    if d.is_main and cfg.eval_at_start and eval_examples and not any(r["step"] == 0 for r in rows):
+        log({"step": 0, "eval_loss": evaluate_loss(model, eval_examples, cfg.batch_size, pad_id, device,
+                                                   cfg.precision), "tokens": 0})  # the initialization's loss
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
     from rich.console import Console
 
-    with Progress(*columns, disable=not (cfg.progress and d.is_main), console=Console(stderr=True)) as bar:
+    with tracker, Progress(*columns, disable=not (cfg.progress and d.is_main), console=Console(stderr=True)) as bar:
         task = bar.add_task("train", total=total, completed=state.step, info="")
         while state.step < stop_at:
             t0 = time.perf_counter()
@@ -217,7 +231,7 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
     if d.is_main:
         plot_losses(run, rows)
     summary: dict[str, Any] = {"run": str(run), "steps": state.step, "total_steps": total,
-                               "train_loss": rows[-1]["loss"] if rows else None,
+                               "train_loss": rows[-1].get("loss") if rows else None,
                                "eval_loss": next((r["eval_loss"] for r in reversed(rows) if "eval_loss" in r), None),
                                "tokens": state.tokens, "elapsed_s": state.elapsed_s, "checkpoint": str(last_good)}
     if state.step >= total:

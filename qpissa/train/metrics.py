@@ -17,6 +17,18 @@ def memory_mb(device: str) -> float:
     return peak_rss_mb()
 
 
+def reset_peak_memory(device: str) -> None:
+    """Start the peak over (several runs in one process, e.g. ``qpissa compare``): CUDA's peak statistics, or
+    the process's VmHWM (writing 5 to /proc/self/clear_refs sets it to the current RSS; Linux ≥ 4.0)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: the peak stays the process's
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (MiB): ``VmHWM`` of /proc/self/status, which starts afresh at exec.
     ``ru_maxrss`` (the fallback off Linux) also holds the parent's resident size at fork time (Linux keeps the

@@ -64,6 +64,9 @@ def load_model(cfg: TrainConfig):
         model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
         tok_dir = residual
     else:
+        from qpissa.hub import resolve_model
+
+        root = resolve_model(cfg.model, cfg.revision)  # a local folder, else the Hub snapshot of org/name
         if not (root / "config.json").exists():
             raise UserError(f"{root}/config.json not found: --method {cfg.method} needs an HF model directory")
         if "quantization_config" in json.loads((root / "config.json").read_text()):
@@ -78,6 +81,9 @@ def load_model(cfg: TrainConfig):
             lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=0.0,
                               target_modules="all-linear", init_lora_weights=True, task_type="CAUSAL_LM")
             model = get_peft_model(model, lcfg)
+            if root != Path(cfg.model):  # a Hub id: adapter_config.json names it, as PEFT does for org/name
+                model.peft_config["default"].base_model_name_or_path = cfg.model
+                model.peft_config["default"].revision = cfg.revision
         tok_dir = root
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     if tokenizer.pad_token_id is None:

@@ -27,11 +27,12 @@ from typing import Any, Literal
 import torch
 
 from qpissa.use.answers import answers_match, extract_answer, gold_answer
-from qpissa.data import GSM8K_PROMPT
+from qpissa.data import GSM8K_PROMPT, load_records
+from qpissa import hub
 from qpissa.choices import check_choices
 from qpissa.errors import UserError
 
-PromptStyle = Literal["alpaca", "chat", "plain"]
+PromptStyle = Literal["auto", "alpaca", "chat", "plain"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 ALPACA = GSM8K_PROMPT  # the prompt `qpissa train --template gsm8k` trains on (PiSSA repo's template)
@@ -45,9 +46,13 @@ class Gsm8kConfig:
     limit: int | None = field(default=None, metadata={"help": "first N rows/documents only"})
     batch_size: int = field(default=8, metadata={"help": "prompts (gsm8k) or windows (perplexity) per forward"})
     max_new_tokens: int = field(default=256, metadata={"help": "gsm8k: generation budget"})
-    prompt_style: PromptStyle = field(default="alpaca", metadata={"help":
-        "gsm8k: alpaca (= qpissa train's template) | chat | plain"})
+    prompt_style: PromptStyle = field(default="auto", metadata={"help":
+        "gsm8k: auto (the template the run was trained with, from RUN/config.json: chat → chat, else alpaca) | "
+        "alpaca (= qpissa train's gsm8k template) | chat (the tokenizer's chat template, one user turn) | plain"})
     instruction: str = field(default="", metadata={"help": "gsm8k: text appended to each question"})
+    data_split: str = field(default="test", metadata={"help": "split when --data is a Hub dataset id"})
+    data_config: str | None = field(default=None, metadata={"help": "subset (config name) of a Hub --data, e.g. "
+                                                                     "main for openai/gsm8k"})
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -60,6 +65,9 @@ class PerplexityConfig:
     batch_size: int = field(default=4, metadata={"help": "windows per forward pass"})
     text_field: str = field(default="text", metadata={"help": "perplexity: JSONL field(s), comma-separated"})
     limit: int | None = field(default=None, metadata={"help": "first N documents only"})
+    data_split: str = field(default="test", metadata={"help": "split when --data is a Hub dataset id"})
+    data_config: str | None = field(default=None, metadata={"help": "subset (config name) of a Hub --data, e.g. "
+                                                                     "main for openai/gsm8k"})
 
 
 # ---------------------------------------------------------------- loading
@@ -79,22 +87,29 @@ def _adapter_base(adapter: Path) -> Path:
     if _is_hf_model(adapter.parent / "residual"):
         return adapter.parent / "residual"  # a PiSSA adapter goes on its residual, never on the original
     cfg = adapter / "adapter_config.json"
-    base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+    config = json.loads(cfg.read_text())
+    base = config.get("base_model_name_or_path")
+    if base and not Path(base).exists() and hub.is_hub_id(base):  # trained on a Hub model: fetch it (cached)
+        return hub.resolve_model(base, config.get("revision"))
     if not base or not _is_hf_model(Path(base)):
         raise UserError(f"{cfg}: base_model_name_or_path {base!r} is not a local model dir; "
                         "pass the base model as MODEL and this dir with --adapter")
     return Path(base)
 
 
-def resolve_model(model_or_run: str | Path, adapter: str | Path | None = None) -> tuple[Path, Path | None]:
+def resolve_model(model_or_run: str | Path, adapter: str | Path | None = None,
+                  revision: str | None = None) -> tuple[Path, Path | None]:
     """(base model dir, adapter dir or None) from what the user points at:
 
-    * a HF model dir (config.json with model_type) → that model, plus ``adapter`` if given;
+    * a HF model dir (config.json with model_type) → that model, plus ``adapter`` if given; a Hub id ``org/name``
+      that is not a local path → its snapshot at ``revision`` (:func:`qpissa.hub.resolve_model`);
     * a decompose output (``residual/`` + ``adapter/``) → the residual + its adapter;
     * a training run (``RUN/adapter``, or ``RUN/model`` after full fine-tuning) or an adapter dir → the adapter on
       its base (``OUT/residual`` beside a decompose adapter, else adapter_config's ``base_model_name_or_path``).
     """
     d = Path(model_or_run)
+    if revision is not None or (not d.exists() and hub.is_hub_id(str(model_or_run))):
+        d = hub.resolve_model(model_or_run, revision)
     if not d.is_dir():
         raise UserError(f"{d}: not a directory; give a HF model dir, a decompose/train output dir or an adapter dir")
     if adapter is not None:
@@ -154,18 +169,54 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict[str, Any
     return rows
 
 
+def read_rows(data: str | Path, limit: int | None = None, split: str = "test",
+              config: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a local JSONL file, else of the Hub dataset ``data`` (``split``, subset ``config``)."""
+    if not Path(data).exists() and hub.is_hub_id(str(data)):
+        return load_records(data, split, config, limit)
+    if not Path(data).is_file():
+        raise UserError(f"--data {data}: file not found (nor a Hub dataset id org/name)")
+    return read_jsonl(data, limit)
+
+
 # ---------------------------------------------------------------- GSM8K
 
 
+def run_template(base: Path, adapter: Path | None) -> str | None:
+    """The ``--template`` a training run used, from RUN/config.json beside RUN/adapter, a checkpoint or RUN/model."""
+    for d in ([adapter.parent, adapter] if adapter is not None else []) + [base.parent]:
+        try:
+            saved = json.loads((Path(d) / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        template = (saved.get("data_cfg") or {}).get("template") if isinstance(saved, dict) else None
+        if isinstance(template, str):
+            return template
+    return None
+
+
+def resolve_prompt_style(style: PromptStyle, base: Path, adapter: Path | None) -> tuple[PromptStyle, str]:
+    """``auto`` → chat for a run trained with --template chat, else alpaca; plus a line to show ('' if none)."""
+    if style != "auto":
+        return style, ""
+    template = run_template(base, adapter)
+    if template == "chat":
+        return "chat", "prompt style: chat (the run was trained with --template chat)"
+    if template not in (None, "gsm8k", "alpaca"):
+        return "alpaca", f"prompt style: alpaca (the run's --template {template!r} has no eval counterpart)"
+    return "alpaca", ""
+
+
 def build_prompt(tokenizer: Any, question: str, style: PromptStyle = "alpaca", instruction: str = "") -> str:
-    """The prompt text for one question (``instruction``, if any, is appended to the question)."""
+    """The prompt text for one question (``instruction``, if any, is appended to the question; ``auto`` with no
+    run to read is alpaca, see :func:`resolve_prompt_style`)."""
     content = f"{question}\n{instruction}".strip() if instruction else question
     if style == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("--prompt-style chat: this tokenizer has no chat template; use plain or alpaca")
         return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
-    return (ALPACA if style == "alpaca" else PLAIN).format(question=content)
+    return (PLAIN if style == "plain" else ALPACA).format(question=content)
 
 
 def cut_continuation(text: str) -> str:
@@ -206,7 +257,7 @@ def generate_greedy(model: torch.nn.Module, tokenizer: Any, prompts: list[str], 
 def evaluate_gsm8k(model: torch.nn.Module, tokenizer: Any, data: str | Path, cfg: Gsm8kConfig,
                    progress: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(summary, per-example records) of greedy GSM8K accuracy on the JSONL file ``data``."""
-    rows = read_jsonl(data, cfg.limit)
+    rows = read_rows(data, cfg.limit, cfg.data_split, cfg.data_config)
     if not rows or "question" not in rows[0] or "answer" not in rows[0]:
         raise UserError(f"{data}: expected GSM8K JSONL rows with 'question' and 'answer' fields")
     prompts = [build_prompt(tokenizer, r["question"], cfg.prompt_style, cfg.instruction) for r in rows]
@@ -226,7 +277,8 @@ def evaluate_gsm8k(model: torch.nn.Module, tokenizer: Any, data: str | Path, cfg
         "task": "gsm8k", "data": str(data), "n": len(records), "correct": n_correct,
         "accuracy": n_correct / len(records), "no_answer": sum(r["extracted"] is None for r in records),
         "hit_max_new_tokens": sum(r["hit_max_new_tokens"] for r in records),
-        "prompt_style": cfg.prompt_style, "instruction": cfg.instruction, "max_new_tokens": cfg.max_new_tokens,
+        "prompt_style": "alpaca" if cfg.prompt_style == "auto" else cfg.prompt_style,  # auto without a run: alpaca
+        "instruction": cfg.instruction, "max_new_tokens": cfg.max_new_tokens,
         "batch_size": cfg.batch_size, "seconds": round(seconds, 3),
         "generated_tokens_per_s": round(n_tokens / seconds, 2) if seconds > 0 else None,
     }
@@ -236,16 +288,14 @@ def evaluate_gsm8k(model: torch.nn.Module, tokenizer: Any, data: str | Path, cfg
 # ---------------------------------------------------------------- perplexity
 
 
-def read_texts(path: str | Path, text_field: str = "text", limit: int | None = None) -> list[str]:
-    """Documents of a ``.jsonl`` file (``text_field``; ``a,b`` joins fields) or one document per text file."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: file not found")
-    if path.suffix != ".jsonl":
-        return [path.read_text(encoding="utf-8")]
+def read_texts(path: str | Path, text_field: str = "text", limit: int | None = None, split: str = "test",
+               config: str | None = None) -> list[str]:
+    """Documents of a ``.jsonl`` file or Hub dataset (``text_field``; ``a,b`` joins fields), or one per text file."""
+    if Path(path).is_file() and Path(path).suffix != ".jsonl":
+        return [Path(path).read_text(encoding="utf-8")]
     fields = [f.strip() for f in text_field.split(",")]
     texts = []
-    for i, row in enumerate(read_jsonl(path, limit)):
+    for i, row in enumerate(read_rows(path, limit, split, config)):
         missing = [f for f in fields if f not in row]
         if missing:
             raise UserError(f"{path}: row {i} has no field {missing[0]!r} (fields: {sorted(row)}); "
@@ -300,7 +350,7 @@ def token_nll(model: torch.nn.Module, docs: list[list[int]], cfg: PerplexityConf
 def evaluate_perplexity(model: torch.nn.Module, tokenizer: Any, data: str | Path, cfg: PerplexityConfig,
                         progress: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(summary, per-document records): token-weighted PPL = exp(Σ NLL / Σ tokens) over the file ``data``."""
-    texts = read_texts(data, cfg.text_field, cfg.limit)
+    texts = read_texts(data, cfg.text_field, cfg.limit, cfg.data_split, cfg.data_config)
     docs = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
     t0 = time.perf_counter()
     nll = token_nll(model, docs, cfg, progress)

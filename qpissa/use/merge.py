@@ -29,6 +29,7 @@ from qpissa.atomic import write_json
 from qpissa.choices import check_choices
 from qpissa.devices import resolve_device
 from qpissa.errors import UserError
+from qpissa.hub import REVISION_HELP, resolve_model
 from qpissa.formats import (TensorInfo, byte_size, copy_side_files, entry_of, is_within, load_tensor, weight_key,
                             scan_checkpoint, write_index, write_safetensors)
 from qpissa.quant import NF4Spec, NF4Tensor, dequantize_nf4, quantization_config, quantize_nf4
@@ -47,6 +48,7 @@ class MergeConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace a model already in --output"})
     init_adapter: str | None = field(default=None, metadata={"help": "initial adapter: also report what training changed"})
     device: str = field(default="cpu", metadata={"help": "where to compute: auto | cpu | cuda (auto: cuda when available)"})
+    revision: str | None = field(default=None, metadata={"help": REVISION_HELP + " (RESIDUAL)"})
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -80,7 +82,7 @@ def _weight_key(module: str, by_name: dict[str, TensorInfo]) -> str:
 def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
           cfg: MergeConfig = MergeConfig(), progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write ``out_dir``: a plain HF model = residual + adapter (see module docstring); returns the report."""
-    residual, out = Path(residual_dir), Path(out_dir)
+    residual, out = resolve_model(residual_dir, cfg.revision), Path(out_dir)  # a folder, or a Hub id org/name
     for src in (residual, Path(adapter_dir)):
         if is_within(out, src) or is_within(src, out):
             raise UserError(f"--output {out} overlaps input {src}; choose a new directory")
