@@ -167,10 +167,6 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
             return run / f"checkpoint-{state.step}"  # rank 0 writes it
         return ckpt_lib.save_checkpoint(run, model, optimizer, scheduler, state, config_dict, cfg.keep_last, full)
 
-    if d.is_main and cfg.eval_at_start and eval_examples and not any(r["step"] == 0 for r in rows):
-        log({"step": 0, "eval_loss": evaluate_loss(model, eval_examples, cfg.batch_size, pad_id, device,
-                                                   cfg.precision), "tokens": 0})  # the initialization's loss
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
@@ -178,6 +174,9 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
 
     with tracker, Progress(*columns, disable=not (cfg.progress and d.is_main), console=Console(stderr=True)) as bar:
         task = bar.add_task("train", total=total, completed=state.step, info="")
+        if d.is_main and cfg.eval_at_start and eval_examples and not any(r["step"] == 0 for r in rows):
+            log({"step": 0, "eval_loss": evaluate_loss(model, eval_examples, cfg.batch_size, pad_id, device,
+                                                       cfg.precision), "tokens": 0})  # the initialization's loss
         while state.step < stop_at:
             t0 = time.perf_counter()
             micro = [next(stream) for _ in range(cfg.grad_accum)]
