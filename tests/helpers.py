@@ -10,14 +10,15 @@ import pytest
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 of every output file but manifest.json (it holds timings), parts included.
+    """sha256 of every output file but manifest.json (it holds timings) and config.yaml (the CLI's record of its
+    options, OUT's path included; the API writes none; tests/test_config_file.py checks it), parts included.
 
     adapter_config.json names its own OUT/residual as base model, so that path is checked and
     replaced by a placeholder before hashing (the rest of its bytes are compared as written).
     """
     digest = {}
     for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.name == "manifest.json":
+        if not p.is_file() or p.name in ("manifest.json", "config.yaml"):
             continue
         data = p.read_bytes()
         if p.name == "adapter_config.json":

@@ -22,7 +22,8 @@ def _args(model: Path, gsm8k: Path, out: Path) -> list[str]:
     return [str(model), "--data", str(gsm8k / "train.jsonl"), "--eval-data", str(gsm8k / "test.jsonl"),
             "--methods", "qlora,qpissa:2", "--seeds", "0,1", "--steps", "3", "--eval-every", "2",
             "--eval-examples", "4", "--batch-size", "1", "--max-length", "96", "--skip-long-prompts",
-            "--targets", "q_proj", "--targets", "v_proj", "--no-progress", "-o", str(out)]
+            "--targets", "q_proj", "--targets", "v_proj", "--init-kl", "2", "--calib-samples", "4",
+            "--calib-seq-len", "64", "--no-progress", "-o", str(out)]
 
 
 def _cli(args: list[str], **kw) -> subprocess.Popen:
@@ -66,6 +67,8 @@ def test_grid_outputs(uninterrupted):
     assert runs[0]["init_eval_loss"] == runs[2]["init_eval_loss"] is not None
     # init error from the decompose report: QLoRA is its own baseline, QPiSSA lowers it
     assert runs[0]["init_reduction_vs_qlora"] == 0.0 and runs[1]["init_reduction_vs_qlora"] > 0.05
+    # init KL(original ‖ init) on the same held-out calibration sequences: QPiSSA starts closer than QLoRA
+    assert 0 < runs[1]["init_kl"] < runs[0]["init_kl"] and runs[0]["init_kl"] == runs[2]["init_kl"]
     reference = json.loads((study / "reference.json").read_text())
     assert reference["examples"] == 4 and math.isfinite(reference["eval_loss"])
     # summary: mean ± CI and the paired difference, recomputed here from the rows
