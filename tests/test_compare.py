@@ -181,3 +181,19 @@ def test_confidence_intervals_match_independent_values():
     assert estimate([2.5]).half_width is None and estimate([]) is None
     d = paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.5, 1: 2.5, 3: 9.0})  # only seeds 0 and 1 are shared
     assert d.n == 2 and d.mean == pytest.approx(0.0)
+
+
+def test_committed_study_regenerates_from_its_stored_runs(tmp_path):
+    """docs/study/*: the figures in docs/benchmarks.md are what --report computes from the committed run files."""
+    import shutil
+
+    from qpissa.compare.report import write_outputs
+
+    for name in ("main", "lr"):
+        committed = Path(__file__).resolve().parents[1] / "docs" / "study" / name
+        study = tmp_path / name
+        shutil.copytree(committed, study)
+        result = write_outputs(study)
+        assert result == json.loads((committed / "results.json").read_text())
+        assert (study / "summary.md").read_text() == (committed / "summary.md").read_text()
+        assert all(r["status"] == "complete" for r in result["runs"])

@@ -134,15 +134,16 @@ def summary_markdown(study: Path, rows: list[dict[str, Any]], groups: list[dict[
              "Mean ± 95% CI over seeds (Student t); Δ vs QLoRA is the paired difference over the same seeds "
              "(same data order), negative = lower loss than QLoRA.", ""]
     acc = any(g["accuracy"] for g in groups)
-    head = ["method", "lr", "seeds", "init Σ‖W−Ŵ‖_F reduction vs QLoRA", "init KL", "init held-out loss",
-            "held-out loss", "Δ vs QLoRA", "train loss (last 10)"]
+    kl = any(g["init_kl"] for g in groups)  # measured only with --init-kl
+    head = ["method", "lr", "seeds", "init Σ‖W−Ŵ‖_F reduction vs QLoRA", *(["init KL"] if kl else []),
+            "init held-out loss", "held-out loss", "Δ vs QLoRA", "train loss (last 10)"]
     head += ["accuracy", "Δ acc vs QLoRA"] if acc else []
     head += ["tokens/s", "peak MiB"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         red = g["init_reduction_vs_qlora"]
         cells = [g["method"], f"{g['lr']:g}", str(g["seeds"]), "—" if red is None else f"{100 * red:.1f}%",
-                 _fmt(g["init_kl"], 5), _fmt(g["init_eval_loss"]), _fmt(g["eval_loss"]),
+                 *([_fmt(g["init_kl"], 5)] if kl else []), _fmt(g["init_eval_loss"]), _fmt(g["eval_loss"]),
                  _fmt(g.get(f"eval_loss_vs_{BASELINE}")), _fmt(g["train_loss_last"])]
         cells += [_fmt(g["accuracy"], 3), _fmt(g.get(f"accuracy_vs_{BASELINE}"), 3)] if acc else []
         cells += [_fmt(g["tokens_per_s"], 0), _fmt(g["peak_memory_mb"], 0)]
