@@ -26,18 +26,12 @@ def compare_command(
     from qpissa.compare.study import compare
     from qpissa.errors import UserError
 
-    if options["report"]:
-        from qpissa.compare.report import write_outputs
-        from qpissa.compare.study import STUDY_FILE
-
-        if not (Path(output) / STUDY_FILE).exists():
-            raise UserError(f"{output}: no {STUDY_FILE}; --report regenerates the tables of an existing study")
-        write_outputs(Path(output))
-    else:
+    if not options["report"]:
         missing = [f"--{k.replace('_', '-')}" for k in ("data", "eval_data") if not options[k]]
         if model is None or missing:
             raise UserError(f"qpissa compare needs MODEL{', ' + ', '.join(missing) if missing else ''}: "
                             "e.g. qpissa compare MODEL --data TRAIN --eval-data HELDOUT -o STUDY")
-        compare(CompareConfig(model=model, output=output, **options, progress=not no_progress))
+    compare(CompareConfig(model=model or "", output=output, **options, progress=not no_progress))
+    if not options["report"]:
         write_config(Path(output) / "config.yaml", {k: v for k, v in resolved.items() if k != "report"}, "compare")
     print((Path(output) / "summary.md").read_text(), end="")
