@@ -208,6 +208,8 @@ def _gsm8k(study: Path, cell: Cell, cfg: CompareConfig) -> None:
         return
     base, adapter = ev.resolve_model(run_dir(study, cell))
     model, tokenizer = ev.load_model(base, adapter, device=resolve_device(cfg.device))
-    gcfg = ev.Gsm8kConfig(limit=cfg.task_limit, batch_size=cfg.task_batch_size, max_new_tokens=cfg.max_new_tokens)
+    style, _ = ev.resolve_prompt_style("auto", base, adapter)  # prompt as the run was trained (chat or alpaca)
+    gcfg = ev.Gsm8kConfig(limit=cfg.task_limit, batch_size=cfg.task_batch_size, max_new_tokens=cfg.max_new_tokens,
+                          prompt_style=style)
     summary, records = ev.evaluate_gsm8k(model, tokenizer, cfg.eval_data, gcfg)
     ev.write_results(out, "gsm8k", summary, records)
