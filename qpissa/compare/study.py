@@ -86,6 +86,7 @@ def _check_inputs(cfg: CompareConfig) -> CompareConfig:
 
     from qpissa.data import load_records
     from qpissa.hub import resolve_model
+    from qpissa.train import TrainConfig
     from qpissa.usage import require_causal_lm
 
     model = resolve_model(cfg.model)
@@ -93,7 +94,7 @@ def _check_inputs(cfg: CompareConfig) -> CompareConfig:
         raise UserError(f"model {model}: no config.json; pass a Hugging Face model directory")
     require_causal_lm(model, "compare")
     load_records(cfg.data)
-    load_records(cfg.eval_data, "test")
+    load_records(cfg.eval_data, TrainConfig.eval_split)  # the split train's held-out loss reads
     if any(s.calibrated for s in cfg.specs()) or cfg.init_kl:
         load_records(cfg.calibration())
     return replace(cfg, model=str(model))
@@ -170,8 +171,8 @@ def _reference(cfg: CompareConfig) -> dict[str, Any]:
                        precision=cfg.precision, data_cfg=DataConfig(template=cfg.template, max_length=cfg.max_length,
                                                                     skip_long_prompts=cfg.skip_long_prompts))
     model, tokenizer = load_model(tcfg)
-    examples = build_examples(load_records(cfg.eval_data)[:cfg.eval_examples], tokenizer, tcfg.data_cfg,
-                              source=cfg.eval_data)
+    records = load_records(cfg.eval_data, tcfg.eval_split)[:cfg.eval_examples]  # the rows train's eval loss reads
+    examples = build_examples(records, tokenizer, tcfg.data_cfg, source=cfg.eval_data)
     loss = evaluate_loss(model, examples, cfg.batch_size, tokenizer.pad_token_id, device, cfg.precision)
     return {"eval_loss": loss, "examples": len(examples)}
 
