@@ -32,6 +32,8 @@ from qpissa.lock import LOCK_NAME, OutputLock
 from qpissa.quant import warn_cpu_blocksize
 from qpissa.decompose import sharding
 from qpissa.decompose.assemble import assemble, part_name
+from qpissa.decompose.coverage import coverage
+from qpissa.decompose.methods import QUANTIZED_METHODS
 from qpissa.decompose.config import AUTO_PARALLEL_MAX_WEIGHTS, DecomposeConfig
 from qpissa.decompose.targets import Target, find_targets
 from qpissa.decompose.tensor import Stats, decompose_tensor
@@ -161,6 +163,7 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         metrics = [manifest["tensors"][t.module]["metrics"] for t in targets]
     assemble(model_dir, out_dir, tensors, targets, others, cfg, task)
     report = build_report(metrics, cfg.identity(), str(model_dir), computed)
+    report["coverage"] = coverage(tensors, [t.weight.name for t in targets], cfg.method in QUANTIZED_METHODS)
     if cfg.eval_kl:
         from qpissa.decompose.calibration import held_out
         from qpissa.decompose.fidelity import model_fidelity
