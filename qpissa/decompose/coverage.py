@@ -35,29 +35,31 @@ def pattern(name: str) -> str:
     return _INDEX.sub("*", name)
 
 
-def group_of(info: TensorInfo, target_names: set[str], quantized: bool, router_names: set[str] = frozenset()) -> str:
+def group_of(info: TensorInfo, target_names: set[str], quantized: bool, router_names: set[str] = frozenset(),
+             plain_targets: set[str] = frozenset()) -> str:
     """Which of :data:`GROUPS` tensor ``info`` belongs to."""
     if info.name in target_names:
-        return "quantized_4bit" if quantized else "targets_source_dtype"
+        return "quantized_4bit" if quantized and info.name not in plain_targets else "targets_source_dtype"
     if _IN_BLOCK.search(info.name) or info.name in router_names:
         return "non_targets"
     return "embeddings_heads"
 
 
 def coverage(tensors: Iterable[TensorInfo], target_names: Iterable[str], quantized: bool,
-             router_names: Iterable[str] = ()) -> dict:
+             router_names: Iterable[str] = (), plain_targets: Iterable[str] = ()) -> dict:
     """Counts and shares per group, the source dtypes, and the largest untouched tensor groups.
 
     ``target_names``: the checkpoint tensors decomposed; ``quantized``: whether their residual is NF4;
-    ``router_names``: MoE router/gate weights (kept in source dtype by design, reported as such)."""
-    targets, routers = set(target_names), set(router_names)
+    ``router_names``: MoE router/gate weights (kept in source dtype by design, reported as such);
+    ``plain_targets``: targets whose residual is not NF4 although the method quantizes (``--experts-dtype bfloat16``)."""
+    targets, routers, plain = set(target_names), set(router_names), set(plain_targets)
     params: dict[str, int] = defaultdict(int)
     source_bytes: dict[str, int] = defaultdict(int)
     dtypes: dict[str, set[str]] = defaultdict(set)
     untouched: dict[tuple[str, str], int] = defaultdict(int)
     router_params = 0
     for info in tensors:
-        group, n = group_of(info, targets, quantized, routers), math.prod(info.shape)
+        group, n = group_of(info, targets, quantized, routers, plain), math.prod(info.shape)
         params[group] += n
         source_bytes[group] += byte_size(info.shape, info.dtype)
         dtypes[group].add(info.dtype)
@@ -77,6 +79,8 @@ def coverage(tensors: Iterable[TensorInfo], target_names: Iterable[str], quantiz
 def flag_for(group: str, tensors: str) -> str:
     """The flag that changes where ``group`` (a tensor name pattern ``tensors``) ends up."""
     if group == "targets_source_dtype":
+        if ".experts." in tensors:
+            return "--experts-dtype nf4 (the default) stores experts in 4-bit NF4"
         return "--method qpissa (or qlora, loftq) stores targets in 4-bit NF4"
     if group == "embeddings_heads":
         return "no flag quantizes embeddings/heads; they stay in source dtype as in QLoRA"

@@ -36,9 +36,10 @@ def _total(values: list[float | None]) -> float | None:
 
 
 def layer_type(module: str) -> str:
-    """The module name with its block index removed: ``encoder.layer.3.output.dense`` → ``output.dense``."""
+    """The module name with its block index removed: ``encoder.layer.3.output.dense`` → ``output.dense``; an MoE
+    expert's index too: ``model.layers.0.mlp.experts.7.down_proj`` → ``mlp.experts.down_proj``."""
     parts = re.split(r"\.\d+\.", module, maxsplit=1)
-    return parts[-1]
+    return re.sub(r"(^|\.)experts\.\d+\.", r"\1experts.", parts[-1])
 
 
 def layer_index(module: str) -> int | None:
