@@ -145,31 +145,37 @@ def resident_bytes(module: nn.Module) -> int:
     return total
 
 
+def load_residual(residual: str | Path, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(residual, **kwargs)``, with NF4 experts attached when the residual
+    has them (transformers' report of the fused expert parameters as missing is silenced: they are attached here)."""
+    from transformers import AutoModelForCausalLM
+
+    residual = Path(residual)
+    config = json.loads((residual / "config.json").read_text())
+    if CONFIG_KEY not in config:
+        return AutoModelForCausalLM.from_pretrained(residual, **kwargs)
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(residual, **kwargs)
+    finally:
+        logging.set_verbosity(level)
+    attach_nf4_experts(model, residual, config[CONFIG_KEY].get("file", "nf4-experts.safetensors"))
+    return model
+
+
 def load(out: str | Path, adapter: str | Path | None = None, *, is_trainable: bool = False,
          dtype: torch.dtype = torch.bfloat16, device: str | None = None):
     """A decompose output (OUT, or OUT/residual) as a causal LM: transformers loads the residual (NF4 linears via
     bitsandbytes), NF4 experts are attached here, then PEFT loads ``adapter`` (default OUT/adapter, if present).
     Plain outputs (no NF4 experts) load exactly as transformers + peft would."""
-    from transformers import AutoModelForCausalLM
-
     out = Path(out)
     residual = out / "residual" if (out / "residual" / "config.json").is_file() else out
     if not (residual / "config.json").is_file():
         raise UserError(f"{out}: no residual/config.json; pass a qpissa decompose output folder")
-    config = json.loads((residual / "config.json").read_text())
-    kwargs = {"dtype": dtype} | ({"device_map": device} if device else {})
-    if CONFIG_KEY in config:  # transformers reports the fused expert parameters missing: they are attached here
-        from transformers.utils import logging
-
-        level = logging.get_verbosity()
-        logging.set_verbosity_error()
-        try:
-            model = AutoModelForCausalLM.from_pretrained(residual, **kwargs)
-        finally:
-            logging.set_verbosity(level)
-        attach_nf4_experts(model, residual, config[CONFIG_KEY].get("file", "nf4-experts.safetensors"))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(residual, **kwargs)
+    model = load_residual(residual, dtype=dtype, **({"device_map": device} if device else {}))
     if adapter is None and (out / "adapter" / "adapter_config.json").is_file() and residual != out:
         adapter = out / "adapter"
     if adapter is not None:

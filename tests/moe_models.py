@@ -22,11 +22,17 @@ def decaying(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     return torch.stack(out).reshape(shape) if batch else out[0]
 
 
-def build(family: str, dest: Path, layers: int = 2, seed: int = 0) -> Path:
-    """Save a tiny ``family`` MoE with save_pretrained (transformers 5 writes one tensor per expert)."""
+def build(family: str, dest: Path, layers: int = 2, seed: int = 0, tokenizer: Path | None = None) -> Path:
+    """Save a tiny ``family`` MoE with save_pretrained (transformers 5 writes one tensor per expert); with
+    ``tokenizer`` (a model dir), its tokenizer files are copied and the vocabulary sized to it (train, eval)."""
+    import shutil
+
     import transformers
 
-    common = dict(vocab_size=96, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
+    vocab = 96
+    if tokenizer is not None:
+        vocab = transformers.AutoTokenizer.from_pretrained(tokenizer).vocab_size
+    common = dict(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False)
     if family == "qwen3_moe":
         cfg = transformers.Qwen3MoeConfig(moe_intermediate_size=INTER, intermediate_size=INTER, num_experts=EXPERTS,
@@ -49,4 +55,7 @@ def build(family: str, dest: Path, layers: int = 2, seed: int = 0) -> Path:
             if p.ndim >= 2 and "embed" not in name and "lm_head" not in name and not name.endswith("gate.weight"):
                 p.copy_(decaying(tuple(p.shape), gen))
     model.to(torch.bfloat16).save_pretrained(dest)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if tokenizer is not None and (tokenizer / name).exists():
+            shutil.copy(tokenizer / name, dest / name)
     return dest

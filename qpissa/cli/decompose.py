@@ -75,13 +75,13 @@ def decompose(
         return
     write_config(out / "config.yaml", resolved, "decompose")
     print_summary(report)
+    print_coverage(report)
     console.print(f"wrote {out}/residual, {out}/adapter, {out}/report.{{json,csv,md}}, {out}/error_by_layer.png, "
                   f"{out}/config.yaml")
-    from qpissa.usage import load_snippet
+    from qpissa.usage import load_heading, load_snippet
 
-    console.print("load it with plain transformers + peft:")
+    console.print(load_heading(out))
     console.print(load_snippet(out), markup=False, highlight=False, soft_wrap=True)
-    print_coverage(report)
 
 
 @app.command()

@@ -1,0 +1,60 @@
+"""The rest of the pipeline on an MoE decompose output: train (experts stay 4-bit), resume, eval."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from moe_models import build
+
+from qpissa.data import DataConfig, build_examples, load_records
+from qpissa.train import TrainConfig, fit, load_model, train
+
+
+@pytest.fixture(scope="module")
+def moe_out(smollm2_dir: Path, tmp_path_factory) -> Path:
+    from qpissa.decompose import decompose
+
+    root = tmp_path_factory.mktemp("moe_train")
+    src = build("qwen3_moe", root / "src", tokenizer=smollm2_dir)
+    decompose(src, root / "out", rank=4, progress=False)
+    return root / "out"
+
+
+def cfg_for(out: Path, data: Path, run: Path, **kw) -> TrainConfig:
+    base = dict(model=str(out), data=str(data), output=str(run), steps=3, batch_size=2, lr=1e-3, warmup_ratio=0.0,
+                save_every=1, keep_last=3, seed=0, progress=False, data_cfg=DataConfig(max_length=96, skip_long_prompts=True))
+    return TrainConfig(**(base | kw))
+
+
+def test_train_keeps_experts_4bit_and_changes_only_adapters(moe_out, tiny_data, tmp_path):
+    from qpissa.moe import resident_bytes
+
+    cfg = cfg_for(moe_out, tiny_data, tmp_path / "run")
+    model, tok = load_model(cfg)[:2]
+    examples = build_examples(load_records(tiny_data), tok, cfg.data_cfg)
+    experts = [m for n, m in model.named_modules() if type(m).__name__ == "Qwen3MoeExperts"]
+    assert len(experts) == 2
+    dense = sum(2 * (m.gate_up_proj.numel() + m.down_proj.numel()) for m in experts)  # bf16 bytes
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    held_before = sum(resident_bytes(m) for m in experts)
+    fit(cfg, model, tok, examples, [])
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    assert any(".experts.lora_A" in k or ".experts.base_layer.lora_B" in k for k in changed)  # expert LoRA trained
+    held = sum(resident_bytes(m) for m in experts)
+    assert held == held_before and held < 0.3 * dense, (held, dense)
+
+
+def test_resume_reproduces_losses(moe_out, tiny_data, tmp_path):
+    full = train(cfg_for(moe_out, tiny_data, tmp_path / "full"))
+    assert full["steps"] == 3
+    cut = cfg_for(moe_out, tiny_data, tmp_path / "cut", stop_after=2)
+    train(cut)
+    train(replace(cut, stop_after=None, resume=True))
+    losses = lambda run: [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    want, got = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert len(got) == 3 and max(abs(a - b) for a, b in zip(want, got)) < 1e-5, (want, got)
