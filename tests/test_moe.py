@@ -224,3 +224,30 @@ def test_resume_recomputes_lost_experts_byte_identical(tiny, tmp_path):
     shutil.rmtree(out / "adapter")
     decompose(src, out, rank=RANK, resume=True, progress=False)
     assert tree_digest(out) == before
+
+
+@pytest.mark.parametrize("experts_dtype", ["nf4", "bfloat16"])
+def test_merge_writes_the_save_pretrained_layout(experts_dtype, tiny, tmp_path):
+    """merge: per-expert tensors under the source's names (Mixtral w1/w3/w2), loaded by plain transformers with
+    logits equal to the decomposed model (residual + adapter) as qpissa.moe.load builds it."""
+    from transformers import AutoModelForCausalLM
+
+    from qpissa.moe import load
+    from qpissa.use.merge import MergeConfig, merge
+
+    src, out = tiny["mixtral"], tmp_path / "out"
+    decompose(src, out, rank=RANK, experts_dtype=experts_dtype, progress=False)
+    merge(out / "residual", out / "adapter", tmp_path / "merged", MergeConfig(dtype="float32"))
+    with safe_open(str(tmp_path / "merged/model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.1.block_sparse_moe.experts.3.w3.weight" in keys and not any("nf4" in k for k in keys)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    model = load(out, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 7, 9, 11, 3, 40, 2]])
+    with torch.no_grad():
+        a, b = merged(ids).logits, model(ids).logits.float()
+    assert torch.allclose(a, b, atol=2e-2 * float(b.abs().max())), float((a - b).abs().max())
+    orig = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        ref = orig(ids).logits
+    assert float((a - ref).norm()) < 0.2 * float(ref.norm())  # near the original: residual + principal part ≈ W

@@ -201,6 +201,19 @@ def target_parameters(targets: list[ExpertTarget]) -> list[str]:
     return sorted({f"{layer_type(t.experts_module + '.x').rsplit('.', 1)[0]}.{t.kind}" for t in targets})
 
 
+def on_disk_names(targets: list[ExpertTarget]) -> dict[str, str]:
+    """How the source checkpoint names experts (merge writes the same): block suffix and gate/up/down names."""
+    names = {"block": "mlp", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    for t in (t for t in targets if not t.fused):
+        m = [PER_EXPERT_RE.fullmatch(s.name) for s in t.sources]
+        names["block"] = m[0]["block"].rsplit(".", 1)[-1]
+        if t.kind == "gate_up_proj":
+            names["gate"], names["up"] = m[0]["proj"], m[1]["proj"]
+        else:
+            names["down"] = m[0]["proj"]
+    return names
+
+
 def summary(targets: list[ExpertTarget], routers: list[str], metrics: list[dict], cfg: DecomposeConfig) -> dict:
     """The report's ``experts`` section: layout, counts, residual dtype, fallbacks, routers."""
     fallback = sum(1 for m in metrics if (m.get("expert") or {}).get("fallback"))
