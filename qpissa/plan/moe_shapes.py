@@ -12,13 +12,22 @@ whole projection (q_norm: heads·head_dim, k_norm: kv_heads·head_dim).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
-from qpissa.plan.model_shapes import ModelShapes, ParamGroup, _need
+from qpissa.errors import UserError
 
 
-def moe_decoder(cfg: dict, dense: Callable[[dict], ModelShapes]) -> ModelShapes:
-    """The dense decoder's rows with the MLP rows replaced by experts + router (see the module docstring)."""
+def _need(cfg: dict, key: str) -> int:
+    val = cfg.get(key)
+    if not isinstance(val, int) or val <= 0:
+        raise UserError(f"{cfg.get('_path', 'config')}: field {key!r} missing or not a positive integer (got {val!r})")
+    return val
+
+
+def moe_decoder(cfg: dict, dense: Callable[[dict], Any]) -> Any:
+    """The dense decoder's :class:`~qpissa.plan.model_shapes.ModelShapes` with the MLP rows replaced by experts +
+    router (see the module docstring); ``dense`` builds the dense decoder (new rows are copies of its rows, so
+    this module needs no import of model_shapes, which dispatches here)."""
     mt = cfg["model_type"]
     experts = _need(cfg, "num_local_experts" if mt == "mixtral" else "num_experts")
     top_k = _need(cfg, "num_experts_per_tok")
@@ -28,6 +37,9 @@ def moe_decoder(cfg: dict, dense: Callable[[dict], ModelShapes]) -> ModelShapes:
     base = dense({**cfg, "model_type": "qwen3" if mt == "qwen3_moe" else "llama"})
     dense_layers = n - len(sparse)
     params = []
+    mlp_row = next(p for p in base.params if p.group == "mlp")
+    norm_row = next(p for p in base.params if p.kind == "norm")
+    row = lambda proto, *a: dataclasses.replace(proto, **dict(zip(("name", "short", "kind", "shape", "count", "group"), a)))  # noqa: E731
     for p in base.params:
         if p.group == "mlp":
             if dense_layers:
@@ -37,12 +49,13 @@ def moe_decoder(cfg: dict, dense: Callable[[dict], ModelShapes]) -> ModelShapes:
             continue
         params.append(p)
     L, m, k = "model.layers.{i}", len(sparse), len(sparse) * experts
-    params += [ParamGroup(f"{L}.mlp.experts.{{e}}.gate_up_proj", "gate_up_proj", "linear", (2 * inter, h), k, "mlp"),
-               ParamGroup(f"{L}.mlp.experts.{{e}}.down_proj", "down_proj", "linear", (h, inter), k, "mlp"),
-               ParamGroup(f"{L}.mlp.gate", "gate", "router", (experts, h), m)]
+    params += [row(mlp_row, f"{L}.mlp.experts.{{e}}.gate_up_proj", "gate_up_proj", "linear", (2 * inter, h), k, "mlp"),
+               row(mlp_row, f"{L}.mlp.experts.{{e}}.down_proj", "down_proj", "linear", (h, inter), k, "mlp"),
+               row(norm_row, f"{L}.mlp.gate", "gate", "router", (experts, h), m, "other")]
+    params = [dataclasses.replace(p, bias=0) if ".experts." in p.name else p for p in params]
     if mt == "olmoe":
-        params += [ParamGroup(f"{L}.self_attn.q_norm", "q_norm", "norm", (base.heads * base.head_dim,), n),
-                   ParamGroup(f"{L}.self_attn.k_norm", "k_norm", "norm", (base.kv_heads * base.head_dim,), n)]
+        params += [row(norm_row, f"{L}.self_attn.q_norm", "q_norm", "norm", (base.heads * base.head_dim,), n),
+                   row(norm_row, f"{L}.self_attn.k_norm", "k_norm", "norm", (base.kv_heads * base.head_dim,), n)]
     return dataclasses.replace(base, model_type=mt, intermediate=top_k * inter, params=params)
 
 
