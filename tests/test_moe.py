@@ -251,3 +251,31 @@ def test_merge_writes_the_save_pretrained_layout(experts_dtype, tiny, tmp_path):
     with torch.no_grad():
         ref = orig(ids).logits
     assert float((a - ref).norm()) < 0.2 * float(ref.norm())  # near the original: residual + principal part ≈ W
+
+
+def test_convert_gives_a_lora_on_the_original_moe(tiny, tmp_path):
+    """convert: original model + the rank-2r LoRA (experts included, per expert) == residual + "trained" adapter;
+    PiSSA with bf16 experts so that residual + s·B₀·A₀ = W up to bf16 and the comparison is exact."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from qpissa.use.convert import convert_pissa_to_lora
+
+    src, out = tiny["olmoe"], tmp_path / "out"
+    decompose(src, out, rank=RANK, method="pissa", experts_dtype="bfloat16", progress=False)
+    trained = tmp_path / "trained"
+    shutil.copytree(out / "adapter", trained)
+    factors = load_file(str(trained / "adapter_model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.05 * v.float().std() * torch.randn(v.shape, generator=gen).to(v.dtype) for k, v in factors.items()},
+              str(trained / "adapter_model.safetensors"))
+    convert_pissa_to_lora(trained, out / "adapter", tmp_path / "lora")
+    ids = torch.tensor([[1, 5, 7, 9, 11, 3, 40, 2]])
+    with torch.no_grad():
+        a = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32),
+                                      str(tmp_path / "lora"))(ids).logits
+        b = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "residual", dtype=torch.float32),
+                                      str(trained))(ids).logits
+        c = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
+    assert float((a - b).norm()) < 0.02 * float((b - c).norm()), (float((a - b).norm()), float((b - c).norm()))

@@ -58,3 +58,18 @@ def test_resume_reproduces_losses(moe_out, tiny_data, tmp_path):
     losses = lambda run: [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     want, got = losses(tmp_path / "full"), losses(tmp_path / "cut")
     assert len(got) == 3 and max(abs(a - b) for a, b in zip(want, got)) < 1e-5, (want, got)
+
+
+def test_calibrated_method_falls_back_on_experts_and_says_so(moe_out, gsm8k_dir, tmp_path):
+    """cloq with calibration data: attention is calibrated, every expert runs uncalibrated LoftQ (T=1 LoftQ is CLoQ
+    with H = I), and the report counts the fallbacks instead of hiding them."""
+    from qpissa.decompose import decompose
+
+    rep = decompose(moe_out.parent / "src", tmp_path / "cal", rank=4, method="cloq",
+                    calib_data=str(gsm8k_dir / "train.jsonl"), calib_samples=4, calib_holdout=2, calib_seq_len=32,
+                    progress=False)
+    experts = [m for m in rep["modules"] if ".experts." in m["module"]]
+    assert rep["experts"]["calibration_fallback"] == len(experts) == 16 and rep["experts"]["method"] == "loftq"
+    assert all(m["expert"]["method"] == "loftq" and m["expert"]["fallback"] for m in experts)
+    assert all(m.get("output") for m in rep["modules"] if ".experts." not in m["module"])  # attention: calibrated
+    assert "16 of them fell back to the uncalibrated loftq" in (tmp_path / "cal" / "report.md").read_text()

@@ -46,7 +46,7 @@ def print_coverage(report: dict) -> None:
     """The share of the checkpoint's weights that ended up 4-bit, and the warning under half."""
     from qpissa.decompose.coverage import lines
 
-    for line in lines(report["coverage"]) if report.get("coverage") else ():
+    for line in lines(report["coverage"], report.get("experts")) if report.get("coverage") else ():
         console.print(line, style="bold yellow" if line.startswith("warning") else None, markup=False, highlight=False, soft_wrap=True)
 
 

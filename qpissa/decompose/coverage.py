@@ -89,11 +89,25 @@ def flag_for(group: str, tensors: str) -> str:
     return f"--targets '{name}' (plus the default targets' names) makes it a target"
 
 
-def lines(cov: dict) -> list[str]:
-    """Human lines: the share per group, then the warning if under half is 4-bit."""
+def experts_line(experts: dict) -> str:
+    """What happened to an MoE model's experts (the report's ``experts`` section, :mod:`qpissa.decompose.experts`)."""
+    line = (f"MoE experts: {experts['matrices']:,} expert matrices ({experts['experts']:,} experts in "
+            f"{experts['modules']} layers, {experts['layout']} layout) decomposed one by one with {experts['method']}, "
+            f"residual {experts['residual']}")
+    if experts.get("calibration_fallback"):
+        line += (f"; {experts['calibration_fallback']:,} of them fell back to the uncalibrated {experts['method']} "
+                 "(no per-expert calibration statistics)")
+    return line
+
+
+def lines(cov: dict, experts: dict | None = None) -> list[str]:
+    """Human lines: the share per group (and the experts line of an MoE model), then the warning if under half
+    is 4-bit."""
     g = cov["groups"]
     parts = [f"{100 * g[k]['share']:.1f}% {LABELS[k]}" for k in GROUPS if g[k]["params"] or k == "quantized_4bit"]
     out = [f"weights quantized: {'; '.join(parts)} (of {cov['total_params']:,} checkpoint weights)"]
+    if experts:
+        out.append(experts_line(experts))
     if cov.get("router_params"):
         out.append(f"MoE routers ({cov['router_params']:,} weights) stay in their source dtype by design")
     warn = warning(cov)

@@ -129,6 +129,17 @@ def load_expert(target: ExpertTarget) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # (2I, H): gate rows, then up rows
 
 
+def fused_expert_stack(param: str, tensors: list[TensorInfo]) -> torch.Tensor | None:
+    """transformers 5's fused parameter ``param`` (``….experts.gate_up_proj`` / ``down_proj``) built from a per-expert
+    checkpoint (calibration runs blocks of the real model); None when ``param`` is no such parameter."""
+    if not re.search(r"\.experts\.(gate_up_proj|down_proj)$", param):
+        return None
+    experts, kind = param.rsplit(".", 1)
+    found = [t for t in find_experts([i for i in tensors if ".experts." in i.name])[0]
+             if t.experts_module == experts and t.kind == kind]
+    return torch.stack([load_expert(t) for t in sorted(found, key=lambda t: t.expert)]) if found else None
+
+
 def expert_config(cfg: DecomposeConfig) -> DecomposeConfig:
     """The config an expert is decomposed with: PiSSA for ``--experts-dtype bfloat16``; a calibrated method's
     uncalibrated counterpart (no per-expert H)."""

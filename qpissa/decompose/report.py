@@ -163,7 +163,7 @@ def coverage_markdown(report: dict) -> list[str]:
     """The weights-quantized lines (:mod:`qpissa.decompose.coverage`), if the report has them."""
     from qpissa.decompose.coverage import lines
 
-    return [f"{line}  " for line in lines(report["coverage"])] + [""] if report.get("coverage") else []
+    return [f"{line}  " for line in lines(report["coverage"], report.get("experts"))] + [""] if report.get("coverage") else []
 
 
 def output_rows(report: dict) -> list[list[str]]:
