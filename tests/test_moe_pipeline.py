@@ -73,3 +73,20 @@ def test_calibrated_method_falls_back_on_experts_and_says_so(moe_out, gsm8k_dir,
     assert all(m["expert"]["method"] == "loftq" and m["expert"]["fallback"] for m in experts)
     assert all(m.get("output") for m in rep["modules"] if ".experts." not in m["module"])  # attention: calibrated
     assert "16 of them fell back to the uncalibrated loftq" in (tmp_path / "cal" / "report.md").read_text()
+
+
+def test_eval_perplexity_on_moe_out(moe_out, gsm8k_dir, tmp_path, monkeypatch):
+    """qpissa eval on an MoE decompose output: loads through qpissa.moe (experts 4-bit) and writes a finite perplexity."""
+    import sys
+
+    from qpissa.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["qpissa", "eval", str(moe_out), "--task", "perplexity", "--data",
+                                      str(gsm8k_dir / "test.jsonl"), "--text-field", "question,answer", "--limit", "4",
+                                      "-o", str(tmp_path / "ppl")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code in (0, None)
+    summary = json.loads((tmp_path / "ppl" / "perplexity_summary.json").read_text())
+    ppl = summary.get("perplexity")
+    assert ppl is not None and 1 < ppl < float("inf"), summary
