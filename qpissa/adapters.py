@@ -25,7 +25,7 @@ def adapter_key(module: str, which: str) -> str:
 
 
 def adapter_config(*, base_model: str, rank: int, alpha: float, rslora: bool, target_modules: list[str],
-                   fan_in_fan_out: bool, task_type: str | None) -> dict:
+                   fan_in_fan_out: bool, task_type: str | None, target_parameters: list[str] | None = None) -> dict:
     """adapter_config.json that plain PEFT loads. ``init_lora_weights`` must be true: "pissa" here
     would make PEFT re-run PiSSA at load time and fail on a 4-bit base. PEFT's version comes from package
     metadata: importing peft (and with it transformers) only for it costs seconds."""
@@ -47,7 +47,7 @@ def adapter_config(*, base_model: str, rank: int, alpha: float, rslora: bool, ta
         "modules_to_save": None,
         "revision": None,
         "peft_version": version("peft"),
-    }
+    } | ({"target_parameters": sorted(target_parameters)} if target_parameters else {})
 
 
 @dataclass

@@ -44,9 +44,27 @@ def require_causal_lm(model_dir: str | Path, command: str) -> None:
                     f"to try {command}, use the example causal LM: {EXAMPLE_HINT}")
 
 
+def nf4_experts(out_dir: str | Path) -> bool:
+    """True when OUT/residual holds NF4 MoE experts, which only :func:`qpissa.moe.load` loads 4-bit."""
+    config = json.loads((Path(out_dir) / "residual" / "config.json").read_text())
+    return "qpissa_nf4_experts" in config
+
+
+def load_heading(out_dir: str | Path) -> str:
+    """The line before :func:`load_snippet`."""
+    if nf4_experts(out_dir):
+        return ("load it with qpissa (transformers + bitsandbytes cannot load 4-bit MoE experts yet; "
+                "--experts-dtype bfloat16 gives a plain transformers + peft residual):")
+    return "load it with plain transformers + peft:"
+
+
 def load_snippet(out_dir: str | Path) -> str:
-    """Python that loads a decompose output with plain transformers + peft (the right Auto class)."""
+    """Python that loads a decompose output: plain transformers + peft (the right Auto class), or
+    ``qpissa.moe.load`` for NF4 MoE experts."""
     residual, adapter = Path(out_dir) / "residual", Path(out_dir) / "adapter"
+    if nf4_experts(out_dir):
+        return ("from qpissa.moe import load\n"
+                f"model = load({str(out_dir)!r}, is_trainable=True)  # NF4 experts + linears, PEFT LoRA on top")
     auto = "AutoModelForCausalLM" if is_causal_lm(residual) else "AutoModel"
     quantized = "quantization_config" in json.loads((residual / "config.json").read_text())
     return (f"from transformers import {auto}\n"

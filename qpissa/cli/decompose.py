@@ -42,6 +42,14 @@ def print_summary(report: dict) -> None:
         console.print(", ".join(f"{k} = {v:.5g}" for k, v in fid.items()))
 
 
+def print_coverage(report: dict) -> None:
+    """The share of the checkpoint's weights that ended up 4-bit, and the warning under half."""
+    from qpissa.decompose.coverage import lines
+
+    for line in lines(report["coverage"], report.get("experts")) if report.get("coverage") else ():
+        console.print(line, style="bold yellow" if line.startswith("warning") else None, markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command()
 @with_options(config_file=True,
               options=Options(DecomposeConfig, exclude=("compute_dtype", "progress"), defaults={"device": "auto"},
@@ -67,12 +75,13 @@ def decompose(
         return
     write_config(out / "config.yaml", resolved, "decompose")
     print_summary(report)
+    print_coverage(report)
     console.print(f"wrote {out}/residual, {out}/adapter, {out}/report.{{json,csv,md}}, {out}/error_by_layer.png, "
                   f"{out}/config.yaml")
-    from qpissa.usage import load_snippet
+    from qpissa.usage import load_heading, load_snippet
 
-    console.print("load it with plain transformers + peft:")
-    console.print(load_snippet(out), markup=False, highlight=False)
+    console.print(load_heading(out))
+    console.print(load_snippet(out), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -83,3 +92,4 @@ def report(out: Path = typer.Argument(..., help="a decomposition output director
     data = load_report(out)
     write_report(data, out)
     print_summary(data)
+    print_coverage(data)

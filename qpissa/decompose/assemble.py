@@ -9,11 +9,15 @@ import torch
 from qpissa.atomic import write_json
 from qpissa.decompose.config import DecomposeConfig
 from qpissa.decompose.methods import QUANTIZED_METHODS
+from qpissa.decompose.experts import ExpertTarget, on_disk_names, peft_factors, target_parameters
 from qpissa.decompose.targets import Target
 from qpissa.adapters import adapter_config, adapter_key
 from qpissa.formats import (TensorInfo, copy_side_files, load_tensor, byte_size, save_tensors, write_index,
                             write_safetensors)
 from qpissa.quant import quantization_config
+
+
+NF4_EXPERTS_FILE = "nf4-experts.safetensors"  # read by qpissa.moe (the name is also in the residual's config.json)
 
 
 def part_name(index: int) -> str:
@@ -27,47 +31,74 @@ def assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets:
     from safetensors import safe_open
 
     residual_dir, adapter_dir = out_dir / "residual", out_dir / "adapter"
-    part_of = {t.weight.name: out_dir / ".parts" / part_name(i) for i, t in enumerate(targets)}
+    part_of: dict[str, list[Path]] = {}  # checkpoint tensor → the parts holding it (an expert stack: one per expert)
+    for i, t in enumerate(targets):
+        for source in getattr(t, "sources", (t.weight,)):
+            part_of.setdefault(source.name, []).append(out_dir / ".parts" / part_name(i))
+    written: set[Path] = set()
+    nf4_experts = cfg.experts_dtype == "nf4" and cfg.method in QUANTIZED_METHODS
+    expert_parts = {out_dir / ".parts" / part_name(i) for i, t in enumerate(targets) if isinstance(t, ExpertTarget)}
+    expert_entries: list[tuple] = []  # NF4 experts: their own file, which transformers does not read
     weight_map: dict[str, str] = {}
     total = 0
     shards = list(dict.fromkeys(t.file for t in tensors))
     for shard in shards:
         entries, sources = [], {}
         for info in (t for t in tensors if t.file == shard):
-            part = part_of.get(info.name)
-            if part is None:
+            parts = part_of.get(info.name)
+            if parts is None:
                 entries.append((info.name, info.dtype, info.shape, byte_size(info.shape, info.dtype)))
                 sources[info.name] = (shard, info.name)
                 continue
-            with safe_open(str(part), framework="pt") as f:
-                for key in f.keys():
-                    if key.startswith("__lora_"):
-                        continue
-                    t = f.get_slice(key)
-                    entries.append((key, t.get_dtype(), tuple(t.get_shape()), byte_size(t.get_shape(), t.get_dtype())))
+            for part in (p for p in parts if p not in written):  # an expert's gate and up share one part
+                written.add(part)
+                for key, entry in _part_entries(part):
+                    (expert_entries if nf4_experts and part in expert_parts else entries).append(entry)
                     sources[key] = (part, key)
         write_safetensors(residual_dir / shard.name, entries, lambda k: _read(*sources[k]))
         for name, _, _, nbytes in entries:
             weight_map[name] = shard.name
             total += nbytes
+    if expert_entries:
+        write_safetensors(residual_dir / NF4_EXPERTS_FILE, expert_entries, lambda k: _read(*sources[k]))
     if len(shards) > 1:
         write_index(residual_dir, weight_map, total)
     copy_side_files(model_dir, residual_dir)
     config = json.loads((model_dir / "config.json").read_text())
     if cfg.method in QUANTIZED_METHODS:
         config["quantization_config"] = quantization_config(cfg.spec(), sorted(others))
+    experts = [t for t in targets if isinstance(t, ExpertTarget)]
+    if experts and cfg.experts_dtype == "nf4" and cfg.method in QUANTIZED_METHODS:  # qpissa.moe.load reads them
+        config["qpissa_nf4_experts"] = {"file": NF4_EXPERTS_FILE, "parameters": target_parameters(experts),
+                                        "on_disk": on_disk_names(experts),
+                                        "blocksize": cfg.blocksize,
+                                        "double_quant": cfg.double_quant}
     write_json(residual_dir / "config.json", config)
-    adapter = {}
-    for t in targets:
-        with safe_open(str(part_of[t.weight.name]), framework="pt") as f:
-            adapter[adapter_key(t.module, "lora_A")] = f.get_tensor("__lora_A__")
-            adapter[adapter_key(t.module, "lora_B")] = f.get_tensor("__lora_B__")
+    adapter, expert_factors = {}, {}
+    for i, t in enumerate(targets):
+        with safe_open(str(out_dir / ".parts" / part_name(i)), framework="pt") as f:
+            a, b = f.get_tensor("__lora_A__"), f.get_tensor("__lora_B__")
+        if isinstance(t, ExpertTarget):
+            expert_factors[t.module] = (a, b)
+        else:
+            adapter[adapter_key(t.module, "lora_A")], adapter[adapter_key(t.module, "lora_B")] = a, b
+    adapter.update(peft_factors(experts, expert_factors))  # experts: the list above
     save_tensors(adapter_dir / "adapter_model.safetensors", adapter)
     alpha = float(cfg.rank if cfg.alpha is None else cfg.alpha)
     write_json(adapter_dir / "adapter_config.json", adapter_config(
         base_model=str(residual_dir.resolve()), rank=cfg.rank, alpha=alpha, rslora=cfg.rslora,
-        target_modules=[t.module for t in targets], fan_in_fan_out=any(t.transposed for t in targets),
-        task_type=task))
+        target_modules=[t.module for t in targets if not isinstance(t, ExpertTarget)],
+        fan_in_fan_out=any(t.transposed for t in targets), task_type=task,
+        target_parameters=target_parameters(experts) if experts else None))
+
+
+def _part_entries(part: Path) -> list[tuple[str, tuple]]:
+    """(key, safetensors entry) of a part's residual tensors (its adapter factors stay out)."""
+    from safetensors import safe_open
+
+    with safe_open(str(part), framework="pt") as f:
+        return [(key, (key, (t := f.get_slice(key)).get_dtype(), tuple(t.get_shape()),
+                       byte_size(t.get_shape(), t.get_dtype()))) for key in f.keys() if not key.startswith("__lora_")]
 
 
 def _read(path: Path, key: str) -> torch.Tensor:

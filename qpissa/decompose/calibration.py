@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from qpissa.errors import UserError
+from qpissa.decompose.experts import fused_expert_stack
 from qpissa.formats import TensorInfo, load_tensor
 from qpissa.decompose.targets import Target
 
@@ -198,6 +199,9 @@ class BlockwiseCalibrator:
 
     def _set(self, root: torch.nn.Module, name: str, prefix: str = "") -> None:
         info = _find_info(prefix + name, self.by_name)
+        if info is None and (stack := fused_expert_stack(prefix + name, list(self.by_name.values()))) is not None:
+            _set_tensor(root, name, stack.to(device=self.device, dtype=torch.float32))  # per-expert tensors on disk
+            return
         if info is None:
             raise UserError(f"{self.model_dir}: parameter {prefix + name} is not in the checkpoint; calibration "
                             "needs a complete checkpoint")

@@ -51,6 +51,9 @@ class DecomposeConfig:
     workers: int | None = field(default=None, metadata={
         "help": "tensors decomposed at once (default: auto, 2 on a multi-core CPU while every target ≤ 16M weights)"})
     revision: str | None = field(default=None, metadata={"help": REVISION_HELP})
+    experts_dtype: Literal["nf4", "bfloat16"] = field(default="nf4", metadata={
+        "help": "MoE experts' residual: nf4 (default; load with qpissa.load) | bfloat16 (PiSSA residual, plain "
+                "transformers + peft load it)"})
     calib_data: str | None = field(default=None, metadata={
         "help": "calibration data (.jsonl/.json/.parquet/.csv records, .txt lines or a Hub dataset id org/name): fit "
                 "in the output-error norm ‖(W − Ŵ)·H^½‖ (qpissa/loftq become calibrated; cloq/corda require it)"})
@@ -84,6 +87,8 @@ class DecomposeConfig:
             raise UserError(f"--svd must be exact or randomized, got {self.svd!r}")
         if self.dtype not in ("float32", "float64"):
             raise UserError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if self.experts_dtype not in ("nf4", "bfloat16"):
+            raise UserError(f"--experts-dtype must be nf4 or bfloat16, got {self.experts_dtype!r}")
         if self.adapter_dtype not in ("bfloat16", "float16", "float32"):
             raise UserError(f"--adapter-dtype must be bfloat16, float16 or float32, got {self.adapter_dtype!r}")
         try:

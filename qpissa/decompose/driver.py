@@ -32,6 +32,9 @@ from qpissa.lock import LOCK_NAME, OutputLock
 from qpissa.quant import warn_cpu_blocksize
 from qpissa.decompose import sharding
 from qpissa.decompose.assemble import assemble, part_name
+from qpissa.decompose.coverage import coverage
+from qpissa.decompose.experts import ExpertTarget, decompose_expert, find_experts, summary as experts_summary
+from qpissa.decompose.methods import QUANTIZED_METHODS
 from qpissa.decompose.config import AUTO_PARALLEL_MAX_WEIGHTS, DecomposeConfig
 from qpissa.decompose.targets import Target, find_targets
 from qpissa.decompose.tensor import Stats, decompose_tensor
@@ -125,6 +128,8 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         manifest = _prepare_out(model_dir, out_dir, cfg, wipe=d.is_main, lock=lock)
         tensors = scan_checkpoint(model_dir)
         targets, others, arch, task = find_targets(model_dir, tensors, cfg.targets)
+        expert_targets, routers = find_experts(tensors, cfg.targets)
+        targets = targets + expert_targets
         for t in targets:
             if cfg.rank >= min(t.shape):
                 raise UserError(f"{t.weight.file}: rank {cfg.rank} >= min{t.shape} of tensor {t.weight.name}; "
@@ -161,6 +166,12 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         metrics = [manifest["tensors"][t.module]["metrics"] for t in targets]
     assemble(model_dir, out_dir, tensors, targets, others, cfg, task)
     report = build_report(metrics, cfg.identity(), str(model_dir), computed)
+    quantized = cfg.method in QUANTIZED_METHODS
+    plain = [s.name for t in expert_targets for s in t.sources] if cfg.experts_dtype == "bfloat16" or not quantized else []
+    report["coverage"] = coverage(tensors, [s.name for t in targets for s in getattr(t, "sources", (t.weight,))],
+                                  quantized, routers, plain)
+    if expert_targets:
+        report["experts"] = experts_summary(expert_targets, routers, metrics[len(targets) - len(expert_targets):], cfg)
     if cfg.eval_kl:
         from qpissa.decompose.calibration import held_out
         from qpissa.decompose.fidelity import model_fidelity
@@ -221,7 +232,7 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, j
                     metrics[index] = done["metrics"]
                     bar.advance(task)
                     continue
-                module_stats = None if stats is None else stats(target.module)
+                module_stats = None if stats is None or isinstance(target, ExpertTarget) else stats(target.module)
                 running.append((index, pool.submit(_process_one, target, part, cfg, module_stats)))
             while running and (len(running) >= workers or index is None):
                 done_index, future = running.popleft()
@@ -240,7 +251,10 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, j
 def _process_one(target: Target, part: Path, cfg: DecomposeConfig, stats: Stats | None = None) -> dict:
     """Read, decompose and write one target; its manifest entry."""
     start = time.perf_counter()
-    tensors, m = decompose_tensor(target, load_tensor(target.weight), cfg, stats)
+    if isinstance(target, ExpertTarget):  # one expert's matrix, read alone (qpissa.decompose.experts)
+        tensors, m = decompose_expert(target, cfg, stats)
+    else:
+        tensors, m = decompose_tensor(target, load_tensor(target.weight), cfg, stats)
     save_tensors(part, tensors, durable=False)  # no fsync: the checksum in the manifest catches a torn part
     del tensors
     if target.shape[0] * target.shape[1] * 4 >= HEAP_BLOCK_LIMIT:  # its m×n buffers were mapped: trimming is cheap

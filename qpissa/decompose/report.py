@@ -36,9 +36,10 @@ def _total(values: list[float | None]) -> float | None:
 
 
 def layer_type(module: str) -> str:
-    """The module name with its block index removed: ``encoder.layer.3.output.dense`` → ``output.dense``."""
+    """The module name with its block index removed: ``encoder.layer.3.output.dense`` → ``output.dense``; an MoE
+    expert's index too: ``model.layers.0.mlp.experts.7.down_proj`` → ``mlp.experts.down_proj``."""
     parts = re.split(r"\.\d+\.", module, maxsplit=1)
-    return parts[-1]
+    return re.sub(r"(^|\.)experts\.\d+\.", r"\1experts.", parts[-1])
 
 
 def layer_index(module: str) -> int | None:
@@ -147,7 +148,7 @@ def to_markdown(report: dict) -> str:
     lines = [f"# Quantization error: {args['method']} r={args['rank']} T={args['iters']}", "",
              f"Model: `{report['model']}`. Reduction = 1 − ‖W − deq(Q) − s·B·A‖ / ‖W − deq(NF4(W))‖ "
              "(vs LoftQ: the same ratio against LoftQ(T)'s error); totals sum per-module norms.", "",
-             f"{metrics_line(report)}. A — means not measured.", "",
+             f"{metrics_line(report)}. A — means not measured.", "", *coverage_markdown(report),
              "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in summary_rows(report)]
     lines += ["", "## Per module (Frobenius)", "", "| module | shape | error | QLoRA error | vs QLoRA | vs LoftQ |",
@@ -156,6 +157,13 @@ def to_markdown(report: dict) -> str:
         lines.append(f"| {r['module']} | {r['shape'][0]}×{r['shape'][1]} | {r['method']['frobenius']:.4g} | "
                      f"{r['qlora']['frobenius']:.4g} | {_pct(r, 'qlora', 'frobenius')} | {_pct(r, 'loftq', 'frobenius')} |")
     return "\n".join(lines + output_markdown(report)) + "\n"
+
+
+def coverage_markdown(report: dict) -> list[str]:
+    """The weights-quantized lines (:mod:`qpissa.decompose.coverage`), if the report has them."""
+    from qpissa.decompose.coverage import lines
+
+    return [f"{line}  " for line in lines(report["coverage"], report.get("experts"))] + [""] if report.get("coverage") else []
 
 
 def output_rows(report: dict) -> list[list[str]]:

@@ -242,6 +242,8 @@ def activation_components(s: ModelShapes, cfg: PlanConfig, targets: list[ParamGr
         widest = max(widest, 2 * c * s.heads * cfg.seq_len)
     quant = quantized_linears(s, cfg)
     dequant = max((p.numel for p in quant), default=0) * BYTES.get(s.dtype, 2)
+    experts = sum(p.numel * p.count for p in quant if ".experts." in p.name) // s.layers  # one block's experts
+    dequant = max(dequant, 2 * experts * BYTES.get(s.dtype, 2))  # qpissa.moe: the stack, then PEFT's W + s·B·A
     if cfg.grad_checkpointing:
         saved = T * (s.layers * c * s.hidden + edge)
         recompute = T * per_layer

@@ -20,11 +20,12 @@ from qpissa.errors import UserError
 from qpissa.hub import CONFIG_FILES, is_hub_id, resolve_model
 
 Family = Literal["llama", "bert"]
-Kind = Literal["linear", "embedding", "norm", "bias", "head"]
+Kind = Literal["linear", "embedding", "norm", "bias", "head", "router"]
 
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MOE_TYPES = ("qwen3_moe", "mixtral", "olmoe")  # every block's MLP is E experts + a router (Qwen3-MoE: unless mlp_only)
 ENCODER_TYPES = ("bert", "roberta")
-SUPPORTED = DECODER_TYPES + ENCODER_TYPES
+SUPPORTED = DECODER_TYPES + MOE_TYPES + ENCODER_TYPES
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,10 @@ def shapes_from_config(cfg: dict) -> ModelShapes:
     mt = cfg.get("model_type")
     if mt in DECODER_TYPES:
         return _decoder(cfg)
+    if mt in MOE_TYPES:
+        from qpissa.plan.moe_shapes import moe_decoder
+
+        return moe_decoder(cfg, _decoder)
     if mt in ENCODER_TYPES:
         return _encoder(cfg)
     raise UserError(f"{cfg.get('_path', 'config')}: model_type {mt!r} is not supported by the planner; "

@@ -30,7 +30,9 @@ def _check_adapter_fits(model, adapter_dir: Path) -> None:
                 continue
             name = key.split(".lora_")[0].removeprefix("base_model.model.")
             shape = f.get_slice(key).get_shape()
-            mod = modules.get(name)
+            mod = modules.get(name.removesuffix(".base_layer"))
+            if mod is not None and not hasattr(mod, "in_features") and name.rsplit(".", 1)[-1] in ("experts", "base_layer"):
+                continue  # MoE experts: PEFT target_parameters on the fused 3-D parameters
             if mod is None:
                 raise UserError(f"{adapter_dir}: adapter tensor {key} targets module {name}, which the residual "
                                 "model does not have; use the adapter/ and residual/ of the same decompose run")
@@ -59,7 +61,9 @@ def load_model(cfg: TrainConfig):
         from peft import PeftModel
 
         require_causal_lm(residual, "train")
-        base = AutoModelForCausalLM.from_pretrained(residual, device_map=device_map)
+        from qpissa.moe import load_residual  # plain from_pretrained, plus NF4 MoE experts when OUT has them
+
+        base = load_residual(residual, device_map=device_map)
         _check_adapter_fits(base, adapter)
         model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
         tok_dir = residual

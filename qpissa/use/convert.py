@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from qpissa.adapters import ADAPTER_WEIGHTS, Adapter, module_scale, read_adapter
+from qpissa.adapters import ADAPTER_WEIGHTS, Adapter, module_scale, pattern_value, read_adapter
 from qpissa.atomic import write_json
 from qpissa.choices import check_choices
 from qpissa.errors import UserError
@@ -66,6 +66,20 @@ def convert_factors(trained: tuple[torch.Tensor, torch.Tensor], init: tuple[torc
     a_new = torch.cat([a.float(), a0.float()], dim=0)  # (2r, n)
     b_new = torch.cat([b.float(), -b0.float()], dim=1)  # (m, 2r)
     return a_new.to(dtype).contiguous(), b_new.to(dtype).contiguous()
+
+
+def convert_expert_factors(trained: tuple[torch.Tensor, torch.Tensor], init: tuple[torch.Tensor, torch.Tensor],
+                           rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`convert_factors` per expert for PEFT ``target_parameters`` factors: lora_A (E·r, in) is read as
+    (E, r, in) and lora_B (out, r·E) as (out, r, E), so each expert's [A_e; A₀_e] and [B_e, −B₀_e] are joined
+    along the rank axis: (E·2r, in) and (out, 2r·E)."""
+    (a, b), (a0, b0) = trained, init
+    experts = a.shape[0] // rank
+    a_new = torch.cat([a.float().view(experts, rank, -1), a0.float().view(experts, rank, -1)], dim=1)  # (E, 2r, in)
+    b_new = torch.cat([b.float().view(b.shape[0], rank, experts), -b0.float().view(b.shape[0], rank, experts)],
+                      dim=1)  # (out, 2r, E)
+    return (a_new.reshape(-1, a.shape[1]).to(dtype).contiguous(),
+            b_new.reshape(b.shape[0], -1).to(dtype).contiguous())
 
 
 def _check_compatible(trained: Adapter, init: Adapter) -> None:
@@ -123,7 +137,11 @@ def convert_pissa_to_lora(trained_dir: str | Path, init_dir: str | Path, out_dir
     tensors: dict[str, torch.Tensor] = {}
     for module, pair in trained.factors.items():
         dtype = pair[0].dtype if cfg.dtype == "same" else getattr(torch, cfg.dtype)
-        a_new, b_new = convert_factors(pair, init.factors[module], dtype)
+        if module.endswith((".experts", ".experts.base_layer")):  # MoE experts (PEFT target_parameters)
+            rank = int(pattern_value(trained.config.get("rank_pattern"), module, trained.config["r"]))
+            a_new, b_new = convert_expert_factors(pair, init.factors[module], rank, dtype)
+        else:
+            a_new, b_new = convert_factors(pair, init.factors[module], dtype)
         tensors[f"base_model.model.{module}.lora_A.weight"] = a_new
         tensors[f"base_model.model.{module}.lora_B.weight"] = b_new
     tensors.update(trained.extra)

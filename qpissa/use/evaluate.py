@@ -133,13 +133,16 @@ def resolve_model(model_or_run: str | Path, adapter: str | Path | None = None,
 
 def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: DType = "float32",
                device: str = "cpu") -> tuple[torch.nn.Module, Any]:
-    """Plain ``AutoModelForCausalLM.from_pretrained`` (NF4 residuals load pre-quantized) + ``PeftModel``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Plain ``AutoModelForCausalLM.from_pretrained`` (NF4 residuals load pre-quantized; NF4 MoE experts through
+    :func:`qpissa.moe.load_residual`) + ``PeftModel``."""
+    from transformers import AutoTokenizer
 
     from qpissa.usage import require_causal_lm
 
     require_causal_lm(model_dir, "eval")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype), device_map=device)
+    from qpissa.moe import load_residual  # plain from_pretrained, plus NF4 MoE experts when OUT has them
+
+    model = load_residual(str(model_dir), dtype=getattr(torch, dtype), device_map=device)
     if adapter is not None:
         from peft import PeftModel
 

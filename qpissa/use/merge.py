@@ -32,6 +32,7 @@ from qpissa.errors import UserError
 from qpissa.hub import REVISION_HELP, resolve_model
 from qpissa.formats import (TensorInfo, byte_size, copy_side_files, entry_of, is_within, load_tensor, weight_key,
                             scan_checkpoint, write_index, write_safetensors)
+from qpissa.use.merge_experts import ExpertMerge
 from qpissa.quant import NF4Spec, NF4Tensor, dequantize_nf4, quantization_config, quantize_nf4
 
 MergeDType = Literal["bfloat16", "float16", "float32"]
@@ -92,15 +93,16 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
         raise UserError(f"{residual}: no config.json; RESIDUAL must be a HF model dir (e.g. OUT/residual)")
     device = resolve_device(cfg.device)
     adapter = read_adapter(adapter_dir)
+    config = json.loads((residual / "config.json").read_text())
+    infos = scan_checkpoint(residual)
+    by_name = {i.name: i for i in infos}
+    experts = ExpertMerge(adapter, residual, config, by_name)  # takes the MoE expert factors out of ``adapter``
     if adapter.extra:
         raise UserError(f"{adapter.path}: extra tensors {sorted(adapter.extra)[:2]} (modules_to_save?) "
                         "cannot be merged; only LoRA factors are supported")
-    config = json.loads((residual / "config.json").read_text())
     qcfg = config.get("quantization_config") or {}
     if qcfg and not (qcfg.get("load_in_4bit") and qcfg.get("bnb_4bit_quant_type") == "nf4"):
         raise UserError(f"{residual}/config.json: quantization {qcfg.get('quant_method')!r} is not bitsandbytes NF4")
-    infos = scan_checkpoint(residual)
-    by_name = {i.name: i for i in infos}
     init = read_adapter(cfg.init_adapter).factors if cfg.init_adapter else {}
     fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
     deltas = {_weight_key(m, by_name): m for m in adapter.factors}
@@ -114,6 +116,8 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
     t0 = time.perf_counter()
 
     def produce(name: str) -> dict[str, torch.Tensor]:
+        if name in experts:  # an MoE expert matrix (qpissa.use.merge_experts)
+            return {name: experts.produce(name, device).to(dtype).cpu()}
         info = by_name[name]
         if cfg.quantize == "nf4" and name in quantized_in and name not in deltas:  # untouched NF4: copy its bytes
             keys = [name] + [k for k in (f"{name}.{s}" for s in _COMPANIONS) if k in by_name]
@@ -152,7 +156,8 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
             stats.append({**row, "weight_fro": float(w.norm())})
         return {name: (w.to(dtype) if w.is_floating_point() else w).cpu()}
 
-    names = [n for n in by_name if n not in companion]
+    names = [n for n in by_name if n not in companion] + list(experts.new)
+    by_name.update({n: TensorInfo(n, residual, shape, "F32") for n, shape in experts.new.items()})
     shards: list[list[str]] = [[]]
     size = 0
     for name in names:  # plan shards from shapes alone (the NF4 companions are small; counted as packed bytes)
@@ -183,6 +188,7 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
         write_index(out, weight_map, total)
     copy_side_files(residual, out)
     config.pop("quantization_config", None)
+    config.pop("qpissa_nf4_experts", None)
     config["dtype"] = config["torch_dtype"] = cfg.dtype
     if cfg.quantize == "nf4":
         qc = dict(qcfg) if qcfg else quantization_config(NF4Spec(compute_dtype=cfg.dtype), _skip_modules(residual, deltas))

@@ -1,0 +1,185 @@
+"""Load a decompose output whose MoE experts are NF4: ``qpissa.moe.load(OUT)``.
+
+transformers 5 + bitsandbytes 0.50 quantize only ``nn.Linear``, so fused expert parameters
+(``mlp.experts.gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I)) cannot be loaded 4-bit by them
+(bitsandbytes#1849). Here each fused parameter keeps its experts' NF4 bytes in bitsandbytes' per-expert layout
+(:class:`NF4ExpertStack`: packed codes, fp32 absmax, the 16 NF4 levels) and the dense parameter is a
+zero-stride placeholder of the right shape (2 bytes of storage). A pre-hook on the MoE block dequantizes the
+layer's stacks into the parameters just before the block runs and a hook drops them after, so memory holds the
+4-bit bytes plus one layer's stack while it runs. PEFT's ``target_parameters`` LoRA wraps the experts module as
+usual: its parametrization adds s·B·A to whatever the parameter holds when the experts run.
+Caveat: transformers first materializes the (missing) expert parameters at load, in ``dtype``, then they are freed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qpissa.errors import UserError
+
+CONFIG_KEY = "qpissa_nf4_experts"  # written by decompose into OUT/residual/config.json
+
+
+class NF4ExpertStack(nn.Module):
+    """One fused expert parameter in NF4: ``packed`` (E, ⌈out·in/2⌉) uint8, high nibble first; ``absmax``
+    (E, out·in/blocksize) fp32; ``code`` (16,) the NF4 levels (bitsandbytes' storage, double quant undone)."""
+
+    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                 shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("absmax", absmax)
+        self.register_buffer("code", code)
+        self.blocksize, self.shape = blocksize, tuple(shape)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """(E, out, in) in ``dtype``, one expert at a time (fp32 temporaries of one expert only)."""
+        out, inp = self.shape
+        n = out * inp
+        result = torch.empty(self.packed.shape[0], out, inp, dtype=dtype, device=self.packed.device)
+        for e in range(self.packed.shape[0]):
+            codes = torch.stack([self.packed[e] >> 4, self.packed[e] & 15], dim=-1).reshape(-1)[:n].long()  # (n,)
+            values = self.code[codes]  # (n,) fp32
+            scale = self.absmax[e].repeat_interleave(self.blocksize)[:n]  # (n,)
+            result[e] = (values * scale).reshape(out, inp).to(dtype)
+        return result
+
+
+def stack_from_state(states: list[dict[str, torch.Tensor]], shape: tuple[int, int]) -> NF4ExpertStack:
+    """An :class:`NF4ExpertStack` from per-expert bitsandbytes state dicts (``""`` → packed, ``absmax``, …)."""
+    import bitsandbytes.functional as bnbf
+
+    packed, absmax, code, blocksize = [], [], None, None
+    for state in states:
+        qs = bnbf.QuantState.from_dict({k: v for k, v in state.items() if k}, device=torch.device("cpu"))
+        if qs.quant_type != "nf4":
+            raise UserError(f"expert weights must be NF4, found {qs.quant_type}")
+        am = qs.absmax.float()
+        if qs.nested:
+            am = bnbf.dequantize_blockwise(qs.absmax, qs.state2).float() + qs.offset
+        packed.append(state[""].reshape(-1))
+        absmax.append(am)
+        code, blocksize = qs.code.float(), int(qs.blocksize)
+    return NF4ExpertStack(torch.stack(packed), torch.stack(absmax), code, blocksize, shape)
+
+
+def _states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """``{experts}.{e}.{kind}`` → its NF4 state dict, read from the residual's NF4 experts file ``path``."""
+    import re
+
+    from safetensors import safe_open
+
+    pattern = re.compile(r"(.+\.experts\.\d+\.(?:gate_up_proj|down_proj))\.weight(?:\.(.+))?")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for shard in [path]:
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                if m := pattern.fullmatch(key):
+                    out.setdefault(m[1], {})[m[2] or ""] = f.get_tensor(key)
+    return out
+
+
+def attach_nf4_experts(model: nn.Module, residual: Path, file: str = "nf4-experts.safetensors") -> int:
+    """Give every experts module of ``model`` its NF4 stacks from ``residual`` and the dequantizing hooks; returns
+    the number of fused parameters made 4-bit. A missing expert is an error, not a random weight."""
+    if not (residual / file).is_file():
+        raise UserError(f"{residual / file} is missing; re-run qpissa decompose into this folder")
+    states = _states(residual / file)
+    count = 0
+    for name, block in model.named_modules():
+        experts = getattr(block, "experts", None)
+        if experts is None or not isinstance(experts, nn.Module):
+            continue
+        stacks = {}
+        for kind in ("gate_up_proj", "down_proj"):
+            param = getattr(experts, kind, None)
+            if not isinstance(param, nn.Parameter) or param.ndim != 3:
+                continue
+            keys = [f"{name}.experts.{e}.{kind}" for e in range(param.shape[0])]
+            missing = [k for k in keys if k not in states]
+            if missing:
+                raise UserError(f"{residual}: no NF4 expert weights for {', '.join(missing[:3])}; "
+                                "re-run qpissa decompose (its --experts-dtype nf4 output) into this folder")
+            stack = stack_from_state([states.pop(k) for k in keys], tuple(param.shape[1:]))
+            experts.add_module(f"nf4_{kind}", stack.to(param.device))
+            param.requires_grad_(False)
+            param.data = _placeholder(param)
+            stacks[kind] = param
+            count += 1
+        if stacks:
+            block.register_forward_pre_hook(_fill(experts, stacks))
+            block.register_forward_hook(_drop(stacks))
+    return count
+
+
+def _placeholder(param: torch.Tensor) -> torch.Tensor:
+    """A zero-stride tensor of ``param``'s shape and dtype: 1 element of storage."""
+    return torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
+
+
+def _fill(experts: nn.Module, stacks: dict[str, nn.Parameter]):
+    def hook(_module, _args):
+        for kind, param in stacks.items():
+            param.data = getattr(experts, f"nf4_{kind}").dequantize(param.dtype)
+    return hook
+
+
+def _drop(stacks: dict[str, nn.Parameter]):
+    def hook(_module, _args, _output):
+        for param in stacks.values():
+            param.data = _placeholder(param)
+    return hook
+
+
+def resident_bytes(module: nn.Module) -> int:
+    """Bytes the parameters and buffers of ``module`` hold (storage, so a placeholder counts as its one element)."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def load_residual(residual: str | Path, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(residual, **kwargs)``, with NF4 experts attached when the residual
+    has them (transformers' report of the fused expert parameters as missing is silenced: they are attached here)."""
+    from transformers import AutoModelForCausalLM
+
+    residual = Path(residual)
+    config = json.loads((residual / "config.json").read_text())
+    if CONFIG_KEY not in config:
+        return AutoModelForCausalLM.from_pretrained(residual, **kwargs)
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(residual, **kwargs)
+    finally:
+        logging.set_verbosity(level)
+    attach_nf4_experts(model, residual, config[CONFIG_KEY].get("file", "nf4-experts.safetensors"))
+    return model
+
+
+def load(out: str | Path, adapter: str | Path | None = None, *, is_trainable: bool = False,
+         dtype: torch.dtype = torch.bfloat16, device: str | None = None):
+    """A decompose output (OUT, or OUT/residual) as a causal LM: transformers loads the residual (NF4 linears via
+    bitsandbytes), NF4 experts are attached here, then PEFT loads ``adapter`` (default OUT/adapter, if present).
+    Plain outputs (no NF4 experts) load exactly as transformers + peft would."""
+    out = Path(out)
+    residual = out / "residual" if (out / "residual" / "config.json").is_file() else out
+    if not (residual / "config.json").is_file():
+        raise UserError(f"{out}: no residual/config.json; pass a qpissa decompose output folder")
+    model = load_residual(residual, dtype=dtype, **({"device_map": device} if device else {}))
+    if adapter is None and (out / "adapter" / "adapter_config.json").is_file() and residual != out:
+        adapter = out / "adapter"
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)
+    return model
