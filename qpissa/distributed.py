@@ -87,8 +87,9 @@ def session(device: str = "cpu", always: bool = False) -> Iterator[Dist]:
         raise UserError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run a single process")
     if (d.enabled or always) and not dist.is_initialized():
         if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(rank_device("cuda", d)))
-            dist.init_process_group("nccl", timeout=TIMEOUT, device_id=torch.device(rank_device("cuda", d)))
+            gpu = torch.device("cuda", d.local_rank)  # a one-rank group too (rank_device says plain "cuda" there)
+            torch.cuda.set_device(gpu)
+            dist.init_process_group("nccl", timeout=TIMEOUT, device_id=gpu)
         else:
             dist.init_process_group("gloo", timeout=TIMEOUT)
         created = True

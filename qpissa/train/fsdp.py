@@ -44,7 +44,11 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 
 def shard(model: nn.Module, device: str, offload: bool = False) -> nn.Module:
     """Swap the NF4 layers for shardable ones and ``fully_shard`` every block, then the root; prints each
-    rank's measured share of the frozen bytes (one line per rank, on stderr)."""
+    rank's measured share of the frozen bytes (one line per rank, on stderr).
+
+    The model comes loaded in CPU memory (:func:`qpissa.train.model.load_model` with ``--fsdp``): each
+    ``fully_shard`` moves one unit to the rank's device and keeps its shard, so no device ever holds the
+    whole model (with ``offload`` the shards stay in CPU memory)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
@@ -54,7 +58,8 @@ def shard(model: nn.Module, device: str, offload: bool = False) -> nn.Module:
     swap_linear4bit(model)
     total = frozen_bytes(model, local=False)
     mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (dist.get_world_size(),))
-    policy = CPUOffloadPolicy() if offload else OffloadPolicy()
+    # pinned host memory needs CUDA; on CPU ranks the offload changes nothing (the shards are in RAM already)
+    policy = CPUOffloadPolicy(pin_memory=device.startswith("cuda")) if offload else OffloadPolicy()
     units = [*_blocks(model), model]
     for unit in units:
         fully_shard(unit, mesh=mesh, offload_policy=policy)

@@ -70,8 +70,9 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, scheduler) -> ckpt_
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
+    # not strict: the frozen residual is not in the checkpoint (dcp.load already failed on a missing adapter key)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=options)
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
     scheduler.load_state_dict(blob["scheduler"])
     ckpt_lib.set_rng_state(blob["rng"])
     s = blob["state"]

@@ -28,6 +28,9 @@ single-process gradient of that global batch: one step equals a single process w
 writes metrics, checkpoints and the final adapter. Gradients are all-reduced by hand (no
 DistributedDataParallel wrapper: the PEFT model and its save/load paths stay untouched). Process
 group: gloo on CPU, nccl with ``--device cuda`` (rank on ``cuda:LOCAL_RANK``), see qpissa.distributed.
+With ``--fsdp`` the same batches and loss scaling run on a model sharded by FSDP2 (qpissa.train.fsdp):
+gradients are reduce-scattered sums, every rank runs every forward/backward (and evaluation), checkpoints
+are collective (qpissa.train.fsdp_checkpoint).
 """
 from __future__ import annotations
 

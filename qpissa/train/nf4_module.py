@@ -34,8 +34,9 @@ class FrozenNF4Linear(nn.Module):
         self.packed = frozen(w.packed.reshape(-1))  # the stored bytes themselves (a view, no copy)
         self.absmax = frozen(w.absmax)
         self.absmax2 = frozen(w.absmax2) if w.nested else None
-        self.register_buffer("code", w.code)
-        self.register_buffer("code2", w.code2 if w.nested else None)
+        # own copies of the small codebooks: a view would keep the whole mmapped safetensors file resident
+        self.register_buffer("code", w.code.clone())
+        self.register_buffer("code2", w.code2.clone() if w.nested else None)
         self.bias = frozen(bias) if bias is not None else None
 
     def quant_state(self):
