@@ -4,9 +4,9 @@ Each of 2 gloo ranks (torchrun) loads a decompose OUT exactly as ``qpissa train 
 (:func:`qpissa.train.model.load_model`, then :func:`qpissa.train.fsdp.shard`: FSDP2 per block + root),
 and trains a few steps of a batch of random tokens with AdamW, without autocast (bf16 base, fp32
 adapters: the setting benchmarks/plan_memory.py checks the single-process planner in). Measurement as
-there (the libraries the load imports and the tokenizer are built before the baseline): ``MALLOC_MMAP_THRESHOLD_=65536`` (every tensor its own mmap, unmapped on free), the kernel's
-high-water mark VmHWM reset through ``/proc/self/clear_refs`` after one warm-up step; measured =
-VmHWM − RSS after the imports. The planner sees only config.json.
+there (the libraries the load imports and the tokenizer are built before the baseline):
+``MALLOC_MMAP_THRESHOLD_=65536`` (every tensor its own mmap, unmapped on free), the kernel's high-water
+mark VmHWM reset through ``/proc/self/clear_refs`` after one warm-up step; measured = VmHWM − that baseline. The planner sees only config.json.
 
 Run: ``qpissa decompose SMOLLM2 OUT --rank 16`` then
 ``python benchmarks/fsdp_memory.py OUT [--batch-size 1 --seq-len 128]`` → benchmarks/results/fsdp_memory.json
