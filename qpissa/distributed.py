@@ -75,18 +75,21 @@ def rank_device(device: str, d: Dist) -> str:
 
 
 @contextmanager
-def session(device: str = "cpu") -> Iterator[Dist]:
-    """Join the process group for the duration (gloo on CPU, nccl on CUDA); leave one we did not create alone."""
+def session(device: str = "cpu", always: bool = False) -> Iterator[Dist]:
+    """Join the process group for the duration (gloo on CPU, nccl on CUDA); leave one we did not create alone.
+
+    ``always``: create it for a launch of one rank too (FSDP shards over a group, even of one)."""
     import torch.distributed as dist
 
     d = detect()
     created = False
-    if d.enabled and not dist.is_available():
+    if (d.enabled or always) and not dist.is_available():
         raise UserError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run a single process")
-    if d.enabled and not dist.is_initialized():
+    if (d.enabled or always) and not dist.is_initialized():
         if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(rank_device("cuda", d)))
-            dist.init_process_group("nccl", timeout=TIMEOUT, device_id=torch.device(rank_device("cuda", d)))
+            gpu = torch.device("cuda", d.local_rank)  # a one-rank group too (rank_device says plain "cuda" there)
+            torch.cuda.set_device(gpu)
+            dist.init_process_group("nccl", timeout=TIMEOUT, device_id=gpu)
         else:
             dist.init_process_group("gloo", timeout=TIMEOUT)
         created = True

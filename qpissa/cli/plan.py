@@ -37,7 +37,9 @@ def plan_cmd(
     console = Console()
     t = Table(title=f"{shapes.model_type}: {shapes.n_params / 1e9:.3f}B params, {cfg.method} r={cfg.rank} "
                     f"targets={cfg.targets}, B={cfg.batch_size} L={cfg.seq_len}, {cfg.optim}"
-                    f"{', grad ckpt' if cfg.grad_checkpointing else ''}")
+                    f"{', grad ckpt' if cfg.grad_checkpointing else ''}"
+                    + (f", FSDP over {cfg.gpus} ranks{' + CPU offload' if cfg.fsdp_offload else ''}: per rank"
+                       if cfg.fsdp else ""))
     t.add_column("component")
     t.add_column("GiB", justify="right")
     t.add_column("GB", justify="right")

@@ -41,6 +41,8 @@ from typing import Literal
 from qpissa.choices import check_choices
 from qpissa.errors import UserError
 from qpissa.quant import NF4Spec
+from qpissa.plan.component import Component
+from qpissa.plan.fsdp_memory import fsdp_components
 from qpissa.plan.model_shapes import ModelShapes, ParamGroup
 
 Method = Literal["qpissa", "qlora", "loftq", "pissa", "lora", "full"]
@@ -69,6 +71,10 @@ class PlanConfig:
     dtype: DType = field(default="bf16", metadata={"help": "compute dtype and dtype of unquantized tensors"})
     adapter_dtype: DType = field(default="fp32", metadata={"help": "PEFT upcasts adapters to fp32 by default"})
     overhead: int = field(default=GiB, metadata={"help": "CUDA context + workspace bytes (0 on CPU)"})
+    gpus: int = field(default=1, metadata={"help": "devices (ranks) training together; per-rank memory is shown"})
+    fsdp: bool = field(default=False, metadata={"help": "FSDP (train --fsdp): weights, adapters, grads, optimizer /N"})
+    fsdp_offload: bool = field(default=False, metadata={"help": "with --fsdp: sharded state in CPU RAM, not on the "
+                                                                "device (train --fsdp-offload)"})
     device: Literal["cuda", "cpu"] = field(default="cuda", metadata={
         "help": "cuda: fused dropout (bool masks) and flash SDPA with dropout; cpu: masks in the compute dtype "
                 "and the math SDPA kernel when attention dropout is on"})
@@ -79,13 +85,8 @@ class PlanConfig:
             NF4Spec(self.blocksize)
         except ValueError as err:
             raise UserError(f"--blocksize: {err}") from None
-
-
-@dataclass
-class Component:
-    name: str
-    bytes: int
-    detail: str
+        if self.gpus < 1 or (self.fsdp_offload and not self.fsdp):
+            raise UserError("--gpus must be at least 1, and --fsdp-offload needs --fsdp")
 
 
 @dataclass
@@ -307,6 +308,9 @@ def plan(s: ModelShapes, cfg: PlanConfig) -> Plan:
                             "16-bit adapters" if ad < 4 else "none: the adapters are fp32")]
     comps.append(Component("optimizer states", optimizer_bytes(sizes, cfg.optim), cfg.optim))
     comps += activation_components(s, cfg, targets)
+    if cfg.fsdp:  # per rank: the state /N, plus the all-gathered units (qpissa.plan.fsdp_memory)
+        nf4 = lambda p: sum(nf4_bytes(p.numel, cfg.blocksize, cfg.double_quant).values())  # noqa: E731
+        comps = fsdp_components(comps, s, cfg.gpus, cfg.fsdp_offload, c, ad, cfg.rank, targets, quant, nf4)
     comps.append(Component("overhead", cfg.overhead, "CUDA context, cuBLAS workspace"))
     return Plan(s.model_type, s.n_params, trainable, cfg, comps)
 

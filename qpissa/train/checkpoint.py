@@ -90,6 +90,9 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainStat
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler, full: bool) -> TrainState:
     """Restore weights, optimizer, scheduler and RNG from ``ckpt``; return the saved TrainState."""
     blob = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    if blob.get("fsdp", False):
+        raise UserError(f"{ckpt} was written by an --fsdp run (its optimizer is sharded in dcp/); resume it with "
+                        "--fsdp (any number of ranks)")
     if blob.get("full", False) != full:
         raise UserError(f"{ckpt} was written by a {'full' if blob.get('full') else 'adapter'} fine-tuning run; "
                         "resume it with the same --method")
@@ -113,15 +116,18 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, full: bool) -> Trai
     return TrainState(step=s["step"], pos=DataPosition(**s["pos"]), tokens=s["tokens"], elapsed_s=s["elapsed_s"])
 
 
-def save_final(run: Path, model, save_dtype: str, full: bool) -> Path:
-    """RUN/adapter (PEFT dir, plain-peft loadable) or RUN/model (full fine-tuning), written atomically."""
+def save_final(run: Path, model, save_dtype: str, full: bool,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """RUN/adapter (PEFT dir, plain-peft loadable) or RUN/model (full fine-tuning), written atomically.
+
+    ``state_dict``: the weights to write instead of the model's own (``--fsdp`` gathers its shards)."""
     import os
     import shutil
 
     final = run / ("model" if full else "adapter")
     tmp = run / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     if save_dtype == "bfloat16" and not full:
         from safetensors.torch import load_file, save_file
 

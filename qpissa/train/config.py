@@ -69,11 +69,28 @@ class TrainConfig:
     save_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={
         "help": "dtype of RUN/adapter (checkpoints are always fp32)"})
     kernels: Literal["none", "triton"] = field(default="none", metadata={"help": "fused NF4 kernels (CUDA)"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "shard the NF4 residual, adapters, gradients and AdamW states over the ranks of torchrun "
+                "(FSDP2, one unit per transformer block); --optim adamw"})
+    fsdp_offload: bool = field(default=False, metadata={"help": "with --fsdp: keep the sharded parameters, "
+                                                                "gradients and optimizer states in CPU memory"})
     progress: bool = field(default=True, metadata={"help": "show a rich progress bar"})
 
     def __post_init__(self) -> None:
         check_choices(self)
         if self.revision is not None and self.method == "from-out":
             raise UserError("--revision picks a Hub checkpoint for --method lora|full; a decompose OUT dir is local")
+        if self.fsdp_offload and not self.fsdp:
+            raise UserError("--fsdp-offload offloads the shards of --fsdp: pass --fsdp too")
+        if self.fsdp:
+            unsupported = {"--method full": self.method == "full",
+                           f"--optim {self.optim}": self.optim != "adamw",
+                           "--sorsa-gamma": self.sorsa_gamma > 0, "--kernels triton": self.kernels == "triton"}
+            bad = [flag for flag, on in unsupported.items() if on]
+            if bad:
+                why = (" (bitsandbytes' 8-bit AdamW takes whole tensors, not FSDP's sharded DTensors)"
+                       if self.optim != "adamw" else "")
+                raise UserError(f"--fsdp does not support {bad[0]}{why}; use --optim adamw and --method from-out|lora "
+                                "without --sorsa-gamma/--kernels")
         if self.data_limit is not None and self.data_limit < 1:
             raise UserError(f"--data-limit {self.data_limit}: pass a positive number of rows")

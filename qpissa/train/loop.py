@@ -28,6 +28,9 @@ single-process gradient of that global batch: one step equals a single process w
 writes metrics, checkpoints and the final adapter. Gradients are all-reduced by hand (no
 DistributedDataParallel wrapper: the PEFT model and its save/load paths stay untouched). Process
 group: gloo on CPU, nccl with ``--device cuda`` (rank on ``cuda:LOCAL_RANK``), see qpissa.distributed.
+With ``--fsdp`` the same batches and loss scaling run on a model sharded by FSDP2 (qpissa.train.fsdp):
+gradients are reduce-scattered sums, every rank runs every forward/backward (and evaluation), checkpoints
+are collective (qpissa.train.fsdp_checkpoint).
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ from qpissa.data import Example, batches, build_examples, load_records, resolve_
 from qpissa.errors import UserError
 from qpissa.usage import require_causal_lm
 from qpissa.train import checkpoint as ckpt_lib
+from qpissa.train import fsdp
+from qpissa.train import fsdp_checkpoint as fsdp_ckpt
 from qpissa.train import trackers
 from qpissa.train.config import TrainConfig, TrainingDiverged
 from qpissa.train.gradsync import all_reduce_sum, sync_from_rank0
@@ -68,7 +73,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg = replace(cfg, device=resolve_device(cfg.device))  # auto → cuda when available; cuda without a GPU: error
     if cfg.device not in ("cpu", "cuda"):
         raise UserError(f"--device {cfg.device}: train takes cpu or cuda (under torchrun each rank uses its LOCAL_RANK)")
-    with distributed.session(cfg.device):
+    if cfg.fsdp:
+        fsdp.require_launch()
+    with distributed.session(cfg.device, always=cfg.fsdp):
         return _train(cfg)
 
 
@@ -92,6 +99,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                         "--output")
     torch.manual_seed(cfg.seed), random.seed(cfg.seed), np.random.seed(cfg.seed)
     model, tokenizer = load_model(cfg)
+    if cfg.fsdp:  # the NF4 residual, adapters, grads and AdamW states sharded per block (qpissa.train.fsdp)
+        model = fsdp.shard(model, cfg.device, cfg.fsdp_offload)
     examples = build_examples(records, tokenizer, cfg.data_cfg, source=str(cfg.data))
     eval_examples = (build_examples(eval_records[:cfg.eval_examples], tokenizer, cfg.data_cfg,
                                     source=str(cfg.eval_data)) if eval_records else [])
@@ -110,7 +119,8 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
         raise UserError(f"{cfg.model}: no trainable parameters (adapter not marked trainable)")
     d = distributed.detect()
     device = distributed.rank_device(cfg.device, d)  # cuda:LOCAL_RANK under torchrun
-    sync_from_rank0(params, d)
+    if not cfg.fsdp:  # FSDP shards hold rank 0's values already (every rank loaded the same files)
+        sync_from_rank0(params, d)
     per_step = cfg.batch_size * d.world_size * cfg.grad_accum  # examples per optimizer step (global)
     total = cfg.steps or max(1, int(cfg.epochs * len(examples) // per_step))
     warmup = int(round(cfg.warmup_ratio * total))
@@ -126,7 +136,8 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
     state = ckpt_lib.TrainState()
     config_dict = {k: v for k, v in asdict(cfg).items()}
     if existing:
-        state = ckpt_lib.load_checkpoint(existing[-1][1], model, optimizer, scheduler, full)
+        state = (fsdp_ckpt.load_checkpoint(existing[-1][1], model, optimizer, scheduler) if cfg.fsdp else
+                 ckpt_lib.load_checkpoint(existing[-1][1], model, optimizer, scheduler, full))
     run.mkdir(parents=True, exist_ok=True)
     metrics_path = run / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
@@ -163,6 +174,8 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
                                "the data")
 
     def save() -> Path:
+        if cfg.fsdp:  # collective: every rank writes its shards
+            return fsdp_ckpt.save_checkpoint(run, model, optimizer, scheduler, state, config_dict, cfg.keep_last, d)
         if not d.is_main:
             return run / f"checkpoint-{state.step}"  # rank 0 writes it
         return ckpt_lib.save_checkpoint(run, model, optimizer, scheduler, state, config_dict, cfg.keep_last, full)
@@ -174,7 +187,7 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
 
     with tracker, Progress(*columns, disable=not (cfg.progress and d.is_main), console=Console(stderr=True)) as bar:
         task = bar.add_task("train", total=total, completed=state.step, info="")
-        if d.is_main and cfg.eval_at_start and eval_examples and not any(r["step"] == 0 for r in rows):
+        if (d.is_main or cfg.fsdp) and cfg.eval_at_start and eval_examples and not any(r["step"] == 0 for r in rows):
             log({"step": 0, "eval_loss": evaluate_loss(model, eval_examples, cfg.batch_size, pad_id, device,
                                                        cfg.precision), "tokens": 0})  # the initialization's loss
         while state.step < stop_at:
@@ -185,19 +198,24 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
             for batch, _ in micro:
                 batch = {k: v[shard].to(device) for k, v in batch.items()}  # (B, T) of this rank's rows
                 n = int((batch["labels"][:, 1:] != -100).sum())
-                if n == 0:
+                if n == 0 and not cfg.fsdp:
                     continue  # no response token in this rank's rows: nothing to add (CE would be 0/0)
                 with torch.autocast(**autocast):
                     out = model(**batch)  # out.loss: mean CE over this micro-batch's response tokens
-                loss = out.loss * (n / n_resp)  # token-weighted over the whole step
+                # token-weighted over the whole step; under FSDP every rank runs backward (its collectives)
+                loss = out.loss * (n / n_resp) if n else out.logits.sum() * 0.0
                 if not torch.isfinite(loss):
                     diverged(f"loss became {float(out.loss.detach())}")
                 loss.backward()
                 loss_sum += float(loss.detach())
                 del out, loss  # free the (B, T, V) logits before the next forward
-            loss_sum = all_reduce_sum(params, loss_sum, d)  # Σ over ranks: the global batch's gradient and loss
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
-                         else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            if cfg.fsdp:  # FSDP reduce-scattered the gradient sums; clip over all shards
+                loss_sum, grad_norm = fsdp.reduce_loss(loss_sum, d), fsdp.clip_grad_norm(params, cfg.max_grad_norm)
+            else:
+                loss_sum = all_reduce_sum(params, loss_sum, d)  # Σ over ranks: the global batch's gradient and loss
+                grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
+                             else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
+                                                                        if p.grad is not None])))
             if not torch.isfinite(grad_norm):
                 diverged(f"gradient norm became {float(grad_norm)}")  # before the step: weights stay good
             lr = scheduler.get_last_lr()[0]
@@ -216,7 +234,7 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
                    "memory_mb": memory_mb(cfg.device), "epoch": state.pos.epoch}
             if sorsa_value is not None:
                 row["sorsa_reg"] = sorsa_value
-            if d.is_main and eval_examples and ((cfg.eval_every and state.step % cfg.eval_every == 0)
+            if (d.is_main or cfg.fsdp) and eval_examples and ((cfg.eval_every and state.step % cfg.eval_every == 0)
                                                 or state.step == total):
                 row["eval_loss"] = evaluate_loss(model, eval_examples, cfg.batch_size, pad_id, device,
                                                  cfg.precision)
@@ -235,7 +253,9 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
                                "tokens": state.tokens, "elapsed_s": state.elapsed_s, "checkpoint": str(last_good)}
     if state.step >= total:
         summary["adapter"] = str(run / ("model" if full else "adapter"))
-        if d.is_main:
+        if cfg.fsdp:
+            fsdp_ckpt.save_final(run, model, cfg.save_dtype, d)
+        elif d.is_main:
             ckpt_lib.save_final(run, model, cfg.save_dtype, full)
     if d.is_main:
         write_json(run / "summary.json", summary)

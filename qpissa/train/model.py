@@ -49,7 +49,8 @@ def load_model(cfg: TrainConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = Path(cfg.model)
-    device_map = {"": distributed.rank_device(cfg.device, distributed.detect())}
+    # --fsdp: load into CPU memory; qpissa.train.fsdp.shard moves each block's shard to the device
+    device_map = {"": "cpu" if cfg.fsdp else distributed.rank_device(cfg.device, distributed.detect())}
     if cfg.method == "from-out":
         residual, adapter = root / "residual", root / "adapter"
         if not (residual / "config.json").exists():
