@@ -137,6 +137,7 @@ def _decompose(study: Path, spec: MethodSpec, cfg: CompareConfig) -> None:
             shutil.rmtree(out)  # killed before its manifest: nothing in it to keep
         decompose(cfg.model, out, DecomposeConfig(
             method=spec.name, rank=cfg.rank, iters=spec.iters, targets=cfg.targets,
+            rank_allocation=spec.allocation, balance_factors=spec.balance,
             calib_data=cfg.calibration() if spec.calibrated else None, calib_samples=cfg.calib_samples,
             calib_seq_len=cfg.calib_seq_len, calib_template=cfg.template, loftq_baseline=False,
             device=cfg.device, progress=cfg.progress, resume=has_manifest))
