@@ -118,6 +118,7 @@ class CompareConfig:
     model: str = field(metadata={"help": "original HF causal LM: a local folder or a hub id org/name"})
     data: str = field(default="", metadata={"help": "training data (as in train)"})
     eval_data: str = field(default="", metadata={"help": "held-out data: loss during training, and --task gsm8k"})
+    data_config: str | None = same_as(TrainConfig, "data_config")
     output: str = field(default="", metadata={"help": "study directory STUDY"})
     methods: str = field(default="qlora,loftq,qpissa,cloq", metadata={
         "help": "comma-separated: lora, a decompose method (qlora, loftq, qpissa, pissa, cloq, corda, milora, "
