@@ -94,7 +94,7 @@ def run(init_dir: Path, balance: bool, args, examples, eval_examples, tokenizer)
             da2 += float((s * (b0 @ (a1 - a0))).pow(2).sum())
             db2 += float((s * ((b1 - b0) @ a0)).pow(2).sum())
             w2 += float((s * (b0 @ a0)).pow(2).sum())
-        steps.append({"step": step + 1, "loss": float(loss), "grad_A": ga, "grad_B": gb, "grad_global": total,
+        steps.append({"step": step + 1, "loss": float(loss.detach()), "grad_A": ga, "grad_B": gb, "grad_global": total,
                       "update": math.sqrt(d2), "update_A_side": math.sqrt(da2), "update_B_side": math.sqrt(db2),
                       "update_relative": math.sqrt(d2 / w2)})
     out["steps"] = steps
