@@ -177,3 +177,24 @@ def test_balance_factors_keeps_product_exactly():
     assert bool(((ratio >= 0.5) & (ratio <= 2)).all())
     before = torch.linalg.vector_norm(a.float(), dim=1) / torch.linalg.vector_norm(b.float(), dim=0)
     assert float(before.min()) < 1e-4  # it was badly unbalanced
+
+
+def test_calibrated_allocation_uses_output_error(smollm2_dir, gsm8k_dir, tmp_path):
+    """With --calib-data the curves are output errors ‖E·H^½‖ (measured with the calibration H, two passes of the
+    block walk), the greedy choice still matches, and the balanced calibrated factors keep B·A."""
+    kw = dict(method="qpissa", rank=4, targets=[r"model\.layers\.[01]\.self_attn\.(q|o)_proj"],
+              calib_data=str(gsm8k_dir / "train.jsonl"), calib_samples=4, calib_holdout=2, calib_seq_len=32,
+              loftq_baseline=False, spectral_norms=False, progress=False)
+    decompose(smollm2_dir, tmp_path / "u", **kw)
+    report = decompose(smollm2_dir, tmp_path / "e", rank_allocation="error", balance_factors=True, **kw)
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    a, curves = manifest["allocation"], manifest["curves"]
+    assert a["sum_sq_error"] <= a["uniform_sum_sq_error"] and a["params"] <= a["budget"]
+    assert {r["module"]: r["rank"] for r in report["modules"]} == independent_greedy(curves, a["budget"]) == \
+        json.loads((tmp_path / "e" / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
+    uniform = json.loads((tmp_path / "u" / "report.json").read_text())
+    for row in uniform["modules"]:  # the curve at r is the output error of qpissa's first iterate (calibration H)
+        c = curves[row["module"]]
+        first = row["info"]["output_error_by_iter"][0]
+        assert c["errors"][c["ranks"].index(4)] == pytest.approx(first, rel=2e-2)
+    assert "output error" in (tmp_path / "e" / "report.md").read_text()
