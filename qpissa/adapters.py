@@ -25,13 +25,14 @@ def adapter_key(module: str, which: str) -> str:
 
 
 def adapter_config(*, base_model: str, rank: int, alpha: float, rslora: bool, target_modules: list[str],
-                   fan_in_fan_out: bool, task_type: str | None, target_parameters: list[str] | None = None) -> dict:
+                   fan_in_fan_out: bool, task_type: str | None, target_parameters: list[str] | None = None,
+                   rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None) -> dict:
     """adapter_config.json that plain PEFT loads. ``init_lora_weights`` must be true: "pissa" here
     would make PEFT re-run PiSSA at load time and fail on a 4-bit base. PEFT's version comes from package
     metadata: importing peft (and with it transformers) only for it costs seconds."""
     from importlib.metadata import version
 
-    return {
+    config = {
         "peft_type": "LORA",
         "base_model_name_or_path": base_model,
         "task_type": task_type,
@@ -47,7 +48,12 @@ def adapter_config(*, base_model: str, rank: int, alpha: float, rslora: bool, ta
         "modules_to_save": None,
         "revision": None,
         "peft_version": version("peft"),
-    } | ({"target_parameters": sorted(target_parameters)} if target_parameters else {})
+    }
+    if target_parameters:  # MoE experts (PEFT's LoRA on 3-D parameters)
+        config["target_parameters"] = sorted(target_parameters)
+    if rank_pattern:  # per-module ranks (--rank-allocation error); PEFT applies them at load
+        config.update(rank_pattern=rank_pattern, alpha_pattern=alpha_pattern or {})
+    return config
 
 
 @dataclass

@@ -170,6 +170,15 @@ def test_method_specs():
             parse_methods(bad, iters=1)
     with pytest.raises(UserError, match="--lr-sweep"):
         CompareConfig(model="m", data="d", eval_data="e", output="o", lr_sweep="1e-4,x")
+    # variants: -alloc (qpissa: --rank-allocation error), -bal (--balance-factors), after -cal
+    alloc, bal, both = parse_methods("qpissa-alloc:5,qpissa-cal-bal,qpissa-cal-alloc-bal:3", iters=5)
+    assert (alloc.label, alloc.key, alloc.allocation, alloc.balance, alloc.calibrated) == \
+        ("qpissa-alloc(5)", "qpissa-alloc-T5", "error", False, False)
+    assert (bal.label, bal.allocation, bal.balance, bal.calibrated) == ("qpissa-cal-bal(5)", "uniform", True, True)
+    assert (both.label, both.iters) == ("qpissa-cal-alloc-bal(3)", 3)
+    for bad in ("qlora-alloc", "loftq-alloc", "cloq-bal-alloc"):
+        with pytest.raises(UserError, match="unknown method"):
+            parse_methods(bad, iters=1)
 
 
 def test_confidence_intervals_match_independent_values():

@@ -17,6 +17,8 @@ from qpissa.errors import UserError
 from qpissa.train.config import TrainConfig
 
 CALIBRATED_SUFFIX = "-cal"  # qpissa-cal, loftq-cal: the calibrated variants (decompose with --calib-data)
+ALLOC_SUFFIX = "-alloc"  # qpissa-alloc, qpissa-cal-alloc: --rank-allocation error on the same budget
+BALANCE_SUFFIX = "-bal"  # qpissa-cal-bal, …: --balance-factors (B·A unchanged, ‖B_:,i‖ ≈ ‖A_i,:‖)
 ITERATED = ("qpissa", "loftq")  # methods whose T is a study option (name:T overrides it)
 CALIBRATED_ONLY = ("cloq", "corda")  # methods that always read the calibration data
 TRAIN_ONLY = ("lora",)  # trained from the original checkpoint (train --method lora), nothing to decompose
@@ -43,11 +45,14 @@ class MethodSpec:
     name: str  # decompose method, or "lora"
     iters: int = 1
     calibrated: bool = False
+    allocation: str = "uniform"  # decompose --rank-allocation
+    balance: bool = False  # decompose --balance-factors
 
     @property
     def label(self) -> str:
-        """``qpissa(5)``, ``qpissa-cal(5)``, ``cloq``: what tables and plots call it."""
+        """``qpissa(5)``, ``qpissa-cal(5)``, ``qpissa-alloc(5)``, ``cloq``: what tables and plots call it."""
         base = self.name + (CALIBRATED_SUFFIX if self.calibrated and self.name in ITERATED else "")
+        base += (ALLOC_SUFFIX if self.allocation == "error" else "") + (BALANCE_SUFFIX if self.balance else "")
         return f"{base}({self.iters})" if self.name in ITERATED else base
 
     @property
@@ -57,13 +62,19 @@ class MethodSpec:
 
 
 def parse_methods(text: str, iters: int) -> list[MethodSpec]:
-    """``qlora,loftq,qpissa:5,qpissa-cal,cloq`` → specs; ``name:T`` overrides ``--iters`` for qpissa/loftq."""
+    """``qlora,loftq,qpissa:5,qpissa-cal,cloq`` → specs; ``name:T`` overrides ``--iters`` for qpissa/loftq.
+    Variants (in this order): ``-cal`` calibrated, ``-alloc`` error-based rank allocation (qpissa), ``-bal``
+    balanced factors, e.g. ``qpissa-cal-bal:5``, ``qpissa-alloc:5``."""
     known = [*TRAIN_ONLY, *METHODS, *(m + CALIBRATED_SUFFIX for m in ITERATED)]
     specs = []
     for item in (s.strip() for s in text.split(",")):
         if not item:
             continue
         name, _, t = item.partition(":")
+        balance = name.endswith(BALANCE_SUFFIX) and name.removesuffix(BALANCE_SUFFIX).split("-")[0] in ITERATED
+        name = name.removesuffix(BALANCE_SUFFIX) if balance else name
+        alloc = name.endswith(ALLOC_SUFFIX) and name.startswith("qpissa")
+        name = name.removesuffix(ALLOC_SUFFIX) if alloc else name
         if name not in known:
             raise UserError(f"--methods: unknown method {name!r}; choose from {', '.join(known)}")
         calibrated = name.endswith(CALIBRATED_SUFFIX) or name in CALIBRATED_ONLY
@@ -76,7 +87,8 @@ def parse_methods(text: str, iters: int) -> list[MethodSpec]:
             raise UserError(f"--methods: {item!r}: iterations must be an integer, e.g. qpissa:5") from None
         if n < 1:
             raise UserError(f"--methods: {item!r}: iterations must be at least 1")
-        specs.append(MethodSpec(base, n if base in ITERATED else 1, calibrated))
+        specs.append(MethodSpec(base, n if base in ITERATED else 1, calibrated, "error" if alloc else "uniform",
+                                balance))
     if not specs:
         raise UserError("--methods: name at least one method, e.g. qlora,qpissa")
     labels = [s.label for s in specs]
@@ -106,10 +118,12 @@ class CompareConfig:
     model: str = field(metadata={"help": "original HF causal LM: a local folder or a hub id org/name"})
     data: str = field(default="", metadata={"help": "training data (as in train)"})
     eval_data: str = field(default="", metadata={"help": "held-out data: loss during training, and --task gsm8k"})
+    data_config: str | None = same_as(TrainConfig, "data_config")
     output: str = field(default="", metadata={"help": "study directory STUDY"})
     methods: str = field(default="qlora,loftq,qpissa,cloq", metadata={
         "help": "comma-separated: lora, a decompose method (qlora, loftq, qpissa, pissa, cloq, corda, milora, "
-                "olora) or qpissa-cal / loftq-cal (calibrated); name:T sets T, e.g. qpissa:5"})
+                "olora) or qpissa-cal / loftq-cal (calibrated); name:T sets T, e.g. qpissa:5; suffix -alloc "
+                "(qpissa: --rank-allocation error) and/or -bal (--balance-factors), e.g. qpissa-alloc:5, qpissa-cal-bal:5"})
     seeds: str = field(default="0,1,2", metadata={"help": "comma-separated training seeds (data order, LoRA init)"})
     lr: float = same_as(TrainConfig, "lr", default=2e-4)
     lr_sweep: str | None = field(default=None, metadata={

@@ -85,6 +85,7 @@ def _check_inputs(cfg: CompareConfig) -> CompareConfig:
     from dataclasses import replace
 
     from qpissa.data import load_records
+    from qpissa.decompose import DecomposeConfig
     from qpissa.hub import resolve_model
     from qpissa.train import TrainConfig
     from qpissa.usage import require_causal_lm
@@ -93,10 +94,10 @@ def _check_inputs(cfg: CompareConfig) -> CompareConfig:
     if not (model / "config.json").is_file():
         raise UserError(f"model {model}: no config.json; pass a Hugging Face model directory")
     require_causal_lm(model, "compare")
-    load_records(cfg.data)
-    load_records(cfg.eval_data, TrainConfig.eval_split)  # the split train's held-out loss reads
+    load_records(cfg.data, TrainConfig.data_split, cfg.data_config)
+    load_records(cfg.eval_data, TrainConfig.eval_split, cfg.data_config)  # the split train's held-out loss reads
     if any(s.calibrated for s in cfg.specs()) or cfg.init_kl:
-        load_records(cfg.calibration())
+        load_records(cfg.calibration(), DecomposeConfig.calib_split, cfg.data_config)
     return replace(cfg, model=str(model))
 
 
@@ -137,8 +138,10 @@ def _decompose(study: Path, spec: MethodSpec, cfg: CompareConfig) -> None:
             shutil.rmtree(out)  # killed before its manifest: nothing in it to keep
         decompose(cfg.model, out, DecomposeConfig(
             method=spec.name, rank=cfg.rank, iters=spec.iters, targets=cfg.targets,
+            rank_allocation=spec.allocation, balance_factors=spec.balance,
             calib_data=cfg.calibration() if spec.calibrated else None, calib_samples=cfg.calib_samples,
-            calib_seq_len=cfg.calib_seq_len, calib_template=cfg.template, loftq_baseline=False,
+            calib_seq_len=cfg.calib_seq_len, calib_template=cfg.template, calib_config=cfg.data_config,
+            loftq_baseline=False,
             device=cfg.device, progress=cfg.progress, resume=has_manifest))
     if cfg.init_kl and not (out / "init_kl.json").exists():
         write_json(out / "init_kl.json", _init_kl(out, cfg))
@@ -153,7 +156,7 @@ def _init_kl(out: Path, cfg: CompareConfig) -> dict[str, Any]:
 
     probe = DecomposeConfig(calib_data=cfg.calibration(), calib_samples=cfg.calib_samples,
                             calib_seq_len=cfg.calib_seq_len, calib_template=cfg.template,
-                            calib_holdout=max(cfg.init_kl, DecomposeConfig.calib_holdout))
+                            calib_config=cfg.data_config, calib_holdout=max(cfg.init_kl, DecomposeConfig.calib_holdout))
     sequences = held_out(Path(cfg.model), probe)[:cfg.init_kl]
     return model_fidelity(Path(cfg.model), out, sequences, resolve_device(cfg.device))
 
@@ -167,11 +170,12 @@ def _reference(cfg: CompareConfig) -> dict[str, Any]:
     from qpissa.train.model import load_model
 
     device = resolve_device(cfg.device)
-    tcfg = TrainConfig(model=cfg.model, method="lora", data=cfg.data, output="", lora_rank=cfg.rank, device=device,
+    tcfg = TrainConfig(model=cfg.model, method="lora", data=cfg.data, data_config=cfg.data_config, output="",
+                       lora_rank=cfg.rank, device=device,
                        precision=cfg.precision, data_cfg=DataConfig(template=cfg.template, max_length=cfg.max_length,
                                                                     skip_long_prompts=cfg.skip_long_prompts))
     model, tokenizer = load_model(tcfg)
-    records = load_records(cfg.eval_data, tcfg.eval_split)[:cfg.eval_examples]  # the rows train's eval loss reads
+    records = load_records(cfg.eval_data, tcfg.eval_split, cfg.data_config)[:cfg.eval_examples]  # the rows train's eval loss reads
     examples = build_examples(records, tokenizer, tcfg.data_cfg, source=cfg.eval_data)
     loss = evaluate_loss(model, examples, cfg.batch_size, tokenizer.pad_token_id, device, cfg.precision)
     return {"eval_loss": loss, "examples": len(examples)}
@@ -191,7 +195,7 @@ def _train(study: Path, cell: Cell, cfg: CompareConfig, eval_at_start: bool) -> 
     reset_peak_memory(resolve_device(cfg.device))  # each run's peak, not the study process's
     train(TrainConfig(
         model=cfg.model if lora else str(decompose_dir(study, cell.spec)), method="lora" if lora else "from-out",
-        data=cfg.data, eval_data=cfg.eval_data, output=str(run), steps=cfg.steps, batch_size=cfg.batch_size,
+        data=cfg.data, eval_data=cfg.eval_data, data_config=cfg.data_config, output=str(run), steps=cfg.steps, batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum, lr=cell.lr, schedule=cfg.schedule, warmup_ratio=cfg.warmup_ratio,
         lora_rank=cfg.rank, data_cfg=DataConfig(template=cfg.template, max_length=cfg.max_length,
                                                 skip_long_prompts=cfg.skip_long_prompts),
@@ -211,6 +215,6 @@ def _gsm8k(study: Path, cell: Cell, cfg: CompareConfig) -> None:
     model, tokenizer = ev.load_model(base, adapter, device=resolve_device(cfg.device))
     style, _ = ev.resolve_prompt_style("auto", base, adapter)  # prompt as the run was trained (chat or alpaca)
     gcfg = ev.Gsm8kConfig(limit=cfg.task_limit, batch_size=cfg.task_batch_size, max_new_tokens=cfg.max_new_tokens,
-                          prompt_style=style)
+                          prompt_style=style, data_config=cfg.data_config)
     summary, records = ev.evaluate_gsm8k(model, tokenizer, cfg.eval_data, gcfg)
     ev.write_results(out, "gsm8k", summary, records)

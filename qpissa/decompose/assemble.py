@@ -8,7 +8,8 @@ import torch
 
 from qpissa.atomic import write_json
 from qpissa.decompose.config import DecomposeConfig
-from qpissa.decompose.methods import QUANTIZED_METHODS
+from qpissa.decompose.allocation import scale_alpha
+from qpissa.decompose.methods import QUANTIZED_METHODS, adapter_scale
 from qpissa.decompose.experts import ExpertTarget, on_disk_names, peft_factors, target_parameters
 from qpissa.decompose.targets import Target
 from qpissa.adapters import adapter_config, adapter_key
@@ -26,8 +27,10 @@ def part_name(index: int) -> str:
 
 
 def assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets: list[Target],
-              others: list[str], cfg: DecomposeConfig, task: str | None) -> None:
-    """Stream residual shards (one per input shard) and the adapter from the parts."""
+              others: list[str], cfg: DecomposeConfig, task: str | None, ranks: dict[str, int] | None = None) -> None:
+    """Stream residual shards (one per input shard) and the adapter from the parts; ``ranks`` (per-module
+    ranks of ``--rank-allocation error``) become PEFT's ``rank_pattern``, with the ``alpha_pattern`` that keeps
+    every module's scale s = α/r (α/√r with rsLoRA) that of the uniform run."""
     from safetensors import safe_open
 
     residual_dir, adapter_dir = out_dir / "residual", out_dir / "adapter"
@@ -85,11 +88,16 @@ def assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets:
     adapter.update(peft_factors(experts, expert_factors))  # experts: the list above
     save_tensors(adapter_dir / "adapter_model.safetensors", adapter)
     alpha = float(cfg.rank if cfg.alpha is None else cfg.alpha)
+    patterns = {}
+    if ranks is not None:
+        scale = adapter_scale(cfg.rank, cfg.alpha, cfg.rslora)
+        patterns = {"rank_pattern": {t.module: ranks[t.module] for t in targets},
+                    "alpha_pattern": {t.module: scale_alpha(ranks[t.module], scale, cfg.rslora) for t in targets}}
     write_json(adapter_dir / "adapter_config.json", adapter_config(
         base_model=str(residual_dir.resolve()), rank=cfg.rank, alpha=alpha, rslora=cfg.rslora,
         target_modules=[t.module for t in targets if not isinstance(t, ExpertTarget)],
         fan_in_fan_out=any(t.transposed for t in targets), task_type=task,
-        target_parameters=target_parameters(experts) if experts else None))
+        target_parameters=target_parameters(experts) if experts else None, **patterns))
 
 
 def _part_entries(part: Path) -> list[tuple[str, tuple]]:

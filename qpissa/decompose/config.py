@@ -27,6 +27,12 @@ class DecomposeConfig:
     method: Method = field(default="qpissa", metadata={
         "help": "lora | qlora | pissa | qpissa | loftq | cloq | corda | milora | olora (cloq, corda need --calib-data)"})
     rank: int = field(default=16, metadata={"help": "adapter rank r"})
+    rank_allocation: Literal["uniform", "error"] = field(default="uniform", metadata={
+        "help": "uniform: rank r everywhere | error: per-module ranks from each module's measured NF4 error curve "
+                "(output error with --calib-data) on the same parameter budget (qpissa only; stored as PEFT "
+                "rank_pattern)"})
+    adapter_params: int | None = field(default=None, metadata={
+        "help": "--rank-allocation error: adapter parameter budget (default: what uniform rank r costs)"})
     alpha: float | None = field(default=None, metadata={"help": "lora_alpha (default r)"})
     rslora: bool = field(default=False, metadata={"help": "scale α/√r"})
     iters: int = field(default=1, metadata={"help": "T iterations (qpissa, loftq)"})
@@ -42,6 +48,9 @@ class DecomposeConfig:
     dtype: Literal["float32", "float64"] = field(default="float32", metadata={"help": "SVD precision: float32 | float64"})
     adapter_dtype: Literal["bfloat16", "float16", "float32"] = field(default="bfloat16", metadata={
         "help": "stored adapter dtype"})
+    balance_factors: bool = field(default=False, metadata={
+        "help": "rescale each rank-1 pair of B, A by a power of two so ‖B_:,i‖ ≈ ‖A_i,:‖ (B·A unchanged bit for bit; "
+                "for calibrated inits, whose A carries H^-1/2)"})
     refit: bool = field(default=True, metadata={"help": "qpissa: refit A,B on the stored Q"})
     loftq_baseline: bool | None = field(default=None, metadata={
         "help": "measure LoftQ(T) too (default: auto, on when the targets hold ≤ 32M weights)"})
@@ -83,6 +92,13 @@ class DecomposeConfig:
             raise UserError(f"--rank must be positive, got {self.rank}")
         if self.iters < 1:
             raise UserError(f"--iters must be at least 1, got {self.iters}")
+        if self.rank_allocation not in ("uniform", "error"):
+            raise UserError(f"--rank-allocation must be uniform or error, got {self.rank_allocation!r}")
+        if self.rank_allocation == "error" and self.method != "qpissa":
+            raise UserError(f"--rank-allocation error measures qpissa's error curves; --method {self.method} "
+                            "takes --rank-allocation uniform")
+        if self.adapter_params is not None and (self.rank_allocation != "error" or self.adapter_params <= 0):
+            raise UserError("--adapter-params N needs --rank-allocation error and N > 0")
         if self.svd not in ("exact", "randomized"):
             raise UserError(f"--svd must be exact or randomized, got {self.svd!r}")
         if self.dtype not in ("float32", "float64"):

@@ -37,7 +37,7 @@ from qpissa.decompose.experts import ExpertTarget, decompose_expert, find_expert
 from qpissa.decompose.methods import QUANTIZED_METHODS
 from qpissa.decompose.config import AUTO_PARALLEL_MAX_WEIGHTS, DecomposeConfig
 from qpissa.decompose.targets import Target, find_targets
-from qpissa.decompose.tensor import Stats, decompose_tensor
+from qpissa.decompose.tensor import Stats, decompose_tensor, measure_curve
 
 OUTPUTS = ("residual", "adapter", ".parts", "manifest.json", "report.json", "report.csv", "report.md",
            "error_by_layer.png")
@@ -135,6 +135,11 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
                 raise UserError(f"{t.weight.file}: rank {cfg.rank} >= min{t.shape} of tensor {t.weight.name}; "
                                 "choose a smaller --rank or exclude it with --targets")
         warn_cpu_blocksize({t.weight.name: t.shape[1] for t in targets}, cfg.blocksize, cfg.device)
+        if cfg.rank_allocation == "error" and d.enabled:
+            raise UserError("--rank-allocation error runs in one process; run it without torchrun/accelerate")
+        if cfg.rank_allocation == "error" and expert_targets:
+            raise UserError(f"{model_dir}: --rank-allocation error does not cover MoE experts yet (PEFT's expert "
+                            "LoRA takes one rank per parameter); use --rank-allocation uniform")
     except UserError as err:
         distributed.agree(d, str(err))
         raise
@@ -152,9 +157,12 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
     if d.is_main:
         write_json(out_dir / "manifest.json", manifest)
     distributed.agree(d, None)  # manifest.json exists before any rank writes a part (a resume needs it)
+    ranks = None
+    if cfg.rank_allocation == "error":  # first pass: every module's error curve, journaled; then the ranks
+        ranks = _allocate(model_dir, tensors, targets, run_cfg, manifest, out_dir / "manifest.json")
     if not d.enabled:
         metrics = _run_targets(targets, run_cfg, parts_dir, out_dir / "manifest.json", manifest, range(len(targets)),
-                               stats=_stats_source(model_dir, tensors, targets, run_cfg))
+                               stats=_stats_source(model_dir, tensors, targets, run_cfg), ranks=ranks)
         sharding.remove_fragments(parts_dir)
     else:
         _run_rank(targets, run_cfg, parts_dir, known, d, _stats_source(model_dir, tensors, targets, run_cfg))
@@ -164,7 +172,7 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         write_json(out_dir / "manifest.json", manifest)
         sharding.remove_fragments(parts_dir)
         metrics = [manifest["tensors"][t.module]["metrics"] for t in targets]
-    assemble(model_dir, out_dir, tensors, targets, others, cfg, task)
+    assemble(model_dir, out_dir, tensors, targets, others, cfg, task, ranks)
     report = build_report(metrics, cfg.identity(), str(model_dir), computed)
     quantized = cfg.method in QUANTIZED_METHODS
     plain = [s.name for t in expert_targets for s in t.sources] if cfg.experts_dtype == "bfloat16" or not quantized else []
@@ -172,6 +180,8 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
                                   quantized, routers, plain)
     if expert_targets:
         report["experts"] = experts_summary(expert_targets, routers, metrics[len(targets) - len(expert_targets):], cfg)
+    if "allocation" in manifest:
+        report["allocation"] = {k: v for k, v in manifest["allocation"].items() if k != "ranks"}
     if cfg.eval_kl:
         from qpissa.decompose.calibration import held_out
         from qpissa.decompose.fidelity import model_fidelity
@@ -181,6 +191,40 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
     manifest["status"] = "complete"
     write_json(out_dir / "manifest.json", manifest)
     return distributed.broadcast(d, report)
+
+
+def _allocate(model_dir: Path, tensors: list[TensorInfo], targets: list[Target], cfg: DecomposeConfig,
+              manifest: dict, journal: Path) -> dict[str, int]:
+    """``--rank-allocation error``'s first pass: measure each module's error curve (kept in the manifest, so a
+    resume skips the measured ones), then choose the ranks on the budget (stored in the manifest too)."""
+    from qpissa.decompose.allocation import allocate
+
+    widths = sum(t.shape[0] + t.shape[1] for t in targets)
+    budget = cfg.adapter_params if cfg.adapter_params is not None else cfg.rank * widths
+    curves = manifest.setdefault("curves", {})
+    stats = _stats_source(model_dir, tensors, targets, cfg)
+    start, last = time.perf_counter(), time.monotonic()
+    for t in targets:
+        if t.module in curves:
+            continue
+        curves[t.module] = measure_curve(t, load_tensor(t.weight), cfg, budget / widths,
+                                         None if stats is None else stats(t.module))
+        if time.monotonic() - last >= JOURNAL_EVERY_S:
+            write_json(journal, manifest)
+            last = time.monotonic()
+    seconds = time.perf_counter() - start
+    if "allocation" not in manifest:
+        uniform = cfg.rank if budget == cfg.rank * widths else None
+        chosen = allocate(curves, budget, uniform)
+        if not chosen:
+            raise UserError(f"--adapter-params {budget:,} is below what the smallest candidate ranks cost; raise it")
+        flat = None if uniform is None else sum(c["errors"][c["ranks"].index(uniform)] ** 2 for c in curves.values())
+        manifest["allocation"] = {"budget": budget, "params": chosen["params"], "uniform_rank": uniform,
+                                  "sum_sq_error": chosen["sum_sq_error"], "uniform_sum_sq_error": flat,
+                                  "kept_uniform": chosen["kept_uniform"], "curve_seconds": round(seconds, 3),
+                                  "ranks": chosen["ranks"]}
+    write_json(journal, manifest)
+    return manifest["allocation"]["ranks"]
 
 
 def _run_rank(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, known: dict[str, dict],
@@ -201,9 +245,11 @@ def _run_rank(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, know
 
 
 def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, journal: Path, manifest: dict,
-                 indices: Sequence[int], label: str = "", stats: Callable[[str], Stats] | None = None) -> list[dict]:
+                 indices: Sequence[int], label: str = "", stats: Callable[[str], Stats] | None = None,
+                 ranks: dict[str, int] | None = None) -> list[dict]:
     """Process targets ``indices`` not already done (resume), journaling ``manifest`` to ``journal``
-    (throttled); with a progress bar; returns their metrics in target order. ``stats(module)``: calibration
+    (throttled); with a progress bar; returns their metrics in target order. ``ranks``: module → rank
+    (``--rank-allocation error``), each at the uniform run's scale s. ``stats(module)``: calibration
     statistics, computed here in order (a block-wise walk) before the tensor is handed to a worker.
 
     With ``workers`` > 1, that many tensors are read, decomposed and written at once (one torch thread
@@ -233,7 +279,8 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, j
                     bar.advance(task)
                     continue
                 module_stats = None if stats is None or isinstance(target, ExpertTarget) else stats(target.module)
-                running.append((index, pool.submit(_process_one, target, part, cfg, module_stats)))
+                running.append((index, pool.submit(_process_one, target, part, _target_config(cfg, ranks, target),
+                                                   module_stats)))
             while running and (len(running) >= workers or index is None):
                 done_index, future = running.popleft()
                 entry = future.result()
@@ -246,6 +293,18 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, j
                     last_journal, journal_cost = time.monotonic(), time.monotonic() - t0
     write_json(journal, manifest)
     return [metrics[i] for i in indices]
+
+
+def _target_config(cfg: DecomposeConfig, ranks: dict[str, int] | None, target: Target) -> DecomposeConfig:
+    """``cfg`` with this target's allocated rank, and the α that keeps the uniform run's scale s."""
+    if ranks is None:
+        return cfg
+    from qpissa.decompose.allocation import scale_alpha
+    from qpissa.decompose.methods import adapter_scale
+
+    k = ranks[target.module]
+    return dataclasses.replace(cfg, rank=k, alpha=scale_alpha(k, adapter_scale(cfg.rank, cfg.alpha, cfg.rslora),
+                                                                cfg.rslora))
 
 
 def _process_one(target: Target, part: Path, cfg: DecomposeConfig, stats: Stats | None = None) -> dict:

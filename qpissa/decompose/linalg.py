@@ -116,3 +116,17 @@ def error_norms(e: torch.Tensor, spectrum: bool = True) -> dict[str, float | Non
         "frobenius": float(torch.linalg.vector_norm(e)),
         "spectral": float(s.max()) if s.numel() else 0.0,
     }
+
+
+def balance_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """B' = B·D, A' = D⁻¹·A with D = diag(2^round(log2 √(‖A_i,:‖/‖B_:,i‖))): each rank-1 pair gets equal norms
+    (within a factor 2), as PiSSA's √σ split has them. Powers of two scale a float exactly, so B'·A' = B·A bit for bit
+    in any dtype and the residual fitted to B·A stays exact. Why: a calibrated init puts H^{−½} into A (raw H = Σxxᵀ,
+    so A is tiny and B huge); Adam moves every entry by ≈ lr whatever its scale, so the unbalanced pair's update
+    B·ΔA is far larger than the balanced one's."""
+    na = torch.linalg.vector_norm(a.float(), dim=1)  # (r,)
+    nb = torch.linalg.vector_norm(b.float(), dim=0)  # (r,)
+    ok = (na > 0) & (nb > 0)
+    exponent = torch.where(ok, torch.round(0.5 * torch.log2(torch.where(ok, na / nb, 1.0))), 0.0)  # (r,)
+    d = torch.exp2(exponent)  # (r,)
+    return (a.float() / d[:, None]).to(a.dtype), (b.float() * d[None, :]).to(b.dtype)

@@ -101,7 +101,7 @@ def build_report(metrics: list[dict], arguments: dict, model: str, computed: dic
 def to_csv(report: dict) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    header = ["module", "layer_type", "layer_index", "out", "in"]
+    header = ["module", "layer_type", "layer_index", "out", "in", "rank"]
     header += [f"{w}_{n}" for w in ("method", "qlora", "loftq") for n in NORMS]
     header += [f"reduction_vs_{b}_{n}" for b in ("qlora", "loftq") for n in NORMS]
     calibrated = any(r.get("output") for r in report["modules"])
@@ -111,7 +111,7 @@ def to_csv(report: dict) -> str:
     writer.writerow(header)
     how = metrics_line(report)
     for r in report["modules"]:
-        row = [r["module"], r["layer_type"], r["layer_index"], *r["shape"]]
+        row = [r["module"], r["layer_type"], r["layer_index"], *r["shape"], r.get("rank", report["arguments"]["rank"])]
         row += [_fmt(r.get(w, {}).get(n), ".6g") for w in ("method", "qlora", "loftq") for n in NORMS]
         row += [_fmt(r.get(f"reduction_vs_{b}", {}).get(n), ".6f") for b in ("qlora", "loftq") for n in NORMS]
         if calibrated:
@@ -151,11 +151,13 @@ def to_markdown(report: dict) -> str:
              f"{metrics_line(report)}. A — means not measured.", "", *coverage_markdown(report),
              "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in summary_rows(report)]
-    lines += ["", "## Per module (Frobenius)", "", "| module | shape | error | QLoRA error | vs QLoRA | vs LoftQ |",
-              "|---|---|---|---|---|---|"]
+    lines += allocation_markdown(report)
+    lines += ["", "## Per module (Frobenius)", "", "| module | shape | rank | error | QLoRA error | vs QLoRA | vs LoftQ |",
+              "|---|---|---|---|---|---|---|"]
     for r in report["modules"]:
-        lines.append(f"| {r['module']} | {r['shape'][0]}×{r['shape'][1]} | {r['method']['frobenius']:.4g} | "
-                     f"{r['qlora']['frobenius']:.4g} | {_pct(r, 'qlora', 'frobenius')} | {_pct(r, 'loftq', 'frobenius')} |")
+        lines.append(f"| {r['module']} | {r['shape'][0]}×{r['shape'][1]} | {r.get('rank', args['rank'])} | "
+                     f"{r['method']['frobenius']:.4g} | {r['qlora']['frobenius']:.4g} | {_pct(r, 'qlora', 'frobenius')} | "
+                     f"{_pct(r, 'loftq', 'frobenius')} |")
     return "\n".join(lines + output_markdown(report)) + "\n"
 
 
@@ -164,6 +166,29 @@ def coverage_markdown(report: dict) -> list[str]:
     from qpissa.decompose.coverage import lines
 
     return [f"{line}  " for line in lines(report["coverage"], report.get("experts"))] + [""] if report.get("coverage") else []
+
+
+def allocation_markdown(report: dict) -> list[str]:
+    """``--rank-allocation error``: the budget, the gain over uniform r on the measured curves, and the
+    ranks per layer type (one column per block index)."""
+    a = report.get("allocation")
+    if not a:
+        return []
+    norm = "output error ‖E·H^½‖_F" if report["arguments"].get("calib_data") else "‖E‖_F"
+    lines = ["", "## Rank allocation (error)", "",
+             f"Budget {a['budget']:,} adapter parameters, {a['params']:,} used; curves measured in {a['curve_seconds']} s."]
+    if a.get("uniform_sum_sq_error"):
+        gain = 1 - a["sum_sq_error"] / a["uniform_sum_sq_error"]
+        lines.append(f"Σ {norm}² on the measured curves (first iterate): {a['sum_sq_error']:.6g} vs uniform "
+                     f"r={a['uniform_rank']} {a['uniform_sum_sq_error']:.6g} ({100 * gain:.2f}% lower)"
+                     + (" — uniform kept" if a.get("kept_uniform") else "") + ".")
+    by_type: dict[str, dict] = defaultdict(dict)
+    for r in report["modules"]:
+        by_type[r["layer_type"]][r["layer_index"]] = r.get("rank")
+    lines += ["", "| layer type | ranks by block index |", "|---|---|"]
+    for kind, ranks in sorted(by_type.items()):
+        lines.append(f"| {kind} | {' '.join(str(ranks[i]) for i in sorted(ranks, key=lambda x: -1 if x is None else x))} |")
+    return lines
 
 
 def output_rows(report: dict) -> list[list[str]]:

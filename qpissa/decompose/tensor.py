@@ -7,7 +7,7 @@ import torch
 
 from qpissa.errors import UserError
 from qpissa.decompose.config import DecomposeConfig
-from qpissa.decompose.linalg import error_norms
+from qpissa.decompose.linalg import balance_factors, error_norms
 from qpissa.decompose.methods import adapter_scale, loftq, qpissa
 from qpissa.decompose.initialize import initialize
 from qpissa.decompose.targets import Target
@@ -30,10 +30,12 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
     spec, svd = cfg.spec(), cfg.svd_options()
     scale = adapter_scale(cfg.rank, cfg.alpha, cfg.rslora)
     adapter_dtype = getattr(torch, cfg.adapter_dtype)
-    seed = cfg.seed + int(hashlib.sha256(target.module.encode()).hexdigest()[:8], 16)
+    seed = _seed(target, cfg)
     h = None if stats is None else stats[0]
     init = initialize(cfg.method, w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, seed=seed,
                       adapter_dtype=adapter_dtype, refit=cfg.refit, h=h, damp=cfg.damp)
+    if cfg.balance_factors:  # B·A unchanged exactly: the residual and every error below stay the same
+        init.a, init.b = balance_factors(init.a, init.b)
     if init.residual is not None:  # measure what is stored: the residual in the checkpoint's dtype
         init.residual = init.residual.to(_source_dtype(target))
     h_eval = None if stats is None else (stats[1] if stats[1] is not None else stats[0])  # held-out H if any
@@ -53,6 +55,7 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
     else:
         error = measure("method", init.reconstruction().to(dtype))
     metrics = {"module": target.module, "tensor": target.weight.name, "shape": list(target.shape),
+               "rank": cfg.rank,
                "method": error, "qlora": error, "info": init.info}
     if cfg.method == "qlora":  # B = 0: the method's reconstruction is the QLoRA baseline's
         if h_eval is not None:
@@ -80,6 +83,28 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
     tensors["__lora_A__"] = init.a.contiguous().cpu()
     tensors["__lora_B__"] = init.b.contiguous().cpu()
     return tensors, metrics
+
+
+def measure_curve(target: Target, w: torch.Tensor, cfg: DecomposeConfig, mean_rank: float,
+                  stats: Stats | None = None) -> dict:
+    """The first pass of ``--rank-allocation error``: this module's measured error curve
+    (:func:`qpissa.decompose.allocation.error_curve`) at its candidate ranks, with its width m+n."""
+    from qpissa.decompose.allocation import candidate_ranks, error_curve
+    from qpissa.decompose.whitening import whiten
+
+    w = (w.T if target.transposed else w).to(device=cfg.device, dtype=getattr(torch, cfg.dtype))  # (m, n)
+    if not _all_finite(w):
+        raise UserError(f"{target.weight.file}: tensor {target.weight.name} contains NaN or Inf; fix the checkpoint")
+    ranks = candidate_ranks(cfg.rank, tuple(w.shape), mean_rank)
+    svd = cfg.svd_options().kwargs()
+    svd["seed"] = _seed(target, cfg)
+    h = None if stats is None else whiten(stats[0], cfg.damp)
+    errors = error_curve(w, ranks, spec=cfg.spec(), svd_kwargs=svd, h=h)
+    return {"ranks": ranks, "errors": errors, "width": int(w.shape[0] + w.shape[1])}
+
+
+def _seed(target: Target, cfg: DecomposeConfig) -> int:
+    return cfg.seed + int(hashlib.sha256(target.module.encode()).hexdigest()[:8], 16)
 
 
 def _all_finite(w: torch.Tensor) -> bool:
