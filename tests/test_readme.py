@@ -135,7 +135,7 @@ def test_readme_keeps_the_setup_and_example_commands():
 
 def test_readme_stays_a_guide():
     lines = README.read_text().splitlines()
-    assert len(lines) <= 250, f"README has {len(lines)} lines; measurements go to docs/benchmarks.md, history to CHANGELOG.md"
+    assert len(lines) <= 265, f"README has {len(lines)} lines; measurements go to docs/benchmarks.md, history to CHANGELOG.md"
     for name in ("docs/benchmarks.md", "docs/methods.md", "CHANGELOG.md"):
         assert f"]({name}" in README.read_text(), f"README does not link {name}"
 

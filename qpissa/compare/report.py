@@ -46,13 +46,14 @@ def _init(decomposed: Path) -> dict[str, Any]:
 
 def collect(study: Path) -> list[dict[str, Any]]:
     """One row per cell of the stored grid, complete or not (status says which)."""
-    from qpissa.compare.config import CompareConfig
+    from qpissa.compare.config import TRAIN_ONLY, CompareConfig
     from qpissa.compare.grid import cells, decompose_dir, run_dir
 
     known = {f.name for f in fields(CompareConfig)}  # a newer version's options are not ours to read
     cfg = CompareConfig(**{k: v for k, v in json.loads((study / "study.json").read_text())["identity"].items()
                            if k in known})
-    init_loss: dict[str, float] = {}  # the init is the same for every seed and lr of a method (LoRA: B = 0)
+    init_loss: dict[str, float] = {}
+    metric_name: dict[str, str] = {}  # the init is the same for every seed and lr of a method (LoRA: B = 0)
     rows = []
     for cell in cells(cfg):
         run = run_dir(study, cell)
@@ -63,11 +64,15 @@ def collect(study: Path) -> list[dict[str, Any]]:
         if evals and evals[0][0] == 0:
             init_loss.setdefault(cell.spec.key, evals[0][1])
         gsm8k = _read_json(run / "eval" / "gsm8k_summary.json") or {}
+        classified = _read_json(run / "eval" / "classification_summary.json")
+        if classified:  # the task's headline metric (accuracy, or GLUE's: matthews, pearson, f1) in that column
+            gsm8k = {"accuracy": classified["value"]}
+            metric_name.setdefault("name", classified["metric"])
         row: dict[str, Any] = {
             "method": cell.spec.label, "seed": cell.seed, "lr": cell.lr,
             "status": "complete" if "adapter" in summary else ("running" if steps else "missing"),
             "steps": steps[-1]["step"] if steps else 0,
-            **(_init(decompose_dir(study, cell.spec)) if cell.spec.name != "lora" else
+            **(_init(decompose_dir(study, cell.spec)) if cell.spec.name not in TRAIN_ONLY else
                {"init_frobenius": None, "init_reduction_vs_qlora": None, "init_kl": 0.0}),
             "eval_loss": evals[-1][1] if evals and evals[-1][0] > 0 and "adapter" in summary else None,
             "train_loss_first": steps[0]["loss"] if steps else None,
@@ -81,6 +86,7 @@ def collect(study: Path) -> list[dict[str, Any]]:
         rows.append(row)
     for row, cell in zip(rows, cells(cfg)):
         row["init_eval_loss"] = init_loss.get(cell.spec.key)
+        row["metric"] = metric_name.get("name", "accuracy")
     return rows
 
 
@@ -137,7 +143,8 @@ def summary_markdown(study: Path, rows: list[dict[str, Any]], groups: list[dict[
     kl = any(g["init_kl"] for g in groups)  # measured only with --init-kl
     head = ["method", "lr", "seeds", "init Σ‖W−Ŵ‖_F reduction vs QLoRA", *(["init KL"] if kl else []),
             "init held-out loss", "held-out loss", "Δ vs QLoRA", "train loss (last 10)"]
-    head += ["accuracy", "Δ acc vs QLoRA"] if acc else []
+    metric = rows[0].get("metric", "accuracy") if rows else "accuracy"
+    head += [metric, f"Δ {metric} vs QLoRA"] if acc else []
     head += ["tokens/s", "peak MiB"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
