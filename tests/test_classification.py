@@ -247,3 +247,26 @@ def test_glue_by_hub_id_offline(minilm_out: Path, tmp_path: Path) -> None:
     summary = json.loads((ev / "classification_summary.json").read_text())
     assert summary["glue_task"] == "cola" and summary["metric"] == "matthews" and summary["examples"] == 8
     assert summary["value"] == summary["matthews"]
+
+
+@pytest.mark.slow
+def test_compare_with_a_head_reports_the_task_metric(minilm_dir: Path, tmp_path: Path) -> None:
+    """compare --task classification: decompose (qlora) and lora/full baselines train heads; each run is scored on
+    --eval-data through the plain-loading path; summary.md's metric column is their mean, Δ paired with QLoRA."""
+    study = tmp_path / "study"
+    proc = _cli("compare", minilm_dir, "--task", "classification", "--data", PAIRS / "train.jsonl", "--eval-data",
+                PAIRS / "test.jsonl", *FIELDS, "--methods", "qlora,lora,full", "--seeds", "0", "--steps", "2",
+                "--batch-size", "8", "--max-length", "48", "--eval-every", "1", "--eval-examples", "8",
+                "--task-limit", "16", "--targets", r"encoder\.layer\.0\.attention\.self\.query", "--device", "cpu",
+                "--no-progress", "-o", study, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((study / "results.json").read_text())
+    for row in result["runs"]:
+        key = {"qlora": "qlora", "lora": "lora", "full": "full"}[row["method"]]
+        scored = json.loads((study / "runs" / key / "seed0-lr0.0002" / "eval" / "classification_summary.json")
+                            .read_text())
+        assert row["status"] == "complete" and row["accuracy"] == scored["value"] == scored["accuracy"]
+        assert scored["examples"] == 16 and row["metric"] == "accuracy" and len(row["task_curve"]) >= 2
+    assert (study / "runs" / "full" / "seed0-lr0.0002" / "model" / "config.json").exists()  # full: a checkpoint
+    table = (study / "summary.md").read_text()
+    assert "| accuracy | Δ accuracy vs QLoRA |" in table

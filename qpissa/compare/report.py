@@ -82,7 +82,9 @@ def collect(study: Path) -> list[dict[str, Any]]:
             "tokens_per_s": summary["tokens"] / summary["elapsed_s"] if summary.get("elapsed_s") else None,
             "peak_memory_mb": max((m.get("memory_mb", 0.0) for m in steps), default=None),
             "train_s": summary.get("elapsed_s"),
-            "eval_curve": [[s, v] for s, v in evals if s > 0]}
+            "eval_curve": [[s, v] for s, v in evals if s > 0],
+            "task_curve": [[m["step"], m[f"eval_{classified['metric']}"]] for m in metrics
+                           if classified and f"eval_{classified['metric']}" in m]}
         rows.append(row)
     for row, cell in zip(rows, cells(cfg)):
         row["init_eval_loss"] = init_loss.get(cell.spec.key)
@@ -186,8 +188,12 @@ def plot(study: Path, rows: list[dict[str, Any]], groups: list[dict[str, Any]]) 
 
     lrs = sorted({g["lr"] for g in groups})
     methods = list(dict.fromkeys(g["method"] for g in groups))
-    fig, axes = plt.subplots(1, 2 if len(lrs) > 1 else 1, figsize=(12 if len(lrs) > 1 else 7, 4.5), squeeze=False)
+    task = any(r.get("task_curve") for r in rows)  # classification: the held-out metric by step beside the loss
+    panels = 1 + (len(lrs) > 1) + task
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels if panels > 1 else 7, 4.5), squeeze=False)
     ax = axes[0][0]
+    if task:
+        _task_panel(axes[0][-1], rows, groups, methods)
     for m in methods:
         scored = {g["lr"]: g["eval_loss"].mean for g in groups if g["method"] == m and g["eval_loss"]}
         lr = min(scored, key=scored.get) if scored else lrs[0]
@@ -225,6 +231,28 @@ def plot(study: Path, rows: list[dict[str, Any]], groups: list[dict[str, Any]]) 
     with atomic_path(study / "curves.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def _task_panel(ax, rows: list[dict[str, Any]], groups: list[dict[str, Any]], methods: list[str]) -> None:
+    """Held-out task metric (accuracy, or GLUE's) vs step, mean and 95% CI band over seeds, per method at its first lr."""
+    metric = rows[0].get("metric", "accuracy")
+    for m in methods:
+        lr = next(g["lr"] for g in groups if g["method"] == m)
+        runs = [r for r in rows if r["method"] == m and r["lr"] == lr and r["status"] == "complete"]
+        steps = sorted({s for r in runs for s, _ in r.get("task_curve") or []})
+        pts = [(s, estimate([v for r in runs for t, v in r["task_curve"] if t == s])) for s in steps]
+        pts = [(s, e) for s, e in pts if e is not None]
+        if not pts:
+            continue
+        xs, mean = [s for s, _ in pts], [e.mean for _, e in pts]
+        hw = [e.half_width or 0 for _, e in pts]
+        line, = ax.plot(xs, mean, "o-", ms=3, label=m)
+        ax.fill_between(xs, [a - b for a, b in zip(mean, hw)], [a + b for a, b in zip(mean, hw)],
+                        color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"held-out {metric} (mean, 95% CI band over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def _plain(g: dict[str, Any]) -> dict[str, Any]:
