@@ -269,4 +269,4 @@ def test_compare_with_a_head_reports_the_task_metric(minilm_dir: Path, tmp_path:
         assert scored["examples"] == 16 and row["metric"] == "accuracy" and len(row["task_curve"]) >= 2
     assert (study / "runs" / "full" / "seed0-lr0.0002" / "model" / "config.json").exists()  # full: a checkpoint
     table = (study / "summary.md").read_text()
-    assert "| accuracy | Δ accuracy vs QLoRA |" in table
+    assert "| accuracy | Δ acc vs QLoRA |" in table

@@ -82,13 +82,15 @@ def collect(study: Path) -> list[dict[str, Any]]:
             "tokens_per_s": summary["tokens"] / summary["elapsed_s"] if summary.get("elapsed_s") else None,
             "peak_memory_mb": max((m.get("memory_mb", 0.0) for m in steps), default=None),
             "train_s": summary.get("elapsed_s"),
-            "eval_curve": [[s, v] for s, v in evals if s > 0],
-            "task_curve": [[m["step"], m[f"eval_{classified['metric']}"]] for m in metrics
-                           if classified and f"eval_{classified['metric']}" in m]}
+            "eval_curve": [[s, v] for s, v in evals if s > 0]}
+        if classified:  # the held-out task metric by step (train logs eval_<metric>)
+            row["task_curve"] = [[m["step"], m[f"eval_{classified['metric']}"]] for m in metrics
+                                 if f"eval_{classified['metric']}" in m]
         rows.append(row)
     for row, cell in zip(rows, cells(cfg)):
         row["init_eval_loss"] = init_loss.get(cell.spec.key)
-        row["metric"] = metric_name.get("name", "accuracy")
+        if metric_name:
+            row["metric"] = metric_name["name"]
     return rows
 
 
@@ -146,7 +148,7 @@ def summary_markdown(study: Path, rows: list[dict[str, Any]], groups: list[dict[
     head = ["method", "lr", "seeds", "init Σ‖W−Ŵ‖_F reduction vs QLoRA", *(["init KL"] if kl else []),
             "init held-out loss", "held-out loss", "Δ vs QLoRA", "train loss (last 10)"]
     metric = rows[0].get("metric", "accuracy") if rows else "accuracy"
-    head += [metric, f"Δ {metric} vs QLoRA"] if acc else []
+    head += [metric, f"Δ {'acc' if metric == 'accuracy' else metric} vs QLoRA"] if acc else []
     head += ["tokens/s", "peak MiB"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
@@ -240,7 +242,7 @@ def _task_panel(ax, rows: list[dict[str, Any]], groups: list[dict[str, Any]], me
         lr = next(g["lr"] for g in groups if g["method"] == m)
         runs = [r for r in rows if r["method"] == m and r["lr"] == lr and r["status"] == "complete"]
         steps = sorted({s for r in runs for s, _ in r.get("task_curve") or []})
-        pts = [(s, estimate([v for r in runs for t, v in r["task_curve"] if t == s])) for s in steps]
+        pts = [(s, estimate([v for r in runs for t, v in r.get("task_curve") or [] if t == s])) for s in steps]
         pts = [(s, e) for s, e in pts if e is not None]
         if not pts:
             continue
