@@ -53,8 +53,9 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     run = Path(cfg.output)
     if distributed.detect().world_size > 1:
         raise UserError("--task classification runs in one process; start it without torchrun")
-    if cfg.sorsa_gamma > 0 or cfg.kernels != "none" or cfg.data_cfg.packing:
-        raise UserError("--sorsa-gamma, --kernels and --packing apply to --task causal-lm only")
+    if cfg.sorsa_gamma > 0 or cfg.kernels != "none" or cfg.data_cfg.packing or cfg.report_to != "none":
+        raise UserError("--sorsa-gamma, --kernels, --packing and --report-to apply to --task causal-lm only "
+                        "(classification metrics are in RUN/metrics.jsonl)")
     if (run / "summary.json").exists():
         done = json.loads((run / "summary.json").read_text())
         if cfg.resume and "adapter" in done:
