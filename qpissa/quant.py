@@ -207,6 +207,18 @@ def nf4_roundtrip(w: torch.Tensor, spec: NF4Spec = NF4Spec()) -> tuple[NF4Tensor
     return q, dequantize_nf4(q).to(w.dtype)
 
 
+# modules a ``…ForSequenceClassification`` adds on top of a checkpoint (BERT/RoBERTa/DeBERTa ``classifier``, Llama
+# ``score``, DeBERTa's ``pooler.dense``, ModernBERT's ``head.dense``): listed in ``llm_int8_skip_modules`` so
+# transformers keeps a new head full precision (a 4-bit new head cannot be initialized, nor trained)
+HEAD_MODULES = ("classifier", "score", "pooler.dense", "head.dense")
+
+
+def head_skip_modules(targets: list[str]) -> list[str]:
+    """:data:`HEAD_MODULES` but those naming a quantized target (transformers matches a prefix or a suffix)."""
+    return [h for h in HEAD_MODULES
+            if not any(t == h or t.startswith(h + ".") or t.endswith("." + h) for t in targets)]
+
+
 def quantization_config(spec: NF4Spec, skip_modules: list[str]) -> dict:
     """The ``quantization_config`` block transformers reads from config.json for pre-quantized NF4."""
     return {

@@ -1,8 +1,9 @@
 """What a model folder is for: a causal LM (train, eval, generate) or an encoder; how to load ours.
 
-``qpissa train`` and ``qpissa eval`` fine-tune / score next-token prediction, so they need a causal
-LM head (``…ForCausalLM``); an encoder such as all-MiniLM-L6-v2 (``BertModel``) has none. Its
-decompose output still loads with plain transformers + peft, via ``AutoModel``.
+``qpissa train`` and ``qpissa eval`` by default fine-tune / score next-token prediction, so they need a
+causal LM head (``…ForCausalLM``); an encoder such as all-MiniLM-L6-v2 (``BertModel``) has none: it is
+fine-tuned with a sequence-classification head (``--task classification``). Its decompose output loads
+with plain transformers + peft, via ``AutoModel`` (or ``AutoModelForSequenceClassification``).
 """
 from __future__ import annotations
 
@@ -39,9 +40,12 @@ def require_causal_lm(model_dir: str | Path, command: str) -> None:
     if is_causal_lm(model_dir):
         return
     arch, model_type = architecture(model_dir)
+    task = {"train": "qpissa train OUT --task classification --data FILE --text-field COLUMN",
+            "eval": "qpissa eval RUN --task classification --data FILE"}.get(command, "--task classification")
     raise UserError(f"{model_dir}: {arch} ({model_type}) has no causal language-model head; `qpissa {command}` "
-                    f"needs a causal LM (…ForCausalLM). Load this one with transformers.AutoModel + peft.PeftModel; "
-                    f"to try {command}, use the example causal LM: {EXAMPLE_HINT}")
+                    f"of next-token prediction needs a causal LM (…ForCausalLM). Fine-tune this encoder with a "
+                    f"classification head: `{task}` (or load it with transformers.AutoModel + peft.PeftModel); "
+                    f"for a causal LM: {EXAMPLE_HINT}")
 
 
 def nf4_experts(out_dir: str | Path) -> bool:

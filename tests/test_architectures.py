@@ -99,4 +99,6 @@ def test_decompose_imports_neither_transformers_nor_bitsandbytes(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "imported: []" in out.stdout
     config = json.loads((tmp_path / "out" / "residual" / "config.json").read_text())
-    assert config["quantization_config"]["llm_int8_skip_modules"] == ["lm_head"]
+    # lm_head (not a target) and the sequence-classification heads a …ForSequenceClassification adds
+    assert config["quantization_config"]["llm_int8_skip_modules"] == ["lm_head", "classifier", "score",
+                                                                       "pooler.dense", "head.dense"]

@@ -198,7 +198,7 @@ def test_committed_study_regenerates_from_its_stored_runs(tmp_path):
 
     from qpissa.compare.report import write_outputs
 
-    for name in ("main", "lr"):
+    for name in ("main", "lr", "minilm-pairs"):
         committed = Path(__file__).resolve().parents[1] / "docs" / "study" / name
         study = tmp_path / name
         shutil.copytree(committed, study)

@@ -58,6 +58,26 @@ def test_train_round_trip_through_run_config_yaml(smollm2_decomposed, tiny_data:
     assert len(first) == 3 and again == pytest.approx(first, rel=1e-6, abs=1e-7)
     assert yaml.safe_load((run2 / "config.yaml").read_text()) == {**written, "output": str(run2)}
 
+    # RUN/config.json (the API's record: data_cfg nested, progress, no CLI-only keys) is a config file too
+    run3 = tmp_path / "run3"
+    res = CliRunner().invoke(app, ["train", "--config", str(run / "config.json"), "-o", str(run3)])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert _losses(run3) == pytest.approx(first, rel=1e-6, abs=1e-7)
+    assert yaml.safe_load((run3 / "config.yaml").read_text()) == {**written, "output": str(run3)}
+
+
+def test_run_config_records_the_template_detected_from_chat_data(smollm2_decomposed, tmp_path: Path) -> None:
+    """messages data left at the default --template is trained as chat; RUN/config.yaml says chat, not gsm8k, so
+    passing it back trains the same way."""
+    out, run = smollm2_decomposed["qpissa"]["out"], tmp_path / "run"
+    data = Path(__file__).parent / "fixtures" / "chat" / "train.jsonl"
+    res = CliRunner().invoke(app, ["train", str(out), "--data", str(data), "--data-limit", "2", "--steps", "1",
+                                   "--batch-size", "1", "--max-length", "96", "--device", "cpu", "--no-progress",
+                                   "-o", str(run)])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert yaml.safe_load((run / "config.yaml").read_text())["template"] == "chat"
+    assert json.loads((run / "config.json").read_text())["data_cfg"]["template"] == "chat"
+
 
 def test_a_flag_overrides_the_file_and_json_works(minilm_dir: Path, tmp_path: Path) -> None:
     """plan (config.json only, fast): the file's rank loses to --rank; its other keys, dashed or not, are used."""

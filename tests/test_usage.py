@@ -1,4 +1,5 @@
-"""The right Auto class for each output, and one clear line when train/eval get an encoder."""
+"""The right Auto class for each output, and one clear line (pointing at --task classification) when train/eval
+get an encoder without it."""
 from __future__ import annotations
 
 import subprocess
@@ -50,6 +51,7 @@ def test_train_and_eval_on_an_encoder_are_one_line(minilm_out: Path, command: st
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: ") and "BertModel (bert)" in lines[0] and "AutoModel" in lines[0]
     assert f"qpissa {command}" in lines[0] and "qpissa example smollm2" in lines[0]
+    assert "--task classification" in lines[0]  # what an encoder is fine-tuned with
 
 
 def test_train_help_lists_the_allowed_values(tmp_path: Path) -> None:

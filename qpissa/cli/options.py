@@ -197,6 +197,8 @@ class ConfigSchema:
         """Parameter name → value from file ``path`` (its ``section`` when the file has one mapping per command);
         an unknown key (with the closest valid one) or a value of the wrong type is one UserError line."""
         data = load_config_file(path)
+        if isinstance(data.get("data_cfg"), dict):  # a RUN/config.json (the API's record of a run): flatten it
+            data = run_record_options(data)
         if data and all(isinstance(v, dict) for v in data.values()):
             if section not in data:
                 raise UserError(f"{path}: no `{section}:` section (it has {', '.join(map(str, data))})")
@@ -223,6 +225,19 @@ class ConfigSchema:
                 value = [str(v) if isinstance(v, Path) else v for v in value]
             out[key] = str(value) if isinstance(value, Path) else value
         return out
+
+
+RUN_RECORD_ONLY = ("id2label", "labels_from_strings", "progress")  # what RUN/config.json holds besides options
+
+
+def run_record_options(data: Mapping[str, Any]) -> dict[str, Any]:
+    """RUN/config.json (``dataclasses.asdict(TrainConfig)`` + the label map) → the options it records: the nested
+    ``data_cfg`` flattened, ``progress`` as ``no_progress``, what a run computed (``id2label``) left out."""
+    out = {k: v for k, v in data.items() if k not in RUN_RECORD_ONLY and k != "data_cfg"}
+    out.update(data["data_cfg"])
+    if data.get("progress") is False:
+        out["no_progress"] = True
+    return out
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 :func:`qpissa.train.loop.train`, print a summary table."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -30,7 +31,8 @@ def train_command(
 ) -> None:
     """Fine-tune the adapter of a decompose output (or a LoRA/full baseline) on local or Hub data.
 
-    A finished run writes RUN/config.yaml: `qpissa train --config RUN/config.yaml -o RUN2` repeats it."""
+    A finished run writes RUN/config.yaml: `qpissa train --config RUN/config.yaml -o RUN2` repeats it (so does
+    RUN/config.json, the record the Python API writes)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -44,6 +46,10 @@ def train_command(
 
     if not detect().is_main:  # under torchrun every rank returns the summary; one table is enough
         return
+    used = json.loads((Path(cfg.output) / "config.json").read_text())  # what the run resolved from the data
+    resolved = {**resolved, "template": used["data_cfg"]["template"]}  # chat when detected from messages data
+    if cfg.task == "classification":  # the columns and classes it found (GLUE layout, label count)
+        resolved.update({k: used[k] for k in ("text_field", "text_pair_field", "num_labels")})
     write_config(Path(cfg.output) / "config.yaml", resolved, "train")  # beside RUN/config.json
     table = Table(title=f"qpissa train → {cfg.output}")
     table.add_column("what")

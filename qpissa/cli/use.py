@@ -16,6 +16,7 @@ from rich.table import Table
 from qpissa.cli.app import app
 from qpissa.cli.options import Options, with_options
 from qpissa.hub import REVISION_HELP
+from qpissa.use.classify_eval import ClassificationConfig
 from qpissa.use.convert import ConvertConfig
 from qpissa.use.evaluate import Gsm8kConfig, PerplexityConfig
 from qpissa.use.merge import MergeConfig
@@ -78,11 +79,14 @@ def merge_cmd(
 @app.command("eval")
 @with_options(gsm8k=Options(Gsm8kConfig, list_choices=False),
               ppl=Options(PerplexityConfig,  # these four are Gsm8kConfig's options, for both tasks
-                          exclude=("limit", "batch_size", "data_split", "data_config")))
+                          exclude=("limit", "batch_size", "data_split", "data_config")),
+              cls=Options(ClassificationConfig, list_choices=False))
 def eval_cmd(
     model: Path = typer.Argument(..., help="HF model dir or Hub id org/name, decompose/train output dir, or "
                                            "adapter dir"),
-    task: str = typer.Option(..., "--task", help="gsm8k | perplexity"),
+    task: str = typer.Option(..., "--task", help="gsm8k | perplexity | classification (a run of qpissa train "
+                                                 "--task classification: accuracy, macro-F1, Matthews; Pearson, "
+                                                 "Spearman for regression)"),
     data: str = typer.Option(..., "--data", help="GSM8K JSONL (question/answer), a text/JSONL file, or a Hub dataset "
                                                  "id org/name (--data-split, default test)"),
     revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
@@ -92,8 +96,10 @@ def eval_cmd(
     device: str = typer.Option("auto", help="auto | cpu | cuda (auto: cuda when available)"),
     gsm8k: dict = None,  # type: ignore[assignment]  (Gsm8kConfig's fields, see with_options)
     ppl: dict = None,  # type: ignore[assignment]  (PerplexityConfig's other fields)
+    cls: dict = None,  # type: ignore[assignment]  (ClassificationConfig's fields)
 ) -> None:
-    """GSM8K accuracy (batched greedy) or token-weighted perplexity, with plain transformers + peft."""
+    """GSM8K accuracy (batched greedy), token-weighted perplexity or classification scores, with plain
+    transformers + peft."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from qpissa.use import evaluate as ev
@@ -101,8 +107,8 @@ def eval_cmd(
     from qpissa.errors import UserError
     from qpissa.hub import is_hub_id
 
-    if task not in ("gsm8k", "perplexity"):
-        raise UserError(f"--task {task!r}: choose gsm8k or perplexity")
+    if task not in ("gsm8k", "perplexity", "classification"):
+        raise UserError(f"--task {task!r}: choose gsm8k, perplexity or classification")
     if dtype not in get_args(ev.DType):
         raise UserError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
     gcfg = ev.Gsm8kConfig(**gsm8k)  # checks --prompt-style before any weights are read
@@ -110,6 +116,9 @@ def eval_cmd(
         raise UserError(f"--data {data}: file not found (nor a Hub dataset id org/name)")
     device = resolve_device(device)
     base, adapter_dir = ev.resolve_model(model, adapter, revision)
+    if task == "classification":
+        _classify(base, adapter_dir, data, output, device, gcfg, ClassificationConfig(**cls), ppl["text_field"])
+        return
     style, note = ev.resolve_prompt_style(gcfg.prompt_style, base, adapter_dir)  # auto → the run's template
     gcfg = replace(gcfg, prompt_style=style)
     if note and task == "gsm8k":
@@ -130,3 +139,25 @@ def eval_cmd(
     path = ev.write_results(output, task, summary, records)
     console.print(_table(f"{task} → {path}", summary))
 
+
+
+def _classify(base: Path, adapter: Optional[Path], data: str, output: Path, device: str, gcfg, cfg, text_field) -> None:
+    """``eval --task classification``: the run's head and labels, scored on ``data``."""
+    from qpissa.classify import check_rows
+    from qpissa.data import load_records
+    from qpissa.train.classifier import run_labels
+    from qpissa.use import classify_eval as ce
+    from qpissa.use.evaluate import write_results
+
+    labels, run_cfg = run_labels(ce.run_of(base, adapter))
+    records = load_records(data, gcfg.data_split, gcfg.data_config, gcfg.limit)
+    text = text_field or run_cfg.get("text_field")
+    pair = cfg.text_pair_field if text_field or cfg.text_pair_field else run_cfg.get("text_pair_field")
+    check_rows(records, text, pair, cfg.label_field or run_cfg.get("label_field"), labels, str(data))  # before weights
+    model, tokenizer = ce.load_classifier(base, adapter, labels, device)
+    with console.status("classifying"):
+        summary, rows = ce.evaluate_classification(model, tokenizer, labels, records, run_cfg, cfg, text_field,
+                                                   gcfg.batch_size, device, str(data), glue_task=gcfg.data_config)
+    summary.update({"model": str(base), "adapter": str(adapter) if adapter else None, "data": str(data)})
+    path = write_results(output, "classification", summary, rows)
+    console.print(_table(f"classification → {path}", {k: v for k, v in summary.items() if not isinstance(v, list)}))

@@ -21,7 +21,7 @@ ALLOC_SUFFIX = "-alloc"  # qpissa-alloc, qpissa-cal-alloc: --rank-allocation err
 BALANCE_SUFFIX = "-bal"  # qpissa-cal-bal, …: --balance-factors (B·A unchanged, ‖B_:,i‖ ≈ ‖A_i,:‖)
 ITERATED = ("qpissa", "loftq")  # methods whose T is a study option (name:T overrides it)
 CALIBRATED_ONLY = ("cloq", "corda")  # methods that always read the calibration data
-TRAIN_ONLY = ("lora",)  # trained from the original checkpoint (train --method lora), nothing to decompose
+TRAIN_ONLY = ("lora", "full")  # trained from the original checkpoint (train --method lora|full), nothing to decompose
 # identity: the fields that define a study's results; the others may change on --resume / --report
 RUN_ONLY_FIELDS = ("output", "resume", "report", "device", "progress", "task_batch_size")
 
@@ -121,9 +121,10 @@ class CompareConfig:
     data_config: str | None = same_as(TrainConfig, "data_config")
     output: str = field(default="", metadata={"help": "study directory STUDY"})
     methods: str = field(default="qlora,loftq,qpissa,cloq", metadata={
-        "help": "comma-separated: lora, a decompose method (qlora, loftq, qpissa, pissa, cloq, corda, milora, "
-                "olora) or qpissa-cal / loftq-cal (calibrated); name:T sets T, e.g. qpissa:5; suffix -alloc "
-                "(qpissa: --rank-allocation error) and/or -bal (--balance-factors), e.g. qpissa-alloc:5, qpissa-cal-bal:5"})
+        "help": "comma-separated: lora, full (every weight, fp32), a decompose method (qlora, loftq, qpissa, pissa, "
+                "cloq, corda, milora, olora) or qpissa-cal / loftq-cal (calibrated); name:T sets T, e.g. qpissa:5; "
+                "suffix -alloc (qpissa: --rank-allocation error) and/or -bal (--balance-factors), e.g. qpissa-alloc:5, "
+                "qpissa-cal-bal:5"})
     seeds: str = field(default="0,1,2", metadata={"help": "comma-separated training seeds (data order, LoRA init)"})
     lr: float = same_as(TrainConfig, "lr", default=2e-4)
     lr_sweep: str | None = field(default=None, metadata={
@@ -148,10 +149,17 @@ class CompareConfig:
     precision: Literal["bf16", "fp32"] = same_as(TrainConfig, "precision")
     eval_every: int = field(default=50, metadata={"help": "held-out loss every N steps (and before step 1)"})
     eval_examples: int = field(default=100, metadata={"help": "held-out examples for the loss"})
-    task: Literal["none", "gsm8k"] = field(default="none", metadata={
-        "help": "after training: none | gsm8k (answer accuracy on --eval-data, greedy)"})
-    task_limit: int | None = field(default=None, metadata={"help": "gsm8k: first N held-out rows"})
-    task_batch_size: int = field(default=8, metadata={"help": "gsm8k: prompts per generate call"})
+    task: Literal["none", "gsm8k", "classification"] = field(default="none", metadata={
+        "help": "none | gsm8k (after training: answer accuracy on --eval-data, greedy) | classification (train a "
+                "sequence-classification head, e.g. on an encoder, and score it on --eval-data: accuracy, or GLUE's "
+                "metric for --data-config)"})
+    text_field: str | None = same_as(TrainConfig, "text_field")
+    text_pair_field: str | None = same_as(TrainConfig, "text_pair_field")
+    label_field: str = same_as(TrainConfig, "label_field")
+    num_labels: int | None = same_as(TrainConfig, "num_labels")
+    task_limit: int | None = field(default=None, metadata={"help": "gsm8k, classification: first N held-out rows"})
+    task_batch_size: int = field(default=8, metadata={"help": "gsm8k: prompts per generate call; classification: "
+                                                              "rows per forward"})
     max_new_tokens: int = field(default=256, metadata={"help": "gsm8k: generation budget"})
     device: Literal["auto", "cpu", "cuda"] = same_as(TrainConfig, "device", default="auto")
     resume: bool = field(default=False, metadata={"help": "finish an interrupted study (only what is missing)"})

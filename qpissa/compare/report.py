@@ -46,13 +46,14 @@ def _init(decomposed: Path) -> dict[str, Any]:
 
 def collect(study: Path) -> list[dict[str, Any]]:
     """One row per cell of the stored grid, complete or not (status says which)."""
-    from qpissa.compare.config import CompareConfig
+    from qpissa.compare.config import TRAIN_ONLY, CompareConfig
     from qpissa.compare.grid import cells, decompose_dir, run_dir
 
     known = {f.name for f in fields(CompareConfig)}  # a newer version's options are not ours to read
     cfg = CompareConfig(**{k: v for k, v in json.loads((study / "study.json").read_text())["identity"].items()
                            if k in known})
-    init_loss: dict[str, float] = {}  # the init is the same for every seed and lr of a method (LoRA: B = 0)
+    init_loss: dict[str, float] = {}
+    metric_name: dict[str, str] = {}  # the init is the same for every seed and lr of a method (LoRA: B = 0)
     rows = []
     for cell in cells(cfg):
         run = run_dir(study, cell)
@@ -63,11 +64,15 @@ def collect(study: Path) -> list[dict[str, Any]]:
         if evals and evals[0][0] == 0:
             init_loss.setdefault(cell.spec.key, evals[0][1])
         gsm8k = _read_json(run / "eval" / "gsm8k_summary.json") or {}
+        classified = _read_json(run / "eval" / "classification_summary.json")
+        if classified:  # the task's headline metric (accuracy, or GLUE's: matthews, pearson, f1) in that column
+            gsm8k = {"accuracy": classified["value"]}
+            metric_name.setdefault("name", classified["metric"])
         row: dict[str, Any] = {
             "method": cell.spec.label, "seed": cell.seed, "lr": cell.lr,
             "status": "complete" if "adapter" in summary else ("running" if steps else "missing"),
             "steps": steps[-1]["step"] if steps else 0,
-            **(_init(decompose_dir(study, cell.spec)) if cell.spec.name != "lora" else
+            **(_init(decompose_dir(study, cell.spec)) if cell.spec.name not in TRAIN_ONLY else
                {"init_frobenius": None, "init_reduction_vs_qlora": None, "init_kl": 0.0}),
             "eval_loss": evals[-1][1] if evals and evals[-1][0] > 0 and "adapter" in summary else None,
             "train_loss_first": steps[0]["loss"] if steps else None,
@@ -78,9 +83,14 @@ def collect(study: Path) -> list[dict[str, Any]]:
             "peak_memory_mb": max((m.get("memory_mb", 0.0) for m in steps), default=None),
             "train_s": summary.get("elapsed_s"),
             "eval_curve": [[s, v] for s, v in evals if s > 0]}
+        if classified:  # the held-out task metric by step (train logs eval_<metric>)
+            row["task_curve"] = [[m["step"], m[f"eval_{classified['metric']}"]] for m in metrics
+                                 if f"eval_{classified['metric']}" in m]
         rows.append(row)
     for row, cell in zip(rows, cells(cfg)):
         row["init_eval_loss"] = init_loss.get(cell.spec.key)
+        if metric_name:
+            row["metric"] = metric_name["name"]
     return rows
 
 
@@ -137,7 +147,8 @@ def summary_markdown(study: Path, rows: list[dict[str, Any]], groups: list[dict[
     kl = any(g["init_kl"] for g in groups)  # measured only with --init-kl
     head = ["method", "lr", "seeds", "init Σ‖W−Ŵ‖_F reduction vs QLoRA", *(["init KL"] if kl else []),
             "init held-out loss", "held-out loss", "Δ vs QLoRA", "train loss (last 10)"]
-    head += ["accuracy", "Δ acc vs QLoRA"] if acc else []
+    metric = rows[0].get("metric", "accuracy") if rows else "accuracy"
+    head += [metric, f"Δ {'acc' if metric == 'accuracy' else metric} vs QLoRA"] if acc else []
     head += ["tokens/s", "peak MiB"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
@@ -179,8 +190,12 @@ def plot(study: Path, rows: list[dict[str, Any]], groups: list[dict[str, Any]]) 
 
     lrs = sorted({g["lr"] for g in groups})
     methods = list(dict.fromkeys(g["method"] for g in groups))
-    fig, axes = plt.subplots(1, 2 if len(lrs) > 1 else 1, figsize=(12 if len(lrs) > 1 else 7, 4.5), squeeze=False)
+    task = any(r.get("task_curve") for r in rows)  # classification: the held-out metric by step beside the loss
+    panels = 1 + (len(lrs) > 1) + task
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels if panels > 1 else 7, 4.5), squeeze=False)
     ax = axes[0][0]
+    if task:
+        _task_panel(axes[0][-1], rows, groups, methods)
     for m in methods:
         scored = {g["lr"]: g["eval_loss"].mean for g in groups if g["method"] == m and g["eval_loss"]}
         lr = min(scored, key=scored.get) if scored else lrs[0]
@@ -218,6 +233,28 @@ def plot(study: Path, rows: list[dict[str, Any]], groups: list[dict[str, Any]]) 
     with atomic_path(study / "curves.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def _task_panel(ax, rows: list[dict[str, Any]], groups: list[dict[str, Any]], methods: list[str]) -> None:
+    """Held-out task metric (accuracy, or GLUE's) vs step, mean and 95% CI band over seeds, per method at its first lr."""
+    metric = rows[0].get("metric", "accuracy")
+    for m in methods:
+        lr = next(g["lr"] for g in groups if g["method"] == m)
+        runs = [r for r in rows if r["method"] == m and r["lr"] == lr and r["status"] == "complete"]
+        steps = sorted({s for r in runs for s, _ in r.get("task_curve") or []})
+        pts = [(s, estimate([v for r in runs for t, v in r.get("task_curve") or [] if t == s])) for s in steps]
+        pts = [(s, e) for s, e in pts if e is not None]
+        if not pts:
+            continue
+        xs, mean = [s for s, _ in pts], [e.mean for _, e in pts]
+        hw = [e.half_width or 0 for _, e in pts]
+        line, = ax.plot(xs, mean, "o-", ms=3, label=m)
+        ax.fill_between(xs, [a - b for a, b in zip(mean, hw)], [a + b for a, b in zip(mean, hw)],
+                        color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"held-out {metric} (mean, 95% CI band over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def _plain(g: dict[str, Any]) -> dict[str, Any]:

@@ -57,7 +57,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
             done += 1
             _say(f"[{done}/{total}] decompose {spec.label}")
             _decompose(study, spec, cfg)
-        if cfg.eval_every > 0 and not (study / REFERENCE_FILE).exists():
+        if cfg.eval_every > 0 and cfg.task != "classification" and not (study / REFERENCE_FILE).exists():
             _say(f"[{done}/{total}] held-out loss of the original model")
             write_json(study / REFERENCE_FILE, _reference(cfg))
         first = {c.spec: c for c in reversed(grid)}  # a method's init is the same in every cell: measure it once
@@ -65,11 +65,11 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
             done += 1
             _say(f"[{done}/{total}] train {cell.spec.label} seed {cell.seed} lr {cell.lr:g}")
             _train(study, cell, cfg, eval_at_start=first[cell.spec] == cell and cfg.eval_every > 0)
-        if cfg.task == "gsm8k":
+        if cfg.task in ("gsm8k", "classification"):
             for cell in grid:
                 done += 1
-                _say(f"[{done}/{total}] gsm8k {cell.spec.label} seed {cell.seed} lr {cell.lr:g}")
-                _gsm8k(study, cell, cfg)
+                _say(f"[{done}/{total}] {cfg.task} {cell.spec.label} seed {cell.seed} lr {cell.lr:g}")
+                (_gsm8k if cfg.task == "gsm8k" else _classification)(study, cell, cfg)
         return write_outputs(study)
     finally:
         lock.release()
@@ -93,7 +93,8 @@ def _check_inputs(cfg: CompareConfig) -> CompareConfig:
     model = resolve_model(cfg.model)
     if not (model / "config.json").is_file():
         raise UserError(f"model {model}: no config.json; pass a Hugging Face model directory")
-    require_causal_lm(model, "compare")
+    if cfg.task != "classification":
+        require_causal_lm(model, "compare")
     load_records(cfg.data, TrainConfig.data_split, cfg.data_config)
     load_records(cfg.eval_data, TrainConfig.eval_split, cfg.data_config)  # the split train's held-out loss reads
     if any(s.calibrated for s in cfg.specs()) or cfg.init_kl:
@@ -191,11 +192,13 @@ def _train(study: Path, cell: Cell, cfg: CompareConfig, eval_at_start: bool) -> 
     summary = run / "summary.json"
     if summary.exists() and "adapter" in json.loads(summary.read_text()):
         return  # complete
-    lora = cell.spec.name in TRAIN_ONLY
+    baseline = cell.spec.name in TRAIN_ONLY  # lora, full: on the original checkpoint
     reset_peak_memory(resolve_device(cfg.device))  # each run's peak, not the study process's
     train(TrainConfig(
-        model=cfg.model if lora else str(decompose_dir(study, cell.spec)), method="lora" if lora else "from-out",
-        data=cfg.data, eval_data=cfg.eval_data, data_config=cfg.data_config, output=str(run), steps=cfg.steps, batch_size=cfg.batch_size,
+        model=cfg.model if baseline else str(decompose_dir(study, cell.spec)),
+        method=cell.spec.name if baseline else "from-out", task="classification" if cfg.task == "classification"
+        else "causal-lm", text_field=cfg.text_field, text_pair_field=cfg.text_pair_field, label_field=cfg.label_field,
+        num_labels=cfg.num_labels, data_config=cfg.data_config, data=cfg.data, eval_data=cfg.eval_data, output=str(run), steps=cfg.steps, batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum, lr=cell.lr, schedule=cfg.schedule, warmup_ratio=cfg.warmup_ratio,
         lora_rank=cfg.rank, data_cfg=DataConfig(template=cfg.template, max_length=cfg.max_length,
                                                 skip_long_prompts=cfg.skip_long_prompts),
@@ -218,3 +221,25 @@ def _gsm8k(study: Path, cell: Cell, cfg: CompareConfig) -> None:
                           prompt_style=style, data_config=cfg.data_config)
     summary, records = ev.evaluate_gsm8k(model, tokenizer, cfg.eval_data, gcfg)
     ev.write_results(out, "gsm8k", summary, records)
+
+
+def _classification(study: Path, cell: Cell, cfg: CompareConfig) -> None:
+    """The run's head scored on all of --eval-data (``qpissa eval --task classification``'s code path)."""
+    from qpissa.data import load_records
+    from qpissa.devices import resolve_device
+    from qpissa.train import TrainConfig
+    from qpissa.train.classifier import run_labels
+    from qpissa.use import classify_eval as ce
+    from qpissa.use import evaluate as ev
+
+    out = run_dir(study, cell) / "eval"
+    if (out / "classification_summary.json").exists():
+        return
+    base, adapter = ev.resolve_model(run_dir(study, cell))
+    labels, run_cfg = run_labels(ce.run_of(base, adapter))
+    device = resolve_device(cfg.device)
+    records = load_records(cfg.eval_data, TrainConfig.eval_split, cfg.data_config, cfg.task_limit)
+    model, tokenizer = ce.load_classifier(base, adapter, labels, device)
+    summary, rows = ce.evaluate_classification(model, tokenizer, labels, records, run_cfg, ce.ClassificationConfig(),
+                                               None, cfg.task_batch_size, device, cfg.eval_data, cfg.data_config)
+    ev.write_results(out, "classification", summary, rows)

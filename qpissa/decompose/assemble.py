@@ -15,7 +15,7 @@ from qpissa.decompose.targets import Target
 from qpissa.adapters import adapter_config, adapter_key
 from qpissa.formats import (TensorInfo, copy_side_files, load_tensor, byte_size, save_tensors, write_index,
                             write_safetensors)
-from qpissa.quant import quantization_config
+from qpissa.quant import head_skip_modules, quantization_config
 
 
 NF4_EXPERTS_FILE = "nf4-experts.safetensors"  # read by qpissa.moe (the name is also in the residual's config.json)
@@ -69,7 +69,8 @@ def assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets:
     copy_side_files(model_dir, residual_dir)
     config = json.loads((model_dir / "config.json").read_text())
     if cfg.method in QUANTIZED_METHODS:
-        config["quantization_config"] = quantization_config(cfg.spec(), sorted(others))
+        heads = [h for h in head_skip_modules([t.module for t in targets]) if h not in others]
+        config["quantization_config"] = quantization_config(cfg.spec(), sorted(others) + heads)
     experts = [t for t in targets if isinstance(t, ExpertTarget)]
     if experts and cfg.experts_dtype == "nf4" and cfg.method in QUANTIZED_METHODS:  # qpissa.moe.load reads them
         config["qpissa_nf4_experts"] = {"file": NF4_EXPERTS_FILE, "parameters": target_parameters(experts),

@@ -23,6 +23,17 @@ class TrainConfig:
     data: str = field(metadata={"help": "training data: .jsonl/.json/.parquet/.csv, a save_to_disk dir or a Hub "
                                         "dataset id org/name"})
     output: str = field(metadata={"help": "run directory RUN"})
+    task: Literal["causal-lm", "classification"] = field(default="causal-lm", metadata={
+        "help": "causal-lm: next-token fine-tuning of the response; classification: a sequence-classification head "
+                "(AutoModelForSequenceClassification; encoders such as BERT/MiniLM too) trained in full with the "
+                "adapter, --num-labels 1 = regression"})
+    text_field: str | None = field(default=None, metadata={
+        "help": "classification: the text column (default: GLUE's, e.g. sentence or sentence1/sentence2, or text)"})
+    text_pair_field: str | None = field(default=None, metadata={
+        "help": "classification: a second text column, tokenized as the pair [CLS] a [SEP] b [SEP]"})
+    label_field: str = field(default="label", metadata={"help": "classification: the label column"})
+    num_labels: int | None = field(default=None, metadata={
+        "help": "classification: number of classes (default: from the data); 1 = regression (MSE)"})
     method: Literal["from-out", "lora", "full"] = field(default="from-out", metadata={
         "help": "from-out: train OUT/adapter on OUT/residual; lora/full: baselines on an unquantized checkpoint"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out data for eval loss (file, dir or Hub id)"})

@@ -83,6 +83,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise UserError("--batch-size and --grad-accum must be at least 1")
     trackers.require(cfg.report_to)  # a missing tensorboard/wandb: one line before any data or weights are read
+    if cfg.task == "classification":
+        from qpissa.train.classifier import train_classifier
+
+        return train_classifier(cfg)
     kind_dir = Path(cfg.model) / "residual" if cfg.method == "from-out" else Path(cfg.model)
     if (kind_dir / "config.json").exists():
         require_causal_lm(kind_dir, "train")  # an encoder: one line before any data or weights are read

@@ -63,7 +63,9 @@ class PerplexityConfig:
     max_length: int = field(default=1024, metadata={"help": "perplexity: tokens per window"})
     stride: int = field(default=512, metadata={"help": "perplexity: new tokens scored per later window"})
     batch_size: int = field(default=4, metadata={"help": "windows per forward pass"})
-    text_field: str = field(default="text", metadata={"help": "perplexity: JSONL field(s), comma-separated"})
+    text_field: str | None = field(default=None, metadata={
+        "help": "perplexity: JSONL field(s), comma-separated (default text); classification: the text column "
+                "(default: the one the run was trained on)"})
     limit: int | None = field(default=None, metadata={"help": "first N documents only"})
     data_split: str = field(default="test", metadata={"help": "split when --data is a Hub dataset id"})
     data_config: str | None = field(default=None, metadata={"help": "subset (config name) of a Hub --data, e.g. "
@@ -353,7 +355,7 @@ def token_nll(model: torch.nn.Module, docs: list[list[int]], cfg: PerplexityConf
 def evaluate_perplexity(model: torch.nn.Module, tokenizer: Any, data: str | Path, cfg: PerplexityConfig,
                         progress: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(summary, per-document records): token-weighted PPL = exp(Σ NLL / Σ tokens) over the file ``data``."""
-    texts = read_texts(data, cfg.text_field, cfg.limit, cfg.data_split, cfg.data_config)
+    texts = read_texts(data, cfg.text_field or "text", cfg.limit, cfg.data_split, cfg.data_config)
     docs = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
     t0 = time.perf_counter()
     nll = token_nll(model, docs, cfg, progress)
