@@ -72,6 +72,7 @@ def test_structural_options_and_unknown_configs_use_the_meta_model(tmp_path):
     assert known_linear_modules({k: v for k, v in base.items() if k != "architectures"}) is None
 
 
+@pytest.mark.slow
 def test_decompose_imports_neither_transformers_nor_bitsandbytes(tmp_path):
     """A Llama checkpoint through the CLI in a fresh interpreter: config.json gives the targets, our CPU NF4 code
     quantizes, dequantizes and serializes (each import costs ≈1 s of a ≈5 s SmolLM2 run)."""

@@ -38,6 +38,7 @@ def _reference_grams(model, modules, seqs) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("which", ["smollm2", "minilm"])
+@pytest.mark.slow
 def test_blockwise_h_equals_whole_model_hooks(which, request, gsm8k_dir):
     """H of every target of blocks 0 and 2, collected block by block, equals hooks on the whole model; inputs
     shared by q/k/v (and gate/up) give one H object; the held-out split has its own H."""
@@ -109,6 +110,7 @@ def _run(args: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_done_when_calibrated_qpissa_kl_below_plain_below_qlora(smollm2_dir, gsm8k_dir, tmp_path):
     """`qpissa decompose SMOLLM2 --method qpissa --iters 5 --calib-data train.jsonl` starts closer to the original
     (mean token KL on held-out GSM8K, plain transformers + peft) than plain QPiSSA(5), which beats QLoRA;

@@ -183,6 +183,7 @@ def test_run_template_picks_the_prompt_style(tmp_path: Path) -> None:
     assert style == "alpaca" and "no eval counterpart" in note
 
 
+@pytest.mark.slow
 def test_chat_run_learns_and_eval_prompts_with_its_template(smollm2_decomposed, records, gsm8k_dir: Path,
                                                             tmp_path: Path) -> None:
     """`qpissa train` on chat data (template detected), 10 steps of one conversation each over two conversations

@@ -50,6 +50,7 @@ def uninterrupted(smollm2_dir, gsm8k_dir, tmp_path_factory) -> Path:
     return study
 
 
+@pytest.mark.slow
 def test_grid_outputs(uninterrupted):
     study = uninterrupted
     results = json.loads((study / "results.json").read_text())
@@ -87,6 +88,7 @@ def test_grid_outputs(uninterrupted):
     assert len(csv_rows) == 5 and csv_rows[0].startswith("method,seed,lr,status")
 
 
+@pytest.mark.slow
 def test_kill_and_resume_finishes_only_what_is_missing(uninterrupted, smollm2_dir, gsm8k_dir, tmp_path):
     study = tmp_path / "study"
     args = _args(smollm2_dir, gsm8k_dir, study)
@@ -120,6 +122,7 @@ def test_kill_and_resume_finishes_only_what_is_missing(uninterrupted, smollm2_di
             assert (ea is None) == (eb is None) and (ea is None or abs(ea - eb) < 1e-5), run
 
 
+@pytest.mark.slow
 def test_report_regenerates_from_stored_runs(uninterrupted, tmp_path):
     import shutil
 
@@ -137,6 +140,7 @@ def test_report_regenerates_from_stored_runs(uninterrupted, tmp_path):
     assert (study / "curves.png").exists()
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_keeps_the_study(uninterrupted, smollm2_dir, minilm_dir, gsm8k_dir, tmp_path):
     args = _args(smollm2_dir, gsm8k_dir, uninterrupted)
     listing = sorted(str(p) for p in uninterrupted.rglob("*"))

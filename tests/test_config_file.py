@@ -37,6 +37,7 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_train_round_trip_through_run_config_yaml(smollm2_decomposed, tiny_data: Path, tmp_path: Path) -> None:
     """3 steps with flags; then ``--config RUN/config.yaml -o RUN2`` (a flag overriding the file's output) gives the
     same losses, and writes the same config but for the output."""

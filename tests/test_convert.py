@@ -84,6 +84,7 @@ def test_same_tensors_as_peft_conversion(smollm2_decomposed, load_fp32, tmp_path
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.slow
 def test_original_plus_lora_equals_residual_plus_trained(smollm2_decomposed, converted, smollm2_dir, load_fp32,
                                                          method):
     run = smollm2_decomposed[method]
@@ -164,6 +165,7 @@ def test_mismatched_init_and_overlapping_output_are_user_errors(smollm2_decompos
         convert_pissa_to_lora(run["trained"], run["init"], run["trained"] / "sub")
 
 
+@pytest.mark.slow
 def test_cli_convert(smollm2_decomposed, tmp_path):
     run = smollm2_decomposed["qpissa"]
     cmd = [sys.executable, "-c", "from qpissa.cli import main; main()", "convert", str(run["trained"]), "--init", str(run["init"]),

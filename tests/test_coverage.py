@@ -66,6 +66,7 @@ def test_minilm_shares_match_the_files(minilm_dir, tmp_path, monkeypatch, capsys
     assert printed.index("warning: only") > printed.index("vs QLoRA")  # after the table, before the load snippet
 
 
+@pytest.mark.slow
 def test_smollm2_most_weights_4bit_no_warning(smollm2_dir, tmp_path):
     """SmolLM2-135M (tied head, bf16): all block linears 4-bit ≈ 79%; counted from the checkpoint, no warning."""
     src = counts(smollm2_dir / "model.safetensors")

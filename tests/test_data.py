@@ -42,6 +42,7 @@ def test_masking_covers_exactly_the_prompt(tokenizer, rows) -> None:
         assert "The answer is: " + rec["answer"].split("####")[-1].strip().replace(",", "") in response
 
 
+@pytest.mark.slow
 def test_prompt_tokens_are_out_of_the_loss(smollm2_dir, tokenizer, rows) -> None:
     """HF's causal-LM loss with our labels == mean CE over response positions computed by hand."""
     import torch

@@ -121,6 +121,7 @@ EMBED = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_outputs_are_closer_to_the_original_than_qlora(minilm_t5, minilm_dir, tmp_path):
     script = tmp_path / "embed.py"
     script.write_text(EMBED.format(sentences=SENTENCES))
@@ -139,6 +140,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_identical_files(minilm_dir, tmp_path):
     args = [str(minilm_dir), "--method", "qpissa", "--rank", "8", "--iters", "2", "--targets", "query",
             "--targets", "value", "--no-loftq-baseline"]
@@ -162,6 +164,7 @@ def test_resume_after_kill_gives_identical_files(minilm_dir, tmp_path):
     assert manifest["status"] == "complete" and len(manifest["tensors"]) == 12
 
 
+@pytest.mark.slow
 def test_llama_sharded_checkpoint(smollm2_dir, tmp_path):
     """SmolLM2 (Llama) re-saved as 3 shards with an index: Llama target names, sharded output, plain load."""
     src = tmp_path / "sharded"
@@ -195,6 +198,7 @@ def test_llama_sharded_checkpoint(smollm2_dir, tmp_path):
             assert err == pytest.approx(by_module[module]["method"]["frobenius"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_gpt2_conv1d_layout(tmp_path):
     """GPT-2 stores Conv1D weights in×out: the NF4 residual must be out×in for Linear4bit, fan_in_fan_out set."""
     from transformers import GPT2Config, GPT2LMHeadModel

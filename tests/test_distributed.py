@@ -112,6 +112,7 @@ def test_fragments_newest_entry_wins_and_a_missing_rank_is_reported(tmp_path):
 
 # --- real runs -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_ranks_write_the_single_process_files(reference, minilm_dir, tmp_path):
     out = tmp_path / "dist"
     proc = torchrun(tmp_path, str(minilm_dir), "-o", str(out), *CLI_ARGS)
@@ -124,6 +125,7 @@ def test_two_ranks_write_the_single_process_files(reference, minilm_dir, tmp_pat
         list(json.loads((reference / "manifest.json").read_text())["tensors"])
 
 
+@pytest.mark.slow
 def test_resume_across_process_counts(reference, minilm_dir, tmp_path):
     """A 1-process run cut after 5 parts, resumed by 2 ranks; a 2-rank run's fragments, resumed by 1 process."""
     cut = tmp_path / "cut"
@@ -160,6 +162,7 @@ def test_resume_across_process_counts(reference, minilm_dir, tmp_path):
     assert list(json.loads((cut / "manifest.json").read_text())["tensors"]) == modules
 
 
+@pytest.mark.slow
 def test_an_error_on_one_rank_stops_all_with_one_clear_line(tmp_path):
     """NaN in a tensor that rank 1 owns: both ranks exit 2 with the same message; nothing is assembled."""
     from transformers import BertConfig, BertModel

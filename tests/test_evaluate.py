@@ -34,6 +34,7 @@ def _manual_nll(model, ids: list[int]) -> torch.Tensor:
     return torch.logsumexp(logits, -1) - logits[torch.arange(len(ids) - 1), x[0, 1:]]
 
 
+@pytest.mark.slow
 def test_perplexity_of_a_sentence_matches_manual_cross_entropy(smol, tmp_path):
     model, tok = smol
     (tmp_path / "s.txt").write_text(SENTENCE)
@@ -57,6 +58,7 @@ def test_windows_score_every_token_once(n, max_length, stride):
     assert scored == list(range(1, n))
 
 
+@pytest.mark.slow
 def test_sliding_windows_and_padded_batches(smol, gsm8k_dir, tmp_path):
     """Several documents, short windows, padded batches: counts exact, first window = full-context NLL,
     and batch size 2 (right padding) equals batch size 1."""
@@ -75,6 +77,7 @@ def test_sliding_windows_and_padded_batches(smol, gsm8k_dir, tmp_path):
                                    rtol=0, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_gsm8k_batched_greedy_equals_one_at_a_time(smol, gsm8k_dir, tmp_path):
     model, tok = smol
     cfg = ev.Gsm8kConfig(limit=3, batch_size=3, max_new_tokens=10, prompt_style="chat")
@@ -113,6 +116,7 @@ def test_resolve_model_layouts(smollm2_decomposed, smollm2_dir, tmp_path):
         ev.resolve_model(tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_eval_perplexity_on_a_decompose_run(smollm2_decomposed, gsm8k_dir, tmp_path):
     """NF4 residual + PiSSA adapter, loaded by plain transformers+peft through the CLI."""
     run = smollm2_decomposed["qpissa"]

@@ -103,6 +103,7 @@ def test_hub_id_or_path(tmp_path, monkeypatch):
         load_records(tmp_path / "missing.jsonl")
 
 
+@pytest.mark.slow
 def test_decompose_and_plan_by_hub_id(hf_home: Path, tmp_path: Path) -> None:
     """decompose org/name (calibrated on a Hub dataset subset) and plan org/name (config.json, pinned commit)."""
     out = tmp_path / "out"
@@ -121,6 +122,7 @@ def test_decompose_and_plan_by_hub_id(hf_home: Path, tmp_path: Path) -> None:
     assert json.loads(plan_json.read_text())["model_type"] == "bert"
 
 
+@pytest.mark.slow
 def test_train_and_eval_by_hub_id(hf_home: Path, tmp_path: Path) -> None:
     """train --method lora org/name --data org/name (train split; --eval-data: its test split), eval org/name with
     the run's adapter on a Hub dataset; the adapter names the Hub id as its base (portable, as PEFT records org/name),
@@ -150,6 +152,7 @@ def test_train_and_eval_by_hub_id(hf_home: Path, tmp_path: Path) -> None:
     assert base == summary["model"] and adapter == str(run / "adapter")
 
 
+@pytest.mark.slow
 def test_unresolvable_ids_are_one_line(hf_home: Path, tmp_path: Path) -> None:
     """Neither a folder nor in reach: one line naming the local path and the Hub id tried, and the fixes."""
     line = _one_error_line(_run(["decompose", "acme/missing", "-o", str(tmp_path / "o")], hf_home, tmp_path))

@@ -63,6 +63,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no_dropout", "dropout"])
+@pytest.mark.slow
 def test_triton_backend_matches_bnb_peft(tiny_llama_dir, dropout):
     model = _peft_4bit(tiny_llama_dir, dropout)
     ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(2))
@@ -85,6 +86,7 @@ def test_triton_backend_matches_bnb_peft(tiny_llama_dir, dropout):
     assert torch.equal(logits_back, logits_bnb)
 
 
+@pytest.mark.slow
 def test_triton_backend_bf16_compute(tiny_llama_dir):
     """bf16 compute dtype: base matmul rounds like bnb; LoRA runs in bf16 (PEFT keeps it fp32)."""
     model = _peft_4bit(tiny_llama_dir, 0.0, compute=torch.bfloat16)
@@ -97,6 +99,7 @@ def test_triton_backend_bf16_compute(tiny_llama_dir):
         assert _rel(grads_tri[name], g) < 5e-2, name
 
 
+@pytest.mark.slow
 def test_fallback_without_triton_runtime(tiny_llama_dir, tmp_path):
     """No CUDA and no TRITON_INTERPRET: one warning line, 0 layers patched, model still trains on bnb."""
     script = f"""

@@ -49,6 +49,7 @@ IDS = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.slow
 def test_merge_fp32_weights_and_logits(smollm2_decomposed, expected, tmp_path, method):
     from transformers import AutoModelForCausalLM
 
@@ -68,6 +69,7 @@ def test_merge_fp32_weights_and_logits(smollm2_decomposed, expected, tmp_path, m
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.slow
 def test_merge_requantized_nf4(smollm2_decomposed, expected, tmp_path, method):
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
@@ -104,6 +106,7 @@ def test_merge_requantized_nf4(smollm2_decomposed, expected, tmp_path, method):
         assert torch.isfinite(model(input_ids=IDS).logits).all()
 
 
+@pytest.mark.slow
 def test_cli_merge_default_bf16_and_refuses_existing(smollm2_decomposed, expected, tmp_path):
     run = smollm2_decomposed["qpissa"]
     cmd = [sys.executable, "-c", "from qpissa.cli import main; main()", "merge", str(run["residual"]),
@@ -126,6 +129,7 @@ def test_adapter_for_another_model_is_a_user_error(smollm2_decomposed, minilm_di
         merge(minilm_dir, run["trained"], tmp_path / "x")
 
 
+@pytest.mark.slow
 def test_requantization_that_erases_the_finetuning_warns(smollm2_decomposed, tmp_path):
     """merge --quantize nf4 --init: a warning (stderr) exactly when ‖requant error‖ > ‖s·(BA − B₀A₀)‖; table on stdout."""
     run = smollm2_decomposed["qpissa"]

@@ -63,6 +63,7 @@ def test_qlora_keeps_the_nf4_of_w_and_a_zero_update(w):
 
 
 @pytest.mark.parametrize("alpha,rslora", [(16, False), (64, False), (16, True)])
+@pytest.mark.slow
 def test_qpissa_and_loftq_beat_qlora_for_any_scale(w, alpha, rslora):
     s = adapter_scale(16, alpha, rslora)
     base = frob(w - nf4_roundtrip(w)[1])
@@ -105,6 +106,7 @@ def test_error_norm_fields_are_consistent(w):
     assert n["spectral"] <= n["frobenius"] <= n["nuclear"]
 
 
+@pytest.mark.slow
 def test_randomized_warm_started_iterations_match_exact_svd(w):
     """Iterations 2..T and the refit warm-start the randomized SVD from the previous A (one power
     iteration); the result must stay within 0.5% of the exact-SVD error."""

@@ -139,6 +139,7 @@ def test_weighted_fit_reaches_the_eckart_young_bound_and_beats_other_rank_r_corr
         assert best < output_error(e - 0.1 * rand, wh)
 
 
+@pytest.mark.slow
 def test_weighted_fit_matches_a_numerical_optimizer():
     """Gradient descent on (A, B) from a random start cannot beat the closed form and gets close to it."""
     g = torch.Generator().manual_seed(4)
@@ -195,6 +196,7 @@ def test_calibrated_qpissa_t1_is_the_principal_part_in_the_h_norm(w, h):
     torch.testing.assert_close(init.base(), nf4_roundtrip(w - init.b @ init.a)[1])
 
 
+@pytest.mark.slow
 def test_calibrated_qpissa_keeps_the_best_iterate_by_output_error_and_beats_the_rest(w, h, h_out):
     cal = qpissa(w, 16, 2.0, iters=5, h=h)
     hist = cal.info["output_error_by_iter"]

@@ -227,6 +227,7 @@ def test_resume_recomputes_lost_experts_byte_identical(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("experts_dtype", ["nf4", "bfloat16"])
+@pytest.mark.slow
 def test_merge_writes_the_save_pretrained_layout(experts_dtype, tiny, tmp_path):
     """merge: per-expert tensors under the source's names (Mixtral w1/w3/w2), loaded by plain transformers with
     logits equal to the decomposed model (residual + adapter) as qpissa.moe.load builds it."""
@@ -253,6 +254,7 @@ def test_merge_writes_the_save_pretrained_layout(experts_dtype, tiny, tmp_path):
     assert float((a - ref).norm()) < 0.2 * float(ref.norm())  # near the original: residual + principal part ≈ W
 
 
+@pytest.mark.slow
 def test_convert_gives_a_lora_on_the_original_moe(tiny, tmp_path):
     """convert: original model + the rank-2r LoRA (experts included, per expert) == residual + "trained" adapter;
     PiSSA with bf16 experts so that residual + s·B₀·A₀ = W up to bf16 and the comparison is exact."""

@@ -29,6 +29,7 @@ def cfg_for(out: Path, data: Path, run: Path, **kw) -> TrainConfig:
     return TrainConfig(**(base | kw))
 
 
+@pytest.mark.slow
 def test_train_keeps_experts_4bit_and_changes_only_adapters(moe_out, tiny_data, tmp_path):
     from qpissa.moe import resident_bytes
 
@@ -49,6 +50,7 @@ def test_train_keeps_experts_4bit_and_changes_only_adapters(moe_out, tiny_data, 
     assert held == held_before and held < 0.3 * dense, (held, dense)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_losses(moe_out, tiny_data, tmp_path):
     full = train(cfg_for(moe_out, tiny_data, tmp_path / "full"))
     assert full["steps"] == 3
@@ -60,6 +62,7 @@ def test_resume_reproduces_losses(moe_out, tiny_data, tmp_path):
     assert len(got) == 3 and max(abs(a - b) for a, b in zip(want, got)) < 1e-5, (want, got)
 
 
+@pytest.mark.slow
 def test_calibrated_method_falls_back_on_experts_and_says_so(moe_out, gsm8k_dir, tmp_path):
     """cloq with calibration data: attention is calibrated, every expert runs uncalibrated LoftQ (T=1 LoftQ is CLoQ
     with H = I), and the report counts the fallbacks instead of hiding them."""
@@ -75,6 +78,7 @@ def test_calibrated_method_falls_back_on_experts_and_says_so(moe_out, gsm8k_dir,
     assert "16 of them fell back to the uncalibrated loftq" in (tmp_path / "cal" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_eval_perplexity_on_moe_out(moe_out, gsm8k_dir, tmp_path, monkeypatch):
     """qpissa eval on an MoE decompose output: loads through qpissa.moe (experts 4-bit) and writes a finite perplexity."""
     import sys

@@ -62,6 +62,7 @@ def _sum_sq(report: dict) -> float:
 
 
 @pytest.mark.parametrize("which", ["minilm", "smollm2"])
+@pytest.mark.slow
 def test_error_allocation_beats_uniform_at_equal_params(which, minilm_dir, request, tmp_path):
     model, targets = (minilm_dir, MINILM_TARGETS) if which == "minilm" else \
         (request.getfixturevalue("smollm2_dir"), SMOLLM2_TARGETS)
@@ -123,6 +124,7 @@ def test_rank_pattern_loads_in_plain_peft(minilm_dir, tmp_path):
         assert torch.allclose(frozen, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
 
 
+@pytest.mark.slow
 def test_resume_is_byte_identical(minilm_dir, tmp_path):
     """Interrupted during the curves (half measured, no allocation yet) or during the outputs: the same files."""
     full = tmp_path / "full"
@@ -179,6 +181,7 @@ def test_balance_factors_keeps_product_exactly():
     assert float(before.min()) < 1e-4  # it was badly unbalanced
 
 
+@pytest.mark.slow
 def test_calibrated_allocation_uses_output_error(smollm2_dir, gsm8k_dir, tmp_path):
     """With --calib-data the curves are output errors ‖E·H^½‖ (measured with the calibration H, two passes of the
     block walk), the greedy choice still matches, and the balanced calibrated factors keep B·A."""

@@ -50,6 +50,7 @@ def test_python_c_at_the_repository_root_imports_hf_kernels_and_ours():
     assert theirs == "None" or not Path(theirs).resolve().is_relative_to(PROJECT_ROOT)
 
 
+@pytest.mark.slow
 def test_python_m_pytest_collects_at_the_repository_root():
     """The reported failure: collecting a test that imports transformers' hub integration (kept to that file:
     collecting the whole suite takes ~15 s on a busy CI machine and tests nothing more)."""

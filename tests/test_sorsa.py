@@ -40,6 +40,7 @@ def test_zero_on_pissa_factors() -> None:
     assert float(orthonormal_penalty(a + 0.1 * torch.randn_like(a), b)) > 1e-3
 
 
+@pytest.mark.slow
 def test_gradient_matches_finite_differences() -> None:
     a, b = factors(2)
     a.requires_grad_(True), b.requires_grad_(True)

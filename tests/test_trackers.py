@@ -29,6 +29,7 @@ def test_unknown_or_missing_tracker_is_one_line(tmp_path: Path, monkeypatch) -> 
             train(cfg)  # before the data (missing here) and the model are looked at
 
 
+@pytest.mark.slow
 def test_tensorboard_matches_metrics_and_resume_purges(smollm2_decomposed, tiny_data: Path, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

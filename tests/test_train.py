@@ -77,6 +77,7 @@ def read_losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_loss_decreases(trained) -> None:
     assert trained["loss_after"] < trained["loss_before"] - 0.05, (trained["loss_before"], trained["loss_after"])
     run = Path(trained["cfg"].output)
@@ -86,6 +87,7 @@ def test_loss_decreases(trained) -> None:
     assert (run / "loss.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_frozen_base_is_bit_identical(trained, decomposed: Path) -> None:
     before, after = trained["before_state"], trained["after_state"]
     assert before.keys() == after.keys()
@@ -102,6 +104,7 @@ def test_frozen_base_is_bit_identical(trained, decomposed: Path) -> None:
         assert torch.equal(stored[name], after[key]), key
 
 
+@pytest.mark.slow
 def test_only_adapter_parameters_get_gradients(trained) -> None:
     model, with_grad = trained["model"], trained["with_grad"]
     lora = {n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
@@ -110,6 +113,7 @@ def test_only_adapter_parameters_get_gradients(trained) -> None:
     assert {n for n, p in model.named_parameters() if p.requires_grad} == lora
 
 
+@pytest.mark.slow
 def test_adapter_loads_in_plain_peft_with_same_logits(trained, decomposed: Path, tmp_path: Path) -> None:
     run = Path(trained["cfg"].output)
     ids = torch.tensor([trained["examples"][0].input_ids[:48]])
@@ -151,6 +155,7 @@ def test_adapter_loads_in_plain_peft_with_same_logits(trained, decomposed: Path,
     assert max(float((final[k].float() - init[k].float()).abs().max()) for k in init) > 1e-4
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(trained, decomposed, tiny_data, tmp_path: Path) -> None:
     full_run = Path(trained["cfg"].output)
     assert sorted(p.name for p in full_run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # keep 2
@@ -175,6 +180,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(decomposed, tiny_data, tm
     assert ckpts and not (tmp_path / "nan" / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_bad_inputs(decomposed: Path, tiny_data: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -203,6 +209,7 @@ def test_bad_inputs(decomposed: Path, tiny_data: Path, tmp_path: Path) -> None:
     assert len(lines) == 1 and "'solution' is missing" in lines[0], proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_lora_and_full_baselines(smollm2_dir: Path, tiny_data: Path, tmp_path: Path) -> None:
     """--method lora (8-bit AdamW, gradient checkpointing) and --method full on the unquantized checkpoint."""
     lora = train(make_cfg(smollm2_dir, tiny_data, tmp_path / "lora", method="lora", lora_rank=4, steps=2,

@@ -17,6 +17,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 from qpissa.data import DataConfig
@@ -35,6 +36,7 @@ def adapter(run: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in load_file(str(run / "adapter" / "adapter_model.safetensors")).items()}
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process_with_double_batch(smollm2_decomposed, tiny_data: Path,
                                                             tmp_path: Path) -> None:
     out = smollm2_decomposed["qpissa"]["out"]
