@@ -94,3 +94,32 @@ def test_eval_perplexity_on_moe_out(moe_out, gsm8k_dir, tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "ppl" / "perplexity_summary.json").read_text())
     ppl = summary.get("perplexity")
     assert ppl is not None and 1 < ppl < float("inf"), summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+def test_train_on_every_family_keeps_experts_4bit(family, smollm2_dir, tiny_data, tmp_path):
+    """The other two families (Qwen3-MoE above): 2 steps after a default decompose; only adapter tensors change,
+    expert LoRA included, and the experts' held bytes stay NF4-sized."""
+    from qpissa.decompose import decompose
+    from qpissa.moe import resident_bytes
+
+    src = build(family, tmp_path / "src", tokenizer=smollm2_dir)
+    decompose(src, tmp_path / "out", rank=4, progress=False)
+    cfg = replace(cfg_for(tmp_path / "out", tiny_data, tmp_path / "run"), steps=2)
+    model, tok = load_model(cfg)[:2]
+    experts = [m for _, m in model.named_modules() if type(m).__name__.endswith("Experts")]
+    assert len(experts) == 2, [type(m).__name__ for m in experts]
+    held_before = sum(resident_bytes(m) for m in experts)
+    from safetensors import safe_open
+
+    with safe_open(str(src / "model.safetensors"), "pt") as f:  # bf16 bytes of every expert matrix in the source
+        dense = sum(2 * f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys()
+                    if ".experts." in k)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fit(cfg, model, tok, build_examples(load_records(tiny_data), tok, cfg.data_cfg), [])
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    assert any(".experts." in k for k in changed)  # the expert LoRA trained
+    assert sum(resident_bytes(m) for m in experts) == held_before < 0.3 * dense, (held_before, dense)
