@@ -209,5 +209,5 @@ def test_committed_study_regenerates_from_its_stored_runs(tmp_path):
         result = write_outputs(study)
         assert result == json.loads((committed / "results.json").read_text())
         assert (study / "summary.md").read_text() == (committed / "summary.md").read_text()
-        # alloc: seeds 0 and 1 only (seed 2 was stopped; a --resume finishes it)
+        # alloc: seeds 0 and 1 only (seed 2 was stopped before it ran; docs/benchmarks.md says so)
         assert all(r["status"] == "complete" for r in result["runs"] if name != "alloc" or r["seed"] != 2)
