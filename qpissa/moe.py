@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from qpissa.errors import UserError
+from qpissa.quant import absmax_fp32
 
 CONFIG_KEY = "qpissa_nf4_experts"  # written by decompose into OUT/residual/config.json
 
@@ -37,14 +38,11 @@ class NF4ExpertStack(nn.Module):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """(E, out, in) in ``dtype``, one expert at a time (fp32 temporaries of one expert only)."""
-        out, inp = self.shape
-        n = out * inp
-        result = torch.empty(self.packed.shape[0], out, inp, dtype=dtype, device=self.packed.device)
+        from qpissa.nf4_cpu import dequantize_nf4_cpu  # plain torch, any device: code[q]·absmax in flat order
+
+        result = torch.empty(self.packed.shape[0], *self.shape, dtype=dtype, device=self.packed.device)
         for e in range(self.packed.shape[0]):
-            codes = torch.stack([self.packed[e] >> 4, self.packed[e] & 15], dim=-1).reshape(-1)[:n].long()  # (n,)
-            values = self.code[codes]  # (n,) fp32
-            scale = self.absmax[e].repeat_interleave(self.blocksize)[:n]  # (n,)
-            result[e] = (values * scale).reshape(out, inp).to(dtype)
+            result[e] = dequantize_nf4_cpu(self.packed[e], self.absmax[e], self.code, self.blocksize, self.shape)
         return result
 
 
@@ -57,11 +55,8 @@ def stack_from_state(states: list[dict[str, torch.Tensor]], shape: tuple[int, in
         qs = bnbf.QuantState.from_dict({k: v for k, v in state.items() if k}, device=torch.device("cpu"))
         if qs.quant_type != "nf4":
             raise UserError(f"expert weights must be NF4, found {qs.quant_type}")
-        am = qs.absmax.float()
-        if qs.nested:
-            am = bnbf.dequantize_blockwise(qs.absmax, qs.state2).float() + qs.offset
         packed.append(state[""].reshape(-1))
-        absmax.append(am)
+        absmax.append(absmax_fp32(qs))  # double quant undone as bitsandbytes does
         code, blocksize = qs.code.float(), int(qs.blocksize)
     return NF4ExpertStack(torch.stack(packed), torch.stack(absmax), code, blocksize, shape)
 

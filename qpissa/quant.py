@@ -116,14 +116,14 @@ def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
     """Dequantize to fp32 exactly as the loaded Linear4bit does (on the CPU with
     :func:`qpissa.nf4_cpu.dequantize_nf4_cpu`: the same products, blocks read in flat order)."""
     if q.packed.device.type == "cpu":
-        return nf4_cpu.dequantize_nf4_cpu(q.packed, _absmax(q.state), q.state.code.float(), q.state.blocksize,
+        return nf4_cpu.dequantize_nf4_cpu(q.packed, absmax_fp32(q.state), q.state.code.float(), q.state.blocksize,
                                           tuple(q.shape))
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(q.packed, q.state).float()
 
 
-def _absmax(state) -> torch.Tensor:
+def absmax_fp32(state) -> torch.Tensor:
     """The fp32 absmax of a quant state, the second level undone as bitsandbytes' ``dequantize_4bit`` does."""
     if not state.nested:
         return state.absmax.float()
@@ -183,7 +183,7 @@ def dequantized_rows(q: NF4Tensor, rows: int | None = None) -> Iterator[tuple[sl
     if q.packed.device.type != "cpu" or n % bs or n % 2:
         yield slice(0, m), dequantize_nf4(q)
         return
-    absmax, code = _absmax(q.state), q.state.code.float()  # (blocks,) fp32, (16,)
+    absmax, code = absmax_fp32(q.state), q.state.code.float()  # (blocks,) fp32, (16,)
     per_row = n // bs  # blocks per row
     rows = rows or max(1, CHUNK_ELEMENTS // n)
     for i in range(0, m, rows):
