@@ -34,6 +34,15 @@ def atomic_path(dest: str | os.PathLike, durable: bool = True) -> Iterator[Path]
             tmp_path.unlink()
 
 
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files ``atomic_path`` left in ``folder`` when a process was killed mid-write (SIGKILL
+    skips the cleanup); call it only while no other writer uses the folder (under the output lock)."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file() and p.name.count(".") >= 3]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def write_bytes(dest: str | os.PathLike, data: bytes) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_bytes(data)

@@ -215,3 +215,37 @@ def test_side_folders_results_on_stdout_and_encoder_snippet(monkeypatch, capsys,
     exec(snippet, scope)  # noqa: S102 - the exact text we print
     assert type(scope["model"]).__name__ == "PeftModel"
     assert scope["model"].base_model.model.encoder.layer[0].attention.self.query.base_layer.weight.dtype == torch.uint8
+
+
+KILLED_MID_WRITE = '''
+import os, signal, sys
+from qpissa.atomic import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_bytes(b"half a part")
+    os.kill(os.getpid(), signal.SIGKILL)  # the finally clause never runs, as in a real kill -9
+'''
+
+
+def test_resume_removes_the_temp_file_a_killed_write_left(monkeypatch, capsys, tiny_bert, tmp_path):
+    """A kill -9 inside an atomic write leaves ``.NAME.XXXX.tmp``; --resume deletes it (and keeps the rest)."""
+    files = lambda root: {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+                          if p.is_file() and p.name != "manifest.json" and "lock" not in p.name}
+    cut = tmp_path / "o"
+    assert run_cli(monkeypatch, capsys, str(tiny_bert), "-o", str(cut), "--rank", "4")[0] == 0
+    full = files(cut)
+    for name in ("adapter", "residual", "report.json"):  # as if killed before assembling
+        p = cut / name
+        __import__("shutil").rmtree(p) if p.is_dir() else p.unlink()
+    manifest = json.loads((cut / "manifest.json").read_text())
+    manifest["status"] = "running"
+    (cut / "manifest.json").write_text(json.dumps(manifest))
+    for dest in (cut / ".parts" / "00001.safetensors", cut / "report.md"):
+        proc = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(dest)], cwd=tmp_path)
+        assert proc.returncode == -9
+    stale = sorted(p.name for p in cut.rglob(".*.tmp"))
+    assert len(stale) == 2, stale
+    assert run_cli(monkeypatch, capsys, str(tiny_bert), "-o", str(cut), "--rank", "4", "--resume")[0] == 0
+    assert not list(cut.rglob("*.tmp"))
+    a, b = full, files(cut)
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []

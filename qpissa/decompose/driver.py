@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from qpissa import __version__, distributed
-from qpissa.atomic import write_json
+from qpissa.atomic import remove_stale_temps, write_json
 from qpissa.devices import resolve_device
 from qpissa.errors import UserError
 from qpissa.formats import TensorInfo, is_within, load_tensor, save_tensors, scan_checkpoint
@@ -155,6 +155,8 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
                     "arguments": cfg.identity(), "architecture": arch, "status": "running", "tensors": {}}
     manifest["tensors"].update(known)
     if d.is_main:
+        for folder in (out_dir, parts_dir, out_dir / "residual", out_dir / "adapter"):  # a kill -9 mid-write leaves its temp file; no rank writes yet
+            remove_stale_temps(folder)
         write_json(out_dir / "manifest.json", manifest)
     distributed.agree(d, None)  # manifest.json exists before any rank writes a part (a resume needs it)
     ranks = None
