@@ -62,20 +62,75 @@ def test_resume_reproduces_losses(moe_out, tiny_data, tmp_path):
     assert len(got) == 3 and max(abs(a - b) for a, b in zip(want, got)) < 1e-5, (want, got)
 
 
-@pytest.mark.slow
-def test_calibrated_method_falls_back_on_experts_and_says_so(moe_out, gsm8k_dir, tmp_path):
-    """cloq with calibration data: attention is calibrated, every expert runs uncalibrated LoftQ (T=1 LoftQ is CLoQ
-    with H = I), and the report counts the fallbacks instead of hiding them."""
-    from qpissa.decompose import decompose
+def _routed_grams(src: Path, seqs: list[torch.Tensor], layer: int) -> dict[int, tuple[int, torch.Tensor, torch.Tensor]]:
+    """Independent per-expert statistics of one layer: the whole model in fp32 (no block streaming), the router's
+    top-k read from ``mlp.gate``'s output, the hidden states from ``mlp``'s input, gate/up/down from the per-expert
+    checkpoint tensors and an explicit SiLU. expert → (tokens, H of gate_up's input, H of down's input)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
-    rep = decompose(moe_out.parent / "src", tmp_path / "cal", rank=4, method="cloq",
-                    calib_data=str(gsm8k_dir / "train.jsonl"), calib_samples=4, calib_holdout=2, calib_seq_len=32,
-                    progress=False)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    mlp = model.model.layers[layer].mlp
+    seen: dict[str, list[torch.Tensor]] = {"x": [], "top": []}
+    h1 = mlp.register_forward_pre_hook(lambda m, a: seen["x"].append(a[0].reshape(-1, a[0].shape[-1])))
+    h2 = mlp.gate.register_forward_hook(lambda m, a, out: seen["top"].append(out[2].reshape(-1, out[2].shape[-1])))
+    with torch.no_grad():
+        for ids in seqs:
+            model(input_ids=ids)
+    h1.remove(), h2.remove()
+    x, top = torch.cat(seen["x"]).double(), torch.cat(seen["top"])
+    weights = load_file(src / "model.safetensors")
+    out = {}
+    for e in range(4):
+        xe = x[(top == e).any(-1)]
+        w = lambda n: weights[f"model.layers.{layer}.mlp.experts.{e}.{n}.weight"].double()  # noqa: E731
+        inner = torch.nn.functional.silu(xe @ w("gate_proj").T) * (xe @ w("up_proj").T)
+        out[e] = (xe.shape[0], xe.T @ xe, inner.T @ inner)
+    return out
+
+
+@pytest.mark.slow
+def test_experts_are_calibrated_on_their_routed_tokens(moe_out, gsm8k_dir, tmp_path):
+    """Per-expert H from the tokens the router sends each expert, against an independent whole-model computation;
+    an expert routed fewer than --calib-expert-tokens falls back to the uncalibrated method and the report counts it."""
+    from qpissa.decompose import DecomposeConfig, decompose
+    from qpissa.decompose.calibration import BlockwiseCalibrator, load_calibration
+    from qpissa.decompose.experts import find_experts
+    from qpissa.decompose.targets import find_targets
+    from qpissa.formats import scan_checkpoint
+
+    src = moe_out.parent / "src"
+    data = load_calibration(src, gsm8k_dir / "train.jsonl", 4, 2, 32)
+    tensors = scan_checkpoint(src)
+    targets = find_targets(src, tensors, None)[0] + find_experts(tensors)[0]
+    calibrator = BlockwiseCalibrator(src, tensors, targets, data)
+    want = _routed_grams(src, data.calib, layer=1)
+    for e, (tokens, h_gate_up, h_down) in want.items():
+        got_gu, _ = calibrator.stats(f"model.layers.1.mlp.experts.{e}.gate_up_proj")
+        got_down, _ = calibrator.stats(f"model.layers.1.mlp.experts.{e}.down_proj")
+        assert tokens > 0 and got_gu is not None
+        torch.testing.assert_close(got_gu, h_gate_up, rtol=1e-4, atol=1e-4 * h_gate_up.abs().max().item())
+        torch.testing.assert_close(got_down, h_down, rtol=1e-4, atol=1e-4 * h_down.abs().max().item())
+
+    counts = sorted(n for n, _, _ in want.values())
+    threshold = counts[1] + 1  # the two least-routed experts of layer 1 fall back
+    low = sum(n < threshold for n, _, _ in want.values())
+    low += sum(n < threshold for n, _, _ in _routed_grams(src, data.calib, layer=0).values())
+    rep = decompose(src, tmp_path / "cal", config=DecomposeConfig(
+        rank=4, method="cloq", calib_data=str(gsm8k_dir / "train.jsonl"), calib_samples=4, calib_holdout=2,
+        calib_seq_len=32, calib_expert_tokens=threshold, progress=False))
     experts = [m for m in rep["modules"] if ".experts." in m["module"]]
-    assert rep["experts"]["calibration_fallback"] == len(experts) == 16 and rep["experts"]["method"] == "loftq"
-    assert all(m["expert"]["method"] == "loftq" and m["expert"]["fallback"] for m in experts)
-    assert all(m.get("output") for m in rep["modules"] if ".experts." not in m["module"])  # attention: calibrated
-    assert "16 of them fell back to the uncalibrated loftq" in (tmp_path / "cal" / "report.md").read_text()
+    fell = [m for m in experts if m["expert"]["fallback"]]
+    assert len(experts) == 16 and len(fell) == 2 * low and rep["experts"]["calibration_fallback"] == 2 * low
+    assert rep["experts"]["calibrated"] == 16 - 2 * low and rep["experts"]["method"] == "cloq"
+    assert all(m["expert"]["method"] == "loftq" for m in fell)
+    calibrated = [m for m in experts if m["expert"]["calibrated"]]
+    assert all(m["expert"]["method"] == "cloq" and m.get("output") for m in calibrated)
+    # the calibrated expert's output error on its held-out routed tokens is below QLoRA's on the same tokens
+    assert all(m["output"]["method"] < m["output"]["qlora"] for m in calibrated)
+    text = (tmp_path / "cal" / "report.md").read_text()
+    assert f"{16 - 2 * low} calibrated on the tokens routed" in text
+    assert f"{2 * low} of them fell back to the uncalibrated loftq" in text
 
 
 @pytest.mark.slow
@@ -123,3 +178,24 @@ def test_train_on_every_family_keeps_experts_4bit(family, smollm2_dir, tiny_data
     assert changed and all("lora_" in k for k in changed)
     assert any(".experts." in k for k in changed)  # the expert LoRA trained
     assert sum(resident_bytes(m) for m in experts) == held_before < 0.3 * dense, (held_before, dense)
+
+
+@pytest.mark.slow
+def test_compare_runs_on_an_moe_model(moe_out, gsm8k_dir, tmp_path):
+    """qpissa compare on the tiny Qwen3-MoE: every method's decompose quantizes the experts, each run trains and
+    evaluates through qpissa.moe, and the summary has QPiSSA's init error far below QLoRA's."""
+    from qpissa.compare import CompareConfig, compare
+
+    study = tmp_path / "study"
+    compare(CompareConfig(model=str(moe_out.parent / "src"), data=str(gsm8k_dir / "train.jsonl"),
+                          eval_data=str(gsm8k_dir / "test.jsonl"), methods="qlora,qpissa", seeds="0", steps=2,
+                          rank=16, batch_size=2, max_length=96, skip_long_prompts=True, eval_every=2, eval_examples=4,
+                          output=str(study), progress=False))
+    runs = {r["method"]: r for r in json.loads((study / "results.json").read_text())["runs"]}
+    assert all(r["status"] == "complete" and r["eval_loss"] is not None for r in runs.values())
+    assert runs["qpissa(5)"]["init_reduction_vs_qlora"] > 0.5
+    for name in ("qlora", "qpissa-T5"):
+        rep = json.loads((study / "decompose" / name / "report.json").read_text())
+        assert rep["experts"]["matrices"] == 16 and rep["experts"]["residual"] == "nf4"
+        experts = 2 * 4 * (2 * 64 * 64 + 64 * 64)  # layers × experts × (gate_up 128×64 + down 64×64)
+        assert rep["coverage"]["groups"]["quantized_4bit"]["params"] >= experts  # (the tiny model is mostly embedding)

@@ -74,6 +74,9 @@ class DecomposeConfig:
     calib_seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence (truncated)"})
     calib_template: str = field(default="gsm8k", metadata={
         "help": "how records become text, as in train: gsm8k | alpaca | a format string, e.g. '{question}'"})
+    calib_expert_tokens: int = field(default=32, metadata={
+        "help": "MoE: an expert routed fewer calibration tokens than this keeps the uncalibrated method (counted "
+                "in the report)"})
     damp: float = field(default=DEFAULT_DAMP, metadata={"help": "H damping λ: H + λ·mean(diag H)·I"})
     eval_kl: int = field(default=0, metadata={
         "help": "mean token KL(original ‖ initialized) on N held-out sequences (encoders: mean-pooled cosine)"})
@@ -113,6 +116,8 @@ class DecomposeConfig:
             raise UserError(f"--blocksize: {err}") from None
         if self.method in CALIBRATED_METHODS and not self.calib_data:
             raise UserError(f"--method {self.method} needs calibration data: pass --calib-data FILE")
+        if self.calib_expert_tokens < 1:
+            raise UserError(f"--calib-expert-tokens must be at least 1, got {self.calib_expert_tokens}")
         if self.eval_kl and not self.calib_data:
             raise UserError("--eval-kl N reads held-out calibration sequences: pass --calib-data FILE too")
         if self.eval_kl > self.calib_holdout:

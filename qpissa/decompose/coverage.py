@@ -94,9 +94,12 @@ def experts_line(experts: dict) -> str:
     line = (f"MoE experts: {experts['matrices']:,} expert matrices ({experts['experts']:,} experts in "
             f"{experts['modules']} layers, {experts['layout']} layout) decomposed one by one with {experts['method']}, "
             f"residual {experts['residual']}")
+    if experts.get("calibrated"):
+        line += f"; {experts['calibrated']:,} calibrated on the tokens routed to their expert"
     if experts.get("calibration_fallback"):
-        line += (f"; {experts['calibration_fallback']:,} of them fell back to the uncalibrated {experts['method']} "
-                 "(no per-expert calibration statistics)")
+        line += (f"; {experts['calibration_fallback']:,} of them fell back to the uncalibrated "
+                 f"{experts.get('fallback_method', experts['method'])} (their expert was routed fewer than "
+                 f"{experts.get('min_routed_tokens', '--calib-expert-tokens')} calibration tokens)")
     return line
 
 

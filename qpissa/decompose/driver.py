@@ -12,6 +12,7 @@ import ctypes
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import time
 from collections import deque
@@ -272,7 +273,8 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, j
             ThreadPoolExecutor(workers, thread_name_prefix="qpissa-decompose") as pool, _torch_threads(workers):
         task = bar.add_task(f"{label}{cfg.method} r={cfg.rank}", total=len(indices))
         running: deque = deque()
-        for index in [*indices, None]:
+        order = indices if stats is None else sorted(indices, key=lambda i: _block_order(targets[i].module))
+        for index in [*order, None]:
             if index is not None:
                 target, part = targets[index], parts_dir / part_name(index)
                 done = manifest["tensors"].get(target.module)
@@ -280,7 +282,7 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, j
                     metrics[index] = done["metrics"]
                     bar.advance(task)
                     continue
-                module_stats = None if stats is None or isinstance(target, ExpertTarget) else stats(target.module)
+                module_stats = None if stats is None or not _calibrated(target, cfg) else stats(target.module)
                 running.append((index, pool.submit(_process_one, target, part, _target_config(cfg, ranks, target),
                                                    module_stats)))
             while running and (len(running) >= workers or index is None):
@@ -295,6 +297,18 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, j
                     last_journal, journal_cost = time.monotonic(), time.monotonic() - t0
     write_json(journal, manifest)
     return [metrics[i] for i in indices]
+
+
+def _block_order(module: str) -> tuple[int, ...]:
+    """Block number first: calibration walks the blocks once, so a block's experts are taken with its other
+    targets (they come after every linear in target order)."""
+    m = re.search(r"\.(\d+)\.", module)
+    return (int(m.group(1)),) if m else (-1,)
+
+
+def _calibrated(target: Target, cfg: DecomposeConfig) -> bool:
+    """Whether this target wants calibration statistics (experts kept bf16 run plain PiSSA)."""
+    return not (isinstance(target, ExpertTarget) and cfg.experts_dtype == "bfloat16")
 
 
 def _target_config(cfg: DecomposeConfig, ranks: dict[str, int] | None, target: Target) -> DecomposeConfig:

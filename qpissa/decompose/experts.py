@@ -11,8 +11,9 @@ one expert matrix and ``--resume`` works per expert. Routers (``mlp.gate``) stay
 Residual (``--experts-dtype``): ``nf4`` (default) writes every expert's NF4 bytes in bitsandbytes' layout under
 ``{experts}.{e}.{gate_up_proj|down_proj}.weight`` (+ its quant state), read by :mod:`qpissa.moe`; ``bfloat16``
 runs PiSSA on the experts and writes their residual in the per-expert layout transformers loads by itself.
-Calibrated methods fall back on experts to their uncalibrated counterpart (:data:`UNCALIBRATED`), counted in
-the report: per-expert H from routed tokens is not collected.
+Calibrated methods get each expert's own H from the calibration tokens the router sends it
+(:mod:`qpissa.decompose.calibration`); an expert routed fewer than ``--calib-expert-tokens`` of them falls back to
+the uncalibrated counterpart (:data:`UNCALIBRATED`), and the report counts those.
 """
 from __future__ import annotations
 
@@ -140,24 +141,26 @@ def fused_expert_stack(param: str, tensors: list[TensorInfo]) -> torch.Tensor | 
     return torch.stack([load_expert(t) for t in sorted(found, key=lambda t: t.expert)]) if found else None
 
 
-def expert_config(cfg: DecomposeConfig) -> DecomposeConfig:
+def expert_config(cfg: DecomposeConfig, calibrated: bool = False) -> DecomposeConfig:
     """The config an expert is decomposed with: PiSSA for ``--experts-dtype bfloat16``; a calibrated method's
-    uncalibrated counterpart (no per-expert H)."""
+    uncalibrated counterpart when this expert has no statistics (``calibrated`` False: too few routed tokens)."""
     if cfg.experts_dtype == "bfloat16":
         return dataclasses.replace(cfg, method="pissa", calib_data=None, eval_kl=0)
-    if cfg.method in CALIBRATED_METHODS or cfg.calib_data:
+    if (cfg.method in CALIBRATED_METHODS or cfg.calib_data) and not calibrated:
         return dataclasses.replace(cfg, method=UNCALIBRATED.get(cfg.method, cfg.method), calib_data=None, eval_kl=0,
                                    iters=1 if cfg.method == "cloq" else cfg.iters)
     return cfg
 
 
 def decompose_expert(target: ExpertTarget, cfg: DecomposeConfig, stats: Stats | None = None) -> tuple[dict, dict]:
-    """:func:`decompose_tensor` on one expert; residual keys renamed for OUT/residual (see the module docstring)."""
-    ecfg = expert_config(cfg)
-    tensors, metrics = decompose_tensor(target, load_expert(target), ecfg, None)
+    """:func:`decompose_tensor` on one expert (calibrated with its routed tokens' ``stats`` when given); residual
+    keys renamed for OUT/residual (see the module docstring)."""
+    ecfg = expert_config(cfg, stats is not None)
+    tensors, metrics = decompose_tensor(target, load_expert(target), ecfg, stats if ecfg is cfg else None)
     metrics["tensor"] = ", ".join(s.name for s in target.sources) + (f"[{target.expert}]" if target.fused else "")
     metrics["expert"] = {"index": target.expert, "kind": target.kind, "module": target.experts_module,
-                         "method": ecfg.method, "fallback": ecfg.method != cfg.method and cfg.experts_dtype == "nf4"}
+                         "method": ecfg.method, "calibrated": ecfg is cfg and stats is not None,
+                         "fallback": ecfg.method != cfg.method and cfg.experts_dtype == "nf4"}
     first = target.weight.name
     out = {k: v for k, v in tensors.items() if k.startswith("__lora_")}
     if ecfg.method == "pissa":  # plain residual, written under the per-expert names transformers fuses at load
@@ -228,8 +231,11 @@ def on_disk_names(targets: list[ExpertTarget]) -> dict[str, str]:
 def summary(targets: list[ExpertTarget], routers: list[str], metrics: list[dict], cfg: DecomposeConfig) -> dict:
     """The report's ``experts`` section: layout, counts, residual dtype, fallbacks, routers."""
     fallback = sum(1 for m in metrics if (m.get("expert") or {}).get("fallback"))
+    calibrated = sum(1 for m in metrics if (m.get("expert") or {}).get("calibrated"))
     return {"modules": len({t.experts_module for t in targets}), "matrices": len(targets),
             "experts": len({(t.experts_module, t.expert) for t in targets}),
             "layout": "fused 3-D" if any(t.fused for t in targets) else "per-expert",
-            "residual": cfg.experts_dtype, "method": expert_config(cfg).method, "calibration_fallback": fallback,
+            "residual": cfg.experts_dtype, "method": expert_config(cfg, calibrated=True).method,
+            "calibrated": calibrated, "calibration_fallback": fallback,
+            "fallback_method": expert_config(cfg).method, "min_routed_tokens": cfg.calib_expert_tokens,
             "routers": {"count": len(routers), "dtype": "source (not targets)"}}
