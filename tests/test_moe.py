@@ -226,9 +226,10 @@ def test_resume_recomputes_lost_experts_byte_identical(tiny, tmp_path):
     assert tree_digest(out) == before
 
 
-@pytest.mark.parametrize("experts_dtype", ["nf4", "bfloat16"])
+@pytest.mark.parametrize("family,experts_dtype", [("mixtral", "nf4"), ("mixtral", "bfloat16"), ("qwen3_moe", "nf4"),
+                                                  ("olmoe", "nf4")])
 @pytest.mark.slow
-def test_merge_writes_the_save_pretrained_layout(experts_dtype, tiny, tmp_path):
+def test_merge_writes_the_save_pretrained_layout(family, experts_dtype, tiny, tmp_path):
     """merge: per-expert tensors under the source's names (Mixtral w1/w3/w2), loaded by plain transformers with
     logits equal to the decomposed model (residual + adapter) as qpissa.moe.load builds it."""
     from transformers import AutoModelForCausalLM
@@ -236,12 +237,13 @@ def test_merge_writes_the_save_pretrained_layout(experts_dtype, tiny, tmp_path):
     from qpissa.moe import load
     from qpissa.use.merge import MergeConfig, merge
 
-    src, out = tiny["mixtral"], tmp_path / "out"
+    src, out = tiny[family], tmp_path / "out"
     decompose(src, out, rank=RANK, experts_dtype=experts_dtype, progress=False)
     merge(out / "residual", out / "adapter", tmp_path / "merged", MergeConfig(dtype="float32"))
     with safe_open(str(tmp_path / "merged/model.safetensors"), "pt") as f:
         keys = set(f.keys())
-    assert "model.layers.1.block_sparse_moe.experts.3.w3.weight" in keys and not any("nf4" in k for k in keys)
+    up = "block_sparse_moe.experts.3.w3" if family == "mixtral" else "mlp.experts.3.up_proj"
+    assert f"model.layers.1.{up}.weight" in keys and not any("nf4" in k for k in keys)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     model = load(out, dtype=torch.float32)
     ids = torch.tensor([[1, 5, 7, 9, 11, 3, 40, 2]])
@@ -255,7 +257,8 @@ def test_merge_writes_the_save_pretrained_layout(experts_dtype, tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_convert_gives_a_lora_on_the_original_moe(tiny, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_convert_gives_a_lora_on_the_original_moe(family, tiny, tmp_path):
     """convert: original model + the rank-2r LoRA (experts included, per expert) == residual + "trained" adapter;
     PiSSA with bf16 experts so that residual + s·B₀·A₀ = W up to bf16 and the comparison is exact."""
     from peft import PeftModel
@@ -264,7 +267,7 @@ def test_convert_gives_a_lora_on_the_original_moe(tiny, tmp_path):
 
     from qpissa.use.convert import convert_pissa_to_lora
 
-    src, out = tiny["olmoe"], tmp_path / "out"
+    src, out = tiny[family], tmp_path / "out"
     decompose(src, out, rank=RANK, method="pissa", experts_dtype="bfloat16", progress=False)
     trained = tmp_path / "trained"
     shutil.copytree(out / "adapter", trained)
