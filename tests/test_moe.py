@@ -155,6 +155,36 @@ def test_bfloat16_experts_load_in_plain_peft(tiny, tmp_path):
             assert float((delta - top).norm() / top.norm()) < 2e-2
 
 
+@pytest.mark.slow
+def test_sharded_checkpoint_gathers_every_shards_experts(tiny, tmp_path):
+    """A checkpoint in several shards (as every real MoE is) writes one nf4-experts.safetensors holding the experts
+    of every shard, the same bytes as from one shard, and qpissa.moe.load builds the same model."""
+    from transformers import AutoModelForCausalLM
+
+    from qpissa.moe import load
+
+    src = tiny["qwen3_moe"]
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(sharded, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, sharded / name)
+    assert len(list(sharded.glob("model-*.safetensors"))) > 2
+    one, many = tmp_path / "one", tmp_path / "many"
+    decompose(src, one, rank=RANK, progress=False)
+    decompose(sharded, many, rank=RANK, progress=False)
+
+    def experts(out: Path) -> dict[str, torch.Tensor]:
+        with safe_open(str(out / "residual" / "nf4-experts.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    a, b = experts(one), experts(many)
+    assert len(a) > 0 and sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.tensor([[1, 5, 7, 9, 11, 3, 40, 2]])
+    with torch.no_grad():
+        assert torch.equal(load(one, dtype=torch.float32)(ids).logits, load(many, dtype=torch.float32)(ids).logits)
+
+
 def test_nf4_experts_stay_4bit_in_memory(tiny, tmp_path):
     """qpissa.moe.load: the experts hold NF4 bytes (parameter + buffer storage), dequantize exactly as bitsandbytes,
     and PEFT's forward adds s·B·A on top of them."""

@@ -42,6 +42,7 @@ def assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets:
     nf4_experts = cfg.experts_dtype == "nf4" and cfg.method in QUANTIZED_METHODS
     expert_parts = {out_dir / ".parts" / part_name(i) for i, t in enumerate(targets) if isinstance(t, ExpertTarget)}
     expert_entries: list[tuple] = []  # NF4 experts: their own file, which transformers does not read
+    expert_sources: dict[str, tuple[Path, str]] = {}  # gathered over every input shard
     weight_map: dict[str, str] = {}
     total = 0
     shards = list(dict.fromkeys(t.file for t in tensors))
@@ -56,14 +57,18 @@ def assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets:
             for part in (p for p in parts if p not in written):  # an expert's gate and up share one part
                 written.add(part)
                 for key, entry in _part_entries(part):
-                    (expert_entries if nf4_experts and part in expert_parts else entries).append(entry)
-                    sources[key] = (part, key)
+                    if nf4_experts and part in expert_parts:
+                        expert_entries.append(entry)
+                        expert_sources[key] = (part, key)
+                    else:
+                        entries.append(entry)
+                        sources[key] = (part, key)
         write_safetensors(residual_dir / shard.name, entries, lambda k: _read(*sources[k]))
         for name, _, _, nbytes in entries:
             weight_map[name] = shard.name
             total += nbytes
     if expert_entries:
-        write_safetensors(residual_dir / NF4_EXPERTS_FILE, expert_entries, lambda k: _read(*sources[k]))
+        write_safetensors(residual_dir / NF4_EXPERTS_FILE, expert_entries, lambda k: _read(*expert_sources[k]))
     if len(shards) > 1:
         write_index(residual_dir, weight_map, total)
     copy_side_files(model_dir, residual_dir)
