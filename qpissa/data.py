@@ -21,7 +21,7 @@ import re
 import string
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence, TypeVar
 
 import torch
 
@@ -39,6 +39,8 @@ ALPACA_PROMPT_WITH_INPUT = (ALPACA_HEADER.replace("a task.", "a task, paired wit
 GSM8K_PROMPT = ALPACA_HEADER + "### Instruction:\n{question}\n\n### Response:"  # = qpissa.use.evaluate.ALPACA
 
 TemplateName = Literal["gsm8k", "alpaca", "chat"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -252,20 +254,27 @@ class DataPosition:
     index: int = 0
 
 
-def batches(examples: list[Example], batch_size: int, seed: int, pad_id: int,
-            pos: DataPosition) -> Iterator[tuple[dict[str, torch.Tensor], DataPosition]]:
-    """Endless shuffled micro-batches from ``pos``; yields (batch, position after it). Drops a short last batch."""
-    if len(examples) < batch_size:
-        raise UserError(f"only {len(examples)} training examples for --batch-size {batch_size}; "
+def shuffled_batches(items: Sequence[T], batch_size: int, seed: int, pos: DataPosition,
+                     collate_fn: Callable[[list[T]], dict[str, torch.Tensor]]) -> Iterator[tuple[dict[str, torch.Tensor], DataPosition]]:
+    """Endless shuffled micro-batches of ``items`` from ``pos``; yields (batch, position after it). Drops a short
+    last batch (the next epoch starts a new order)."""
+    if len(items) < batch_size:
+        raise UserError(f"only {len(items)} training examples for --batch-size {batch_size}; "
                         "lower the batch size or add data")
     epoch, index = pos.epoch, pos.index
     while True:
-        order = epoch_order(len(examples), seed, epoch)
+        order = epoch_order(len(items), seed, epoch)
         while index + batch_size <= len(order):
-            chunk = [examples[j] for j in order[index:index + batch_size]]
+            chunk = [items[j] for j in order[index:index + batch_size]]
             index += batch_size
-            yield collate(chunk, pad_id), DataPosition(epoch, index)
+            yield collate_fn(chunk), DataPosition(epoch, index)
         epoch, index = epoch + 1, 0
+
+
+def batches(examples: list[Example], batch_size: int, seed: int, pad_id: int,
+            pos: DataPosition) -> Iterator[tuple[dict[str, torch.Tensor], DataPosition]]:
+    """Endless shuffled, padded causal-LM micro-batches from ``pos`` (see :func:`shuffled_batches`)."""
+    return shuffled_batches(examples, batch_size, seed, pos, lambda chunk: collate(chunk, pad_id))
 
 
 def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -94,7 +94,8 @@ def test_head_and_adapter_restore_in_plain_transformers_and_peft(minilm_out: Pat
 
     from qpissa.classify import collate, encode, infer_labels
     from qpissa.data import DataConfig, load_records
-    from qpissa.train.classifier import fit_classifier
+    from qpissa.train.loop import fit
+    from qpissa.train.task import ClassificationTask
     from qpissa.train.classifier_model import load_classifier
     from qpissa.train.config import TrainConfig
 
@@ -108,7 +109,7 @@ def test_head_and_adapter_restore_in_plain_transformers_and_peft(minilm_out: Pat
     model, tok = load_classifier(cfg, labels)
     head0 = model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
     rows = encode(records, tok, "question", "step", "label", labels, 64, cfg.data)
-    summary = fit_classifier(cfg, labels, model, tok, rows, [])
+    summary = fit(cfg, model, tok, [], [], task=ClassificationTask(rows, [], tok, labels, cfg.batch_size))
     assert summary["steps"] == 3 and (run / "adapter" / "adapter_model.safetensors").exists()
     batch = collate(rows[:8], tok, regression=False)
     batch.pop("labels")
@@ -168,6 +169,39 @@ def test_train_eval_cli_and_run_config_round_trip(minilm_out: Path, tmp_path: Pa
         assert proc.returncode == 0, (source, proc.stderr[-3000:])
         assert [r["loss"] for r in map(json.loads, (again / "metrics.jsonl").read_text().splitlines())] == \
             pytest.approx([r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())])
+
+
+@pytest.mark.slow
+def test_checkpoint_resume_reproduces_the_losses(minilm_out: Path, tmp_path: Path) -> None:
+    """The shared loop gives classification checkpoints: stopped after step 2 and resumed, the run logs the same
+    losses and held-out accuracy as an uninterrupted one and ends with the same head; rerunning into a finished
+    run without --resume is one line."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from qpissa.data import DataConfig
+    from qpissa.train import TrainConfig, train
+
+    cfg = TrainConfig(model=str(minilm_out), data=str(PAIRS / "train.jsonl"), output="", data_limit=32,
+                      eval_data=str(PAIRS / "test.jsonl"), eval_examples=16, eval_every=2, task="classification",
+                      text_field="question", text_pair_field="step", steps=4, batch_size=4, grad_accum=2, lr=1e-3,
+                      save_every=2, data_cfg=DataConfig(max_length=64), device="cpu", progress=False)
+    full = train(replace(cfg, output=str(tmp_path / "full")))
+    cut = replace(cfg, output=str(tmp_path / "cut"), stop_after=2)
+    train(cut)
+    resumed = train(replace(cut, stop_after=None, resume=True))
+    rows = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    a, b = rows("full"), rows("cut")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=1e-6)
+    assert [r.get("eval_accuracy") for r in b] == [r.get("eval_accuracy") for r in a]
+    assert resumed["eval_accuracy"] == full["eval_accuracy"] and resumed["task"] == "classification"
+    heads = [load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors")) for run in ("full", "cut")]
+    key = next(k for k in heads[0] if "classifier" in k and k.endswith("weight"))
+    torch.testing.assert_close(heads[1][key], heads[0][key], rtol=0, atol=1e-6)
+    with pytest.raises(UserError, match="already holds checkpoint-4; pass --resume"):
+        train(replace(cfg, output=str(tmp_path / "full")))
 
 
 @pytest.mark.parametrize("rows, extra, needle", [

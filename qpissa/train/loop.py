@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from qpissa import distributed
-from qpissa.data import Example, batches, build_examples, load_records, resolve_template
+from qpissa.data import Example, build_examples, load_records, resolve_template
 from qpissa.errors import UserError
 from qpissa.usage import require_causal_lm
 from qpissa.train import checkpoint as ckpt_lib
@@ -59,6 +59,7 @@ from qpissa.train.metrics import evaluate_loss, memory_mb, plot_losses
 from qpissa.train.model import load_model
 from qpissa.train.optim import lr_factor, make_optimizer
 from qpissa.train.sorsa import adapter_pairs, sorsa_step
+from qpissa.train.task import CausalTask, ClassificationTask
 
 __all__ = ["TrainConfig", "TrainingDiverged", "evaluate_loss", "fit", "load_model", "train"]
 
@@ -97,10 +98,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     if note and distributed.detect().is_main:
         print(note, file=sys.stderr)
     cfg = replace(cfg, data_cfg=data_cfg)  # RUN/config.json records the template used (eval prompts with it)
-    existing = ckpt_lib.list_checkpoints(Path(cfg.output))
-    if existing and not cfg.resume:
-        raise UserError(f"{cfg.output} already holds {existing[-1][1].name}; pass --resume to continue or a new "
-                        "--output")
+    if (done := check_output(cfg)) is not None:
+        return done
     torch.manual_seed(cfg.seed), random.seed(cfg.seed), np.random.seed(cfg.seed)
     model, tokenizer = load_model(cfg)
     if cfg.fsdp:  # the NF4 residual, adapters, grads and AdamW states sharded per block (qpissa.train.fsdp)
@@ -111,8 +110,23 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     return fit(cfg, model, tokenizer, examples, eval_examples)
 
 
-def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_examples: list[Example]) -> dict[str, Any]:
-    """The loop proper, on an already loaded model and tokenized examples (see :func:`train`)."""
+def check_output(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Before any weights are read: an earlier run in ``--output`` needs ``--resume`` (never overwritten); a
+    finished one resumed with no checkpoint left returns its summary (nothing to do)."""
+    run = Path(cfg.output)
+    existing = ckpt_lib.list_checkpoints(run)
+    done = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    if (existing or "adapter" in done) and not cfg.resume:
+        held = existing[-1][1].name if existing else "a finished run (summary.json)"
+        raise UserError(f"{cfg.output} already holds {held}; pass --resume to continue or a new --output")
+    return done if cfg.resume and "adapter" in done and not existing else None
+
+
+def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_examples: list[Example],
+        task: CausalTask | ClassificationTask | None = None) -> dict[str, Any]:
+    """The loop proper, on an already loaded model and tokenized examples (see :func:`train`); ``task`` (default:
+    the causal LM on ``examples``) supplies the batches, the loss units and the held-out metrics."""
+    task = task or CausalTask(examples, eval_examples, tokenizer.pad_token_id, cfg.batch_size, cfg.precision)
     run = Path(cfg.output)
     existing = ckpt_lib.list_checkpoints(run) if cfg.resume else []
     full = cfg.method == "full"
@@ -138,7 +152,7 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
                         "factors (LoRA/QLoRA init), whose singular vectors are undefined")
 
     state = ckpt_lib.TrainState()
-    config_dict = {k: v for k, v in asdict(cfg).items()}
+    config_dict = {**asdict(cfg), **task.config_extra}  # classification: the label map eval reads back
     if existing:
         state = (fsdp_ckpt.load_checkpoint(existing[-1][1], model, optimizer, scheduler) if cfg.fsdp else
                  ckpt_lib.load_checkpoint(existing[-1][1], model, optimizer, scheduler, full))
@@ -153,9 +167,8 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
         write_json(run / "config.json", config_dict)
     tracker = trackers.start(cfg.report_to if d.is_main else "none", run, config_dict, state.step)
 
-    pad_id = tokenizer.pad_token_id
     shard = slice(d.rank * cfg.batch_size, (d.rank + 1) * cfg.batch_size)  # this rank's rows of a global batch
-    stream = batches(examples, cfg.batch_size * d.world_size, cfg.seed, pad_id, state.pos)
+    stream = task.stream(cfg.batch_size * d.world_size, cfg.seed, state.pos)
     autocast = dict(device_type=cfg.device, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     last_good = existing[-1][1] if existing else None
     stop_at = min(total, cfg.stop_after or total)
@@ -190,24 +203,23 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
     from rich.console import Console
 
     with tracker, Progress(*columns, disable=not (cfg.progress and d.is_main), console=Console(stderr=True)) as bar:
-        task = bar.add_task("train", total=total, completed=state.step, info="")
-        if (d.is_main or cfg.fsdp) and cfg.eval_at_start and eval_examples and not any(r["step"] == 0 for r in rows):
-            log({"step": 0, "eval_loss": evaluate_loss(model, eval_examples, cfg.batch_size, pad_id, device,
-                                                       cfg.precision), "tokens": 0})  # the initialization's loss
+        bar_task = bar.add_task("train", total=total, completed=state.step, info="")
+        if (d.is_main or cfg.fsdp) and cfg.eval_at_start and task.has_eval() and not any(r["step"] == 0 for r in rows):
+            log({"step": 0, **task.evaluate(model, device), "tokens": 0})  # the initialization's loss
         while state.step < stop_at:
             t0 = time.perf_counter()
             micro = [next(stream) for _ in range(cfg.grad_accum)]
-            n_resp = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in micro)
+            n_step = sum(task.units(b) for b, _ in micro)  # the step's loss units: response tokens or rows
             loss_sum = 0.0
             for batch, _ in micro:
                 batch = {k: v[shard].to(device) for k, v in batch.items()}  # (B, T) of this rank's rows
-                n = int((batch["labels"][:, 1:] != -100).sum())
+                n = task.units(batch)
                 if n == 0 and not cfg.fsdp:
                     continue  # no response token in this rank's rows: nothing to add (CE would be 0/0)
                 with torch.autocast(**autocast):
-                    out = model(**batch)  # out.loss: mean CE over this micro-batch's response tokens
-                # token-weighted over the whole step; under FSDP every rank runs backward (its collectives)
-                loss = out.loss * (n / n_resp) if n else out.logits.sum() * 0.0
+                    out = model(**batch)  # out.loss: mean CE over this micro-batch's units
+                # unit-weighted over the whole step; under FSDP every rank runs backward (its collectives)
+                loss = out.loss.float() * (n / n_step) if n else out.logits.sum() * 0.0
                 if not torch.isfinite(loss):
                     diverged(f"loss became {float(out.loss.detach())}")
                 loss.backward()
@@ -238,29 +250,34 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
                    "memory_mb": memory_mb(cfg.device), "epoch": state.pos.epoch}
             if sorsa_value is not None:
                 row["sorsa_reg"] = sorsa_value
-            if (d.is_main or cfg.fsdp) and eval_examples and ((cfg.eval_every and state.step % cfg.eval_every == 0)
-                                                or state.step == total):
-                row["eval_loss"] = evaluate_loss(model, eval_examples, cfg.batch_size, pad_id, device,
-                                                 cfg.precision)
+            if (d.is_main or cfg.fsdp) and task.has_eval() and ((cfg.eval_every and state.step % cfg.eval_every == 0)
+                                                                or state.step == total):
+                row.update(task.evaluate(model, device))
             log(row)
-            bar.update(task, completed=state.step, info=(
+            bar.update(bar_task, completed=state.step, info=(
                 f"loss {loss_sum:.4f}  lr {lr:.2e}  {row['tokens_per_s']:.0f} tok/s  {row['memory_mb']:.0f} MiB"
-                + (f"  eval {row['eval_loss']:.4f}" if "eval_loss" in row else "")))
+                + (f"  eval {row['eval_loss']:.4f}" if "eval_loss" in row else "")
+                + "".join(f"  {k[5:]} {row[k]:.4f}" for k in ("eval_accuracy", "eval_pearson") if k in row)))
             if (cfg.save_every and state.step % cfg.save_every == 0) or state.step == stop_at < total:
                 last_good = save()
 
     if d.is_main:
         plot_losses(run, rows)
-    summary: dict[str, Any] = {"run": str(run), "steps": state.step, "total_steps": total,
+    last_eval = next((r for r in reversed(rows) if "eval_loss" in r), {})
+    summary: dict[str, Any] = {"run": str(run), **({"task": task.name} if task.name != "causal-lm" else {}),
+                               "steps": state.step, "total_steps": total,
                                "train_loss": rows[-1].get("loss") if rows else None,
-                               "eval_loss": next((r["eval_loss"] for r in reversed(rows) if "eval_loss" in r), None),
+                               "eval_loss": last_eval.get("eval_loss"),
+                               **{k: v for k, v in last_eval.items() if k.startswith("eval_") and k != "eval_loss"},
                                "tokens": state.tokens, "elapsed_s": state.elapsed_s, "checkpoint": str(last_good)}
     if state.step >= total:
         summary["adapter"] = str(run / ("model" if full else "adapter"))
         if cfg.fsdp:
             fsdp_ckpt.save_final(run, model, cfg.save_dtype, d)
         elif d.is_main:
-            ckpt_lib.save_final(run, model, cfg.save_dtype, full)
+            final = ckpt_lib.save_final(run, model, cfg.save_dtype, full)
+            if full:
+                tokenizer.save_pretrained(final)  # RUN/model is a standalone checkpoint
     if d.is_main:
         write_json(run / "summary.json", summary)
     return distributed.broadcast(d, summary)  # every rank returns rank 0's summary (its eval loss included)
