@@ -37,6 +37,13 @@ from qpissa.decompose.targets import Target
 BLOCK = re.compile(r"^(.*?)\.(\d+)\.")  # "model.layers.3.self_attn.q_proj" → ("model.layers", "3")
 
 
+def block_index(module: str) -> int:
+    """The block a target sits in (-1 outside numbered blocks): calibration walks the blocks once, so targets are
+    taken in block order (an MoE block's experts come after every linear in target order)."""
+    m = BLOCK.match(module)
+    return int(m.group(2)) if m else -1
+
+
 # ----------------------------------------------------------------------------- data
 
 @dataclass

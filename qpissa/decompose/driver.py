@@ -12,7 +12,6 @@ import ctypes
 import dataclasses
 import hashlib
 import json
-import re
 import shutil
 import time
 from collections import deque
@@ -33,6 +32,7 @@ from qpissa.lock import LOCK_NAME, OutputLock
 from qpissa.quant import warn_cpu_blocksize
 from qpissa.decompose import sharding
 from qpissa.decompose.assemble import assemble, part_name
+from qpissa.decompose.calibration import block_index
 from qpissa.decompose.coverage import coverage
 from qpissa.decompose.experts import ExpertTarget, decompose_expert, find_experts, summary as experts_summary
 from qpissa.decompose.methods import QUANTIZED_METHODS
@@ -273,7 +273,7 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, j
             ThreadPoolExecutor(workers, thread_name_prefix="qpissa-decompose") as pool, _torch_threads(workers):
         task = bar.add_task(f"{label}{cfg.method} r={cfg.rank}", total=len(indices))
         running: deque = deque()
-        order = indices if stats is None else sorted(indices, key=lambda i: _block_order(targets[i].module))
+        order = indices if stats is None else sorted(indices, key=lambda i: block_index(targets[i].module))
         for index in [*order, None]:
             if index is not None:
                 target, part = targets[index], parts_dir / part_name(index)
@@ -297,13 +297,6 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, j
                     last_journal, journal_cost = time.monotonic(), time.monotonic() - t0
     write_json(journal, manifest)
     return [metrics[i] for i in indices]
-
-
-def _block_order(module: str) -> tuple[int, ...]:
-    """Block number first: calibration walks the blocks once, so a block's experts are taken with its other
-    targets (they come after every linear in target order)."""
-    m = re.search(r"\.(\d+)\.", module)
-    return (int(m.group(1)),) if m else (-1,)
 
 
 def _calibrated(target: Target, cfg: DecomposeConfig) -> bool:

@@ -10,6 +10,7 @@ never leaves a half checkpoint that ``--resume`` would pick up):
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -136,3 +137,15 @@ def save_final(run: Path, model, save_dtype: str, full: bool,
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
+
+
+def check_output(cfg) -> dict[str, Any] | None:
+    """Before any weights are read: an earlier run in ``cfg.output`` needs ``--resume`` (never overwritten); a
+    finished one resumed with no checkpoint left returns its summary (nothing to do)."""
+    run = Path(cfg.output)
+    existing = list_checkpoints(run)
+    done = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    if (existing or "adapter" in done) and not cfg.resume:
+        held = existing[-1][1].name if existing else "a finished run (summary.json)"
+        raise UserError(f"{cfg.output} already holds {held}; pass --resume to continue or a new --output")
+    return done if cfg.resume and "adapter" in done and not existing else None

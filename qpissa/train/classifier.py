@@ -42,10 +42,11 @@ def run_labels(run: Path) -> tuple[Labels, dict[str, Any]]:
     return Labels(int(saved["num_labels"]), id2label, bool(saved.get("labels_from_strings"))), saved
 
 
-def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
-    """Train (see the module docstring); returns the summary written to RUN/summary.json."""
+def prepare_classification(cfg: TrainConfig) -> dict[str, Any] | tuple[TrainConfig, Any, Any, ClassificationTask]:
+    """Data, labels, model and task of a run (see the module docstring) for :func:`qpissa.train.loop.fit`; the
+    summary of a finished run resumed with nothing left to do."""
+    from qpissa.train.checkpoint import check_output
     from qpissa.train.classifier_model import load_classifier
-    from qpissa.train.loop import check_output, fit
 
     if distributed.detect().world_size > 1:
         raise UserError("--task classification runs in one process; start it without torchrun")
@@ -68,5 +69,4 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     rows = encode(records, tokenizer, text, pair, cfg.label_field, labels, max_len, str(cfg.data))
     held = (encode(eval_records, tokenizer, text, pair, cfg.label_field, labels, max_len, str(cfg.eval_data))
             if eval_records else [])
-    task = ClassificationTask(rows, held, tokenizer, labels, cfg.batch_size, cfg.precision)
-    return fit(cfg, model, tokenizer, [], [], task=task)
+    return cfg, model, tokenizer, ClassificationTask(rows, held, tokenizer, labels, cfg.batch_size, cfg.precision)

@@ -85,9 +85,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         raise UserError("--batch-size and --grad-accum must be at least 1")
     trackers.require(cfg.report_to)  # a missing tensorboard/wandb: one line before any data or weights are read
     if cfg.task == "classification":
-        from qpissa.train.classifier import train_classifier
+        from qpissa.train.classifier import prepare_classification
 
-        return train_classifier(cfg)
+        prepared = prepare_classification(cfg)  # (cfg, model, tokenizer, task), or a finished run's summary
+        return prepared if isinstance(prepared, dict) else fit(*prepared[:3], [], [], task=prepared[3])
     kind_dir = Path(cfg.model) / "residual" if cfg.method == "from-out" else Path(cfg.model)
     if (kind_dir / "config.json").exists():
         require_causal_lm(kind_dir, "train")  # an encoder: one line before any data or weights are read
@@ -98,7 +99,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     if note and distributed.detect().is_main:
         print(note, file=sys.stderr)
     cfg = replace(cfg, data_cfg=data_cfg)  # RUN/config.json records the template used (eval prompts with it)
-    if (done := check_output(cfg)) is not None:
+    if (done := ckpt_lib.check_output(cfg)) is not None:
         return done
     torch.manual_seed(cfg.seed), random.seed(cfg.seed), np.random.seed(cfg.seed)
     model, tokenizer = load_model(cfg)
@@ -108,18 +109,6 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     eval_examples = (build_examples(eval_records[:cfg.eval_examples], tokenizer, cfg.data_cfg,
                                     source=str(cfg.eval_data)) if eval_records else [])
     return fit(cfg, model, tokenizer, examples, eval_examples)
-
-
-def check_output(cfg: TrainConfig) -> dict[str, Any] | None:
-    """Before any weights are read: an earlier run in ``--output`` needs ``--resume`` (never overwritten); a
-    finished one resumed with no checkpoint left returns its summary (nothing to do)."""
-    run = Path(cfg.output)
-    existing = ckpt_lib.list_checkpoints(run)
-    done = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
-    if (existing or "adapter" in done) and not cfg.resume:
-        held = existing[-1][1].name if existing else "a finished run (summary.json)"
-        raise UserError(f"{cfg.output} already holds {held}; pass --resume to continue or a new --output")
-    return done if cfg.resume and "adapter" in done and not existing else None
 
 
 def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_examples: list[Example],
