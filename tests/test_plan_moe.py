@@ -56,3 +56,21 @@ def test_qwen3_30b_a3b_fits_by_gpu():
     fits = {gb: plan(s, PlanConfig(rank=16, grad_checkpointing=True, gpu_memory=gb * 10**9)).fits
             for gb in (24, 48, 80, 141)}
     assert fits == {24: False, 48: True, 80: True, 141: True}, fits
+
+
+def test_bfloat16_experts_count_two_bytes_each():
+    """plan --experts-dtype bfloat16 (decompose's plain residual): the experts leave the NF4 rows and weigh 2 bytes
+    each; the NF4 rows lose exactly their bytes; Qwen3-30B-A3B then needs the 80 GB card."""
+    cfg = json.loads((CONFIGS / "qwen3-30b-a3b.json").read_text())
+    s = shapes_from_config(dict(cfg))
+    experts = [p for p in s.params if ".experts." in p.name]
+    nf4, dense = (plan(s, PlanConfig(rank=16, grad_checkpointing=True, experts_dtype=d)) for d in ("nf4", "bfloat16"))
+    part = lambda p, name: next(c.bytes for c in p.components if c.name == name)  # noqa: E731
+    expert_nf4 = sum(sum(nf4_bytes(p.numel).values()) * p.count for p in experts)
+    assert (part(nf4, "nf4 weights") + part(nf4, "nf4 absmax+maps")
+            - part(dense, "nf4 weights") - part(dense, "nf4 absmax+maps")) == expert_nf4
+    assert part(dense, "unquantized weights") - part(nf4, "unquantized weights") == 2 * sum(p.numel * p.count
+                                                                                            for p in experts)
+    fits = {gb: plan(s, PlanConfig(rank=16, grad_checkpointing=True, experts_dtype="bfloat16",
+                                   gpu_memory=gb * 10**9)).fits for gb in (48, 80)}
+    assert fits == {48: False, 80: True}, fits

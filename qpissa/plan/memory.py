@@ -71,6 +71,8 @@ class PlanConfig:
     dtype: DType = field(default="bf16", metadata={"help": "compute dtype and dtype of unquantized tensors"})
     adapter_dtype: DType = field(default="fp32", metadata={"help": "PEFT upcasts adapters to fp32 by default"})
     overhead: int = field(default=GiB, metadata={"help": "CUDA context + workspace bytes (0 on CPU)"})
+    experts_dtype: Literal["nf4", "bfloat16"] = field(default="nf4", metadata={
+        "help": "MoE experts as decompose --experts-dtype stores them: nf4 (default) or bfloat16 (plain residual)"})
     gpus: int = field(default=1, metadata={"help": "devices (ranks) training together; per-rank memory is shown"})
     fsdp: bool = field(default=False, metadata={"help": "FSDP (train --fsdp): weights, adapters, grads, optimizer /N"})
     fsdp_offload: bool = field(default=False, metadata={"help": "with --fsdp: sharded state in CPU RAM, not on the "
@@ -155,7 +157,8 @@ def decompose_targets(shapes: ModelShapes, targets: str) -> list[ParamGroup]:
 def quantized_linears(s: ModelShapes, cfg: PlanConfig) -> list[ParamGroup]:
     """The linears ``qpissa decompose --targets`` stores in NF4 for a quantized method: exactly the targets
     (every other linear stays full precision, listed in ``llm_int8_skip_modules``)."""
-    return decompose_targets(s, cfg.targets) if cfg.method in QUANTIZED else []
+    quant = decompose_targets(s, cfg.targets) if cfg.method in QUANTIZED else []
+    return [p for p in quant if ".experts." not in p.name] if cfg.experts_dtype == "bfloat16" else quant
 
 
 def adapter_params(targets: list[ParamGroup], rank: int) -> int:
@@ -245,6 +248,9 @@ def activation_components(s: ModelShapes, cfg: PlanConfig, targets: list[ParamGr
     dequant = max((p.numel for p in quant), default=0) * BYTES.get(s.dtype, 2)
     experts = sum(p.numel * p.count for p in quant if ".experts." in p.name) // s.layers  # one block's experts
     dequant = max(dequant, 2 * experts * BYTES.get(s.dtype, 2))  # qpissa.moe: the stack, then PEFT's W + s·B·A
+    if cfg.experts_dtype == "bfloat16":  # stored dense: only PEFT's W + s·B·A of one block's experts
+        dense = sum(p.numel * p.count for p in s.params if ".experts." in p.name) // max(s.layers, 1)
+        dequant = max(dequant, dense * BYTES.get(s.dtype, 2))
     if cfg.grad_checkpointing:
         saved = T * (s.layers * c * s.hidden + edge)
         recompute = T * per_layer
@@ -292,6 +298,7 @@ def plan(s: ModelShapes, cfg: PlanConfig) -> Plan:
     base_lin = sum(p.numel * p.count for p in lin if p not in quant)
     comps.append(Component("unquantized weights", c * (rest + biases + base_lin),
                            f"embeddings, norms, biases{', head' if not s.tied else ''}"
+                           f"{', bf16-residual experts' if quantized and cfg.experts_dtype == 'bfloat16' and any('.experts.' in p.name for p in lin) else ''}"
                            f"{', non-target linears' if base_lin and quantized else ', base linears' if base_lin else ''}"
                            f" in {cfg.dtype}"))
     if cfg.method == "full":
