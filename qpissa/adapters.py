@@ -24,6 +24,23 @@ def adapter_key(module: str, which: str) -> str:
     return f"base_model.model.{module}.{which}.weight"
 
 
+def expert_wrapper(experts_module: str, kind: str) -> str:
+    """Where PEFT 0.21 keeps the LoRA of an MoE experts module's fused parameter ``kind`` (``target_parameters``):
+    for two parameters of one module it nests the wrappers, ``gate_up_proj`` inside (``….experts.base_layer``),
+    ``down_proj`` outside (``….experts``)."""
+    return f"{experts_module}.base_layer" if kind == "gate_up_proj" else experts_module
+
+
+def expert_parameter(module: str) -> tuple[str, str] | None:
+    """The inverse of :func:`expert_wrapper`: (experts module, fused parameter) of an adapter module, or None when
+    ``module`` is not an MoE experts wrapper."""
+    if module.endswith(".experts.base_layer"):
+        return module.removesuffix(".base_layer"), "gate_up_proj"
+    if module.endswith(".experts"):
+        return module, "down_proj"
+    return None
+
+
 def adapter_config(*, base_model: str, rank: int, alpha: float, rslora: bool, target_modules: list[str],
                    fan_in_fan_out: bool, task_type: str | None, target_parameters: list[str] | None = None,
                    rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None) -> dict:

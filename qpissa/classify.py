@@ -140,13 +140,18 @@ def texts_of(record: dict[str, Any], text_field: str, pair_field: str | None, so
     return texts
 
 
+def row_label(record: dict[str, Any], label_field: str, labels: Labels, source: str, row: int) -> float | int:
+    """The head's target for one record's ``label_field`` (:func:`label_id`), the row named in any error."""
+    return label_id(_value(record, label_field, source, row, "label"), labels, _where(source, row, label_field))
+
+
 def check_rows(records: Sequence[dict[str, Any]], text_field: str, pair_field: str | None, label_field: str | None,
                labels: Labels | None, source: str) -> None:
     """Every row's texts and label, before any weights are read (what :func:`encode` would refuse)."""
     for i, rec in enumerate(records):
         texts_of(rec, text_field, pair_field, source, i)
         if label_field is not None and labels is not None:
-            label_id(_value(rec, label_field, source, i, "label"), labels, _where(source, i, label_field))
+            row_label(rec, label_field, labels, source, i)
 
 
 @dataclass
@@ -164,9 +169,8 @@ def encode(records: Sequence[dict[str, Any]], tokenizer, text_field: str, pair_f
     for i, rec in enumerate(records):
         texts = texts_of(rec, text_field, pair_field, source, i)
         features = dict(tokenizer(*texts, truncation=True, max_length=max_length))
-        target = None
-        if label_field is not None and labels is not None:
-            target = label_id(_value(rec, label_field, source, i, "label"), labels, _where(source, i, label_field))
+        labelled = label_field is not None and labels is not None
+        target = row_label(rec, label_field, labels, source, i) if labelled else None
         rows.append(Row({k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")},
                         target))
     if not rows:

@@ -22,6 +22,7 @@ from qpissa.errors import UserError
 from qpissa.quant import absmax_fp32
 
 CONFIG_KEY = "qpissa_nf4_experts"  # written by decompose into OUT/residual/config.json
+NF4_EXPERTS_FILE = "nf4-experts.safetensors"  # the experts' NF4 bytes in OUT/residual (transformers does not read it)
 
 
 class NF4ExpertStack(nn.Module):
@@ -61,7 +62,7 @@ def stack_from_state(states: list[dict[str, torch.Tensor]], shape: tuple[int, in
     return NF4ExpertStack(torch.stack(packed), torch.stack(absmax), code, blocksize, shape)
 
 
-def _states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+def read_nf4_states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """``{experts}.{e}.{kind}`` → its NF4 state dict, read from the residual's NF4 experts file ``path``."""
     import re
 
@@ -69,20 +70,19 @@ def _states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 
     pattern = re.compile(r"(.+\.experts\.\d+\.(?:gate_up_proj|down_proj))\.weight(?:\.(.+))?")
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for shard in [path]:
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                if m := pattern.fullmatch(key):
-                    out.setdefault(m[1], {})[m[2] or ""] = f.get_tensor(key)
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if m := pattern.fullmatch(key):
+                out.setdefault(m[1], {})[m[2] or ""] = f.get_tensor(key)
     return out
 
 
-def attach_nf4_experts(model: nn.Module, residual: Path, file: str = "nf4-experts.safetensors") -> int:
+def attach_nf4_experts(model: nn.Module, residual: Path, file: str = NF4_EXPERTS_FILE) -> int:
     """Give every experts module of ``model`` its NF4 stacks from ``residual`` and the dequantizing hooks; returns
     the number of fused parameters made 4-bit. A missing expert is an error, not a random weight."""
     if not (residual / file).is_file():
         raise UserError(f"{residual / file} is missing; re-run qpissa decompose into this folder")
-    states = _states(residual / file)
+    states = read_nf4_states(residual / file)
     count = 0
     for name, block in model.named_modules():
         experts = getattr(block, "experts", None)
@@ -157,7 +157,7 @@ def load_residual(residual: str | Path, **kwargs):
         model = AutoModelForCausalLM.from_pretrained(residual, **kwargs)
     finally:
         logging.set_verbosity(level)
-    attach_nf4_experts(model, residual, config[CONFIG_KEY].get("file", "nf4-experts.safetensors"))
+    attach_nf4_experts(model, residual, config[CONFIG_KEY].get("file", NF4_EXPERTS_FILE))
     return model
 
 

@@ -50,8 +50,10 @@ def require_causal_lm(model_dir: str | Path, command: str) -> None:
 
 def nf4_experts(out_dir: str | Path) -> bool:
     """True when OUT/residual holds NF4 MoE experts, which only :func:`qpissa.moe.load` loads 4-bit."""
+    from qpissa.moe import CONFIG_KEY
+
     config = json.loads((Path(out_dir) / "residual" / "config.json").read_text())
-    return "qpissa_nf4_experts" in config
+    return CONFIG_KEY in config
 
 
 def load_heading(out_dir: str | Path) -> str:

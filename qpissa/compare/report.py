@@ -52,8 +52,8 @@ def collect(study: Path) -> list[dict[str, Any]]:
     known = {f.name for f in fields(CompareConfig)}  # a newer version's options are not ours to read
     cfg = CompareConfig(**{k: v for k, v in json.loads((study / "study.json").read_text())["identity"].items()
                            if k in known})
-    init_loss: dict[str, float] = {}
-    metric_name: dict[str, str] = {}  # the init is the same for every seed and lr of a method (LoRA: B = 0)
+    init_loss: dict[str, float] = {}  # the init is the same for every seed and lr of a method (LoRA: B = 0)
+    metric: str | None = None  # classification: the task's headline metric
     rows = []
     for cell in cells(cfg):
         run = run_dir(study, cell)
@@ -67,7 +67,7 @@ def collect(study: Path) -> list[dict[str, Any]]:
         classified = _read_json(run / "eval" / "classification_summary.json")
         if classified:  # the task's headline metric (accuracy, or GLUE's: matthews, pearson, f1) in that column
             gsm8k = {"accuracy": classified["value"]}
-            metric_name.setdefault("name", classified["metric"])
+            metric = metric or classified["metric"]
         row: dict[str, Any] = {
             "method": cell.spec.label, "seed": cell.seed, "lr": cell.lr,
             "status": "complete" if "adapter" in summary else ("running" if steps else "missing"),
@@ -89,8 +89,8 @@ def collect(study: Path) -> list[dict[str, Any]]:
         rows.append(row)
     for row, cell in zip(rows, cells(cfg)):
         row["init_eval_loss"] = init_loss.get(cell.spec.key)
-        if metric_name:
-            row["metric"] = metric_name["name"]
+        if metric:
+            row["metric"] = metric
     return rows
 
 

@@ -16,9 +16,7 @@ from qpissa.adapters import adapter_config, adapter_key
 from qpissa.formats import (TensorInfo, copy_side_files, load_tensor, byte_size, save_tensors, write_index,
                             write_safetensors)
 from qpissa.quant import head_skip_modules, quantization_config
-
-
-NF4_EXPERTS_FILE = "nf4-experts.safetensors"  # read by qpissa.moe (the name is also in the residual's config.json)
+from qpissa.moe import CONFIG_KEY, NF4_EXPERTS_FILE
 
 
 def part_name(index: int) -> str:
@@ -78,7 +76,7 @@ def assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets:
         config["quantization_config"] = quantization_config(cfg.spec(), sorted(others) + heads)
     experts = [t for t in targets if isinstance(t, ExpertTarget)]
     if experts and cfg.experts_dtype == "nf4" and cfg.method in QUANTIZED_METHODS:  # qpissa.moe.load reads them
-        config["qpissa_nf4_experts"] = {"file": NF4_EXPERTS_FILE, "parameters": target_parameters(experts),
+        config[CONFIG_KEY] = {"file": NF4_EXPERTS_FILE, "parameters": target_parameters(experts),
                                         "on_disk": on_disk_names(experts),
                                         "blocksize": cfg.blocksize,
                                         "double_quant": cfg.double_quant}

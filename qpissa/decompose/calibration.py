@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 
 from qpissa.errors import UserError
-from qpissa.decompose.experts import fused_expert_stack
+from qpissa.decompose.experts import find_experts, fused_expert_stack
 from qpissa.formats import TensorInfo, load_tensor
 from qpissa.decompose.targets import Target
 
@@ -220,6 +220,7 @@ class BlockwiseCalibrator:
         self.model_dir, self.data, self.device = Path(model_dir), data, torch.device(device)
         self.expert_tokens = expert_tokens  # fewer routed calibration tokens: no statistics for that expert
         self.by_name = {t.name: t for t in tensors}
+        self.checkpoint_experts = find_experts(list(tensors))[0]  # every expert, targets or not (fused at load)
         blocks = {BLOCK.match(t.module).group(1) if BLOCK.match(t.module) else None for t in targets}
         if None in blocks or len(blocks) != 1:
             odd = next((t.module for t in targets if not BLOCK.match(t.module)), sorted(map(str, blocks))[0])
@@ -260,7 +261,7 @@ class BlockwiseCalibrator:
 
     def _set(self, root: torch.nn.Module, name: str, prefix: str = "") -> None:
         info = _find_info(prefix + name, self.by_name)
-        if info is None and (stack := fused_expert_stack(prefix + name, list(self.by_name.values()))) is not None:
+        if info is None and (stack := fused_expert_stack(prefix + name, self.checkpoint_experts)) is not None:
             _set_tensor(root, name, stack.to(device=self.device, dtype=torch.float32))  # per-expert tensors on disk
             return
         if info is None:

@@ -156,8 +156,8 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
                     "arguments": cfg.identity(), "architecture": arch, "status": "running", "tensors": {}}
     manifest["tensors"].update(known)
     if d.is_main:
-        for folder in (out_dir, parts_dir, out_dir / "residual", out_dir / "adapter"):  # a kill -9 mid-write leaves its temp file; no rank writes yet
-            remove_stale_temps(folder)
+        for folder in (out_dir, parts_dir, out_dir / "residual", out_dir / "adapter"):
+            remove_stale_temps(folder)  # a kill -9 mid-write leaves its temp file; no rank writes yet
         write_json(out_dir / "manifest.json", manifest)
     distributed.agree(d, None)  # manifest.json exists before any rank writes a part (a resume needs it)
     ranks = None

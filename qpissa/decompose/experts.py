@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qpissa.adapters import expert_wrapper
 from qpissa.errors import UserError
 from qpissa.formats import TensorInfo, load_tensor
 from qpissa.decompose.config import DecomposeConfig
@@ -41,7 +42,6 @@ SUPPORTED = ("per-expert {block}.experts.{e}.gate_proj/up_proj/down_proj.weight 
              "{block}.experts.{e}.w1/w3/w2.weight (Mixtral), or fused 3-D {block}.experts.gate_up_proj [E, 2I, H] "
              "and {block}.experts.down_proj [E, H, I] (transformers 5)")
 UNCALIBRATED = {"qpissa": "qpissa", "loftq": "loftq", "cloq": "loftq", "corda": "qpissa"}  # T=1 LoftQ = CLoQ with H=I
-EXPERTS_DTYPES = ("nf4", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -130,15 +130,15 @@ def load_expert(target: ExpertTarget) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # (2I, H): gate rows, then up rows
 
 
-def fused_expert_stack(param: str, tensors: list[TensorInfo]) -> torch.Tensor | None:
+def fused_expert_stack(param: str, experts: list[ExpertTarget]) -> torch.Tensor | None:
     """transformers 5's fused parameter ``param`` (``….experts.gate_up_proj`` / ``down_proj``) built from a per-expert
-    checkpoint (calibration runs blocks of the real model); None when ``param`` is no such parameter."""
+    checkpoint (calibration runs blocks of the real model); ``experts``: every expert of the checkpoint
+    (:func:`find_experts` without ``--targets``); None when ``param`` is no such parameter."""
     if not re.search(r"\.experts\.(gate_up_proj|down_proj)$", param):
         return None
-    experts, kind = param.rsplit(".", 1)
-    found = [t for t in find_experts([i for i in tensors if ".experts." in i.name])[0]
-             if t.experts_module == experts and t.kind == kind]
-    return torch.stack([load_expert(t) for t in sorted(found, key=lambda t: t.expert)]) if found else None
+    module, kind = param.rsplit(".", 1)
+    found = sorted((t for t in experts if t.experts_module == module and t.kind == kind), key=lambda t: t.expert)
+    return torch.stack([load_expert(t) for t in found]) if found else None
 
 
 def expert_config(cfg: DecomposeConfig, calibrated: bool = False) -> DecomposeConfig:
@@ -202,7 +202,7 @@ def peft_factors(targets: list[ExpertTarget], factors: dict[str, tuple[torch.Ten
         members.sort(key=lambda t: t.expert)
         a = torch.cat([factors[t.module][0] for t in members])  # (E·r, in)
         b = torch.stack([factors[t.module][1] for t in members], dim=-1)  # (out, r, E)
-        where = f"{module}.base_layer" if kind == "gate_up_proj" else module
+        where = expert_wrapper(module, kind)
         out[f"base_model.model.{where}.lora_A.weight"] = a.contiguous()
         out[f"base_model.model.{where}.lora_B.weight"] = b.reshape(b.shape[0], -1).contiguous()
     return out

@@ -296,10 +296,12 @@ def plan(s: ModelShapes, cfg: PlanConfig) -> Plan:
     rest = sum(p.total for p in s.params if p.kind != "linear")
     biases = sum(p.bias * p.count for p in lin)
     base_lin = sum(p.numel * p.count for p in lin if p not in quant)
+    dense_experts = sum(p.numel * p.count for p in lin if p not in quant and ".experts." in p.name) if quantized else 0
     comps.append(Component("unquantized weights", c * (rest + biases + base_lin),
                            f"embeddings, norms, biases{', head' if not s.tied else ''}"
-                           f"{', bf16-residual experts' if quantized and cfg.experts_dtype == 'bfloat16' and any('.experts.' in p.name for p in lin) else ''}"
-                           f"{', non-target linears' if base_lin and quantized else ', base linears' if base_lin else ''}"
+                           f"{', bf16-residual experts' if dense_experts else ''}"
+                           f"{', non-target linears' if base_lin > dense_experts and quantized else ''}"
+                           f"{', base linears' if base_lin and not quantized else ''}"
                            f" in {cfg.dtype}"))
     if cfg.method == "full":
         sizes = [p.numel + p.bias for p in s.params for _ in range(p.count)]

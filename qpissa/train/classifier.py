@@ -42,18 +42,14 @@ def run_labels(run: Path) -> tuple[Labels, dict[str, Any]]:
     return Labels(int(saved["num_labels"]), id2label, bool(saved.get("labels_from_strings"))), saved
 
 
-def prepare_classification(cfg: TrainConfig) -> dict[str, Any] | tuple[TrainConfig, Any, Any, ClassificationTask]:
-    """Data, labels, model and task of a run (see the module docstring) for :func:`qpissa.train.loop.fit`; the
-    summary of a finished run resumed with nothing left to do."""
-    from qpissa.train.checkpoint import check_output
+def prepare_classification(cfg: TrainConfig) -> tuple[TrainConfig, Any, Any, ClassificationTask]:
+    """Data, labels, model and task of a run (see the module docstring) for :func:`qpissa.train.loop.fit`."""
     from qpissa.train.classifier_model import load_classifier
 
     if distributed.detect().world_size > 1:
         raise UserError("--task classification runs in one process; start it without torchrun")
     if cfg.sorsa_gamma > 0 or cfg.kernels != "none" or cfg.data_cfg.packing or cfg.fsdp:
         raise UserError("--sorsa-gamma, --kernels, --packing and --fsdp apply to --task causal-lm only")
-    if (done := check_output(cfg)) is not None:
-        return done
     records = load_records(cfg.data, cfg.data_split, cfg.data_config, cfg.data_limit)  # one line before weights
     text, pair = text_fields(records[0], cfg.text_field, cfg.text_pair_field, str(cfg.data))
     labels = infer_labels(records, cfg.label_field, cfg.num_labels, str(cfg.data))

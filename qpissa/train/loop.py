@@ -84,11 +84,13 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise UserError("--batch-size and --grad-accum must be at least 1")
     trackers.require(cfg.report_to)  # a missing tensorboard/wandb: one line before any data or weights are read
+    if (done := ckpt_lib.check_output(cfg)) is not None:  # a finished run resumed: nothing to do
+        return done
     if cfg.task == "classification":
         from qpissa.train.classifier import prepare_classification
 
-        prepared = prepare_classification(cfg)  # (cfg, model, tokenizer, task), or a finished run's summary
-        return prepared if isinstance(prepared, dict) else fit(*prepared[:3], [], [], task=prepared[3])
+        cfg, model, tokenizer, task = prepare_classification(cfg)
+        return fit(cfg, model, tokenizer, [], [], task=task)
     kind_dir = Path(cfg.model) / "residual" if cfg.method == "from-out" else Path(cfg.model)
     if (kind_dir / "config.json").exists():
         require_causal_lm(kind_dir, "train")  # an encoder: one line before any data or weights are read
@@ -99,8 +101,6 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     if note and distributed.detect().is_main:
         print(note, file=sys.stderr)
     cfg = replace(cfg, data_cfg=data_cfg)  # RUN/config.json records the template used (eval prompts with it)
-    if (done := ckpt_lib.check_output(cfg)) is not None:
-        return done
     torch.manual_seed(cfg.seed), random.seed(cfg.seed), np.random.seed(cfg.seed)
     model, tokenizer = load_model(cfg)
     if cfg.fsdp:  # the NF4 residual, adapters, grads and AdamW states sharded per block (qpissa.train.fsdp)

@@ -7,8 +7,8 @@ step's units and the step's gradient is the mean over the whole global batch, an
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 
@@ -24,8 +24,12 @@ class CausalTask:
     pad_id: int
     batch_size: int  # held-out batch size
     precision: str = "bf16"
-    name: str = "causal-lm"
-    config_extra: dict[str, Any] = field(default_factory=dict)
+    name: ClassVar[str] = "causal-lm"
+
+    @property
+    def config_extra(self) -> dict[str, Any]:
+        """What RUN/config.json records besides the options: nothing for a causal LM."""
+        return {}
 
     def stream(self, batch_size: int, seed: int, pos: DataPosition) -> Iterator[tuple[dict[str, torch.Tensor], DataPosition]]:
         return batches(self.examples, batch_size, seed, self.pad_id, pos)
@@ -55,11 +59,12 @@ class ClassificationTask:
     labels: Any  # qpissa.classify.Labels
     batch_size: int
     precision: str = "bf16"
-    name: str = "classification"
-    config_extra: dict[str, Any] = field(default_factory=dict)
+    name: ClassVar[str] = "classification"
 
-    def __post_init__(self) -> None:
-        self.config_extra = {"id2label": self.labels.id2label, "labels_from_strings": self.labels.from_strings}
+    @property
+    def config_extra(self) -> dict[str, Any]:
+        """The label map ``qpissa eval --task classification`` reads back from RUN/config.json."""
+        return {"id2label": self.labels.id2label, "labels_from_strings": self.labels.from_strings}
 
     def stream(self, batch_size: int, seed: int, pos: DataPosition) -> Iterator[tuple[dict[str, torch.Tensor], DataPosition]]:
         from qpissa.classify import collate as collate_rows
@@ -80,4 +85,3 @@ class ClassificationTask:
         preds, _, loss = predict(model, self.held, self.tokenizer, self.labels, self.batch_size, device, self.precision)
         return {"eval_loss": loss, **{f"eval_{k}": v for k, v in scores(preds, [r.label for r in self.held],
                                                                          self.labels).items()}}
-

@@ -32,6 +32,7 @@ from qpissa.errors import UserError
 from qpissa.hub import REVISION_HELP, resolve_model
 from qpissa.formats import (TensorInfo, byte_size, copy_side_files, entry_of, is_within, load_tensor, weight_key,
                             scan_checkpoint, write_index, write_safetensors)
+from qpissa.moe import CONFIG_KEY
 from qpissa.use.merge_experts import ExpertMerge
 from qpissa.quant import NF4Spec, NF4Tensor, dequantize_nf4, quantization_config, quantize_nf4
 
@@ -188,7 +189,7 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
         write_index(out, weight_map, total)
     copy_side_files(residual, out)
     config.pop("quantization_config", None)
-    config.pop("qpissa_nf4_experts", None)
+    config.pop(CONFIG_KEY, None)
     config["dtype"] = config["torch_dtype"] = cfg.dtype
     if cfg.quantize == "nf4":
         qc = dict(qcfg) if qcfg else quantization_config(NF4Spec(compute_dtype=cfg.dtype), _skip_modules(residual, deltas))

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
-from qpissa.adapters import Adapter, module_scale, pattern_value
+from qpissa.adapters import Adapter, expert_parameter, module_scale, pattern_value
+from qpissa.decompose.experts import model_block
 from qpissa.formats import TensorInfo, load_tensor
+from qpissa.moe import CONFIG_KEY, read_nf4_states
 
 NAMES = re.compile(r"(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>\w+)\.weight")
 
@@ -24,13 +26,12 @@ class ExpertMerge:
 
     def __init__(self, adapter: Adapter, residual: Path, config: dict, by_name: dict[str, TensorInfo]) -> None:
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, float, int]] = {}  # "{experts}:{kind}" → A, B, s, r
-        for module in [m for m in adapter.factors if m.endswith(".experts") or m.endswith(".experts.base_layer")]:
+        for module in [m for m in adapter.factors if expert_parameter(m) is not None]:
             a, b = adapter.factors.pop(module)
-            experts = module.removesuffix(".base_layer")
-            kind = "gate_up_proj" if module.endswith(".base_layer") else "down_proj"
+            experts, kind = expert_parameter(module)
             r = int(pattern_value(adapter.config.get("rank_pattern"), experts, adapter.config["r"]))
             self.factors[f"{experts}:{kind}"] = (a, b, module_scale(adapter.config, experts), r)
-        nf4 = config.get("qpissa_nf4_experts") or {}
+        nf4 = config.get(CONFIG_KEY) or {}
         on_disk = nf4.get("on_disk") or {"block": "mlp", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
         self.proj = {on_disk["gate"]: ("gate_up_proj", 0), on_disk["up"]: ("gate_up_proj", 1),
                      on_disk["down"]: ("down_proj", 0)}
@@ -38,9 +39,7 @@ class ExpertMerge:
         self.states: dict[str, dict[str, torch.Tensor]] = {}
         self.new: dict[str, tuple[int, ...]] = {}  # NF4 experts: output names not in the residual shards → shape
         if self.nf4_file is not None:
-            from qpissa.moe import _states
-
-            self.states = _states(self.nf4_file)
+            self.states = read_nf4_states(self.nf4_file)
             for key, state in self.states.items():
                 experts, e, kind = key.rsplit(".", 2)
                 block = experts.removesuffix(".experts")
@@ -56,7 +55,7 @@ class ExpertMerge:
         self._cache: tuple[str, torch.Tensor] | None = None
 
     def __contains__(self, name: str) -> bool:
-        return name in self.new or (self._parse(name) is not None and self.factors != {})
+        return name in self.new or (bool(self.factors) and self._parse(name) is not None)
 
     def _parse(self, name: str) -> tuple[str, int, str, int] | None:
         """(experts module in the model, expert, kind, half) of a per-expert checkpoint name, else None."""
@@ -64,8 +63,7 @@ class ExpertMerge:
         if m is None or m["proj"] not in self.proj:
             return None
         kind, half = self.proj[m["proj"]]
-        block = re.sub(r"(^|\.)block_sparse_moe$", r"\1mlp", m["block"])
-        return f"{block}.experts", int(m["e"]), kind, half
+        return f"{model_block(m['block'])}.experts", int(m["e"]), kind, half
 
     def produce(self, name: str, device: str = "cpu") -> torch.Tensor:
         """The merged fp32 weight of one per-expert output tensor."""
