@@ -8,7 +8,8 @@ zero-stride placeholder of the right shape (2 bytes of storage). A pre-hook on t
 layer's stacks into the parameters just before the block runs and a hook drops them after, so memory holds the
 4-bit bytes plus one layer's stack while it runs. PEFT's ``target_parameters`` LoRA wraps the experts module as
 usual: its parametrization adds s·B·A to whatever the parameter holds when the experts run.
-Caveat: transformers first materializes the (missing) expert parameters at load, in ``dtype``, then they are freed.
+transformers never materializes the experts in ``dtype``: their parameters stay placeholders while it loads the
+rest block by block (:mod:`qpissa.moe_meta`), so the load peaks at about the 4-bit bytes + one block.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from qpissa.quant import absmax_fp32
 
 CONFIG_KEY = "qpissa_nf4_experts"  # written by decompose into OUT/residual/config.json
 NF4_EXPERTS_FILE = "nf4-experts.safetensors"  # the experts' NF4 bytes in OUT/residual (transformers does not read it)
+DEQUANT_WEIGHTS = 1 << 24  # weights per batched dequantize call (64 MiB of fp32 temporaries)
 
 
 class NF4ExpertStack(nn.Module):
@@ -38,12 +40,17 @@ class NF4ExpertStack(nn.Module):
         self.blocksize, self.shape = blocksize, tuple(shape)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """(E, out, in) in ``dtype``, one expert at a time (fp32 temporaries of one expert only)."""
+        """(E, out, in) in ``dtype``: the experts in batched calls of ≤ :data:`DEQUANT_WEIGHTS` weights (their fp32
+        temporaries); one expert at a time only when an expert's weights do not fill whole NF4 blocks."""
         from qpissa.nf4_cpu import dequantize_nf4_cpu  # plain torch, any device: code[q]·absmax in flat order
 
-        result = torch.empty(self.packed.shape[0], *self.shape, dtype=dtype, device=self.packed.device)
-        for e in range(self.packed.shape[0]):
-            result[e] = dequantize_nf4_cpu(self.packed[e], self.absmax[e], self.code, self.blocksize, self.shape)
+        e, (m, n) = self.packed.shape[0], self.shape
+        result = torch.empty(e, m, n, dtype=dtype, device=self.packed.device)
+        per = max(1, DEQUANT_WEIGHTS // (m * n)) if (m * n) % self.blocksize == 0 and (m * n) % 2 == 0 else 1
+        for i in range(0, e, per):
+            j = min(e, i + per)
+            result[i:j] = dequantize_nf4_cpu(self.packed[i:j].reshape(-1), self.absmax[i:j].reshape(-1), self.code,
+                                             self.blocksize, (j - i, m, n))
         return result
 
 
@@ -112,7 +119,9 @@ def attach_nf4_experts(model: nn.Module, residual: Path, file: str = NF4_EXPERTS
 
 def _placeholder(param: torch.Tensor) -> torch.Tensor:
     """A zero-stride tensor of ``param``'s shape and dtype: 1 element of storage."""
-    return torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
+    from qpissa.moe_meta import placeholder
+
+    return placeholder(param)
 
 
 def _fill(experts: nn.Module, stacks: dict[str, nn.Parameter]):
@@ -151,10 +160,13 @@ def load_residual(residual: str | Path, **kwargs):
         return AutoModelForCausalLM.from_pretrained(residual, **kwargs)
     from transformers.utils import logging
 
+    from qpissa.moe_meta import experts_stay_on_meta
+
     level = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        model = AutoModelForCausalLM.from_pretrained(residual, **kwargs)
+        with experts_stay_on_meta():  # no bf16 copy of the experts, not even for a moment
+            model = AutoModelForCausalLM.from_pretrained(residual, **kwargs)
     finally:
         logging.set_verbosity(level)
     attach_nf4_experts(model, residual, config[CONFIG_KEY].get("file", NF4_EXPERTS_FILE))

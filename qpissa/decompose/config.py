@@ -63,6 +63,11 @@ class DecomposeConfig:
     experts_dtype: Literal["nf4", "bfloat16"] = field(default="nf4", metadata={
         "help": "MoE experts' residual: nf4 (default; load with qpissa.load) | bfloat16 (PiSSA residual, plain "
                 "transformers + peft load it)"})
+    expert_rank: int | None = field(default=None, metadata={
+        "help": "MoE experts' adapter rank (default: --rank); 0: experts NF4 with no adapter, as QLoRA leaves them"})
+    expert_batch: bool = field(default=True, metadata={
+        "help": "decompose a block's experts of one kind as one batch (batched randomized SVD with a bf16 sketch, "
+                "batched NF4); off: one matrix at a time"})
     calib_data: str | None = field(default=None, metadata={
         "help": "calibration data (.jsonl/.json/.parquet/.csv records, .txt lines or a Hub dataset id org/name): fit "
                 "in the output-error norm ‖(W − Ŵ)·H^½‖ (qpissa/loftq become calibrated; cloq/corda require it)"})
@@ -108,6 +113,8 @@ class DecomposeConfig:
             raise UserError(f"--dtype must be float32 or float64, got {self.dtype!r}")
         if self.experts_dtype not in ("nf4", "bfloat16"):
             raise UserError(f"--experts-dtype must be nf4 or bfloat16, got {self.experts_dtype!r}")
+        if self.expert_rank is not None and self.expert_rank < 0:
+            raise UserError(f"--expert-rank must be 0 (no expert adapter) or positive, got {self.expert_rank}")
         if self.adapter_dtype not in ("bfloat16", "float16", "float32"):
             raise UserError(f"--adapter-dtype must be bfloat16, float16 or float32, got {self.adapter_dtype!r}")
         try:

@@ -8,7 +8,6 @@ the parts, so peak memory stays a few times the largest tensor.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
 import json
@@ -35,6 +34,9 @@ from qpissa.decompose.assemble import assemble, part_name
 from qpissa.decompose.calibration import block_index
 from qpissa.decompose.coverage import coverage
 from qpissa.decompose.experts import ExpertTarget, decompose_expert, find_experts, summary as experts_summary
+from qpissa.decompose import experts_batch
+from qpissa.decompose.expert_rank import expert_rank, expert_rank_config
+from qpissa.decompose.heap import HEAP_BLOCK_LIMIT, reuse_freed_heap, trim_heap
 from qpissa.decompose.methods import QUANTIZED_METHODS
 from qpissa.decompose.config import AUTO_PARALLEL_MAX_WEIGHTS, DecomposeConfig
 from qpissa.decompose.targets import Target, find_targets
@@ -42,9 +44,6 @@ from qpissa.decompose.tensor import Stats, decompose_tensor, measure_curve
 
 OUTPUTS = ("residual", "adapter", ".parts", "manifest.json", "report.json", "report.csv", "report.md",
            "error_by_layer.png")
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
-HEAP_BLOCK_LIMIT = 32 * 2**20  # blocks below this come from glibc's heap (its largest mmap threshold)
-HEAP_KEEP = 512 * 2**20  # freed heap glibc keeps mapped for the next tensor
 JOURNAL_EVERY_S = 2.0  # rewrite manifest.json at most this often (and at the end): O(n) bytes, not O(n²)
 
 
@@ -102,7 +101,7 @@ def decompose(model_dir: str | Path | None = None, out_dir: str | Path = "out", 
     """
     cfg = dataclasses.replace(config or DecomposeConfig(), **overrides)
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))  # auto → cuda when available
-    _reuse_freed_heap()
+    reuse_freed_heap()
     lock = OutputLock(Path(out_dir))
     with distributed.session(cfg.device) as d:
         cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device, d))
@@ -132,9 +131,11 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         expert_targets, routers = find_experts(tensors, cfg.targets)
         targets = targets + expert_targets
         for t in targets:
-            if cfg.rank >= min(t.shape):
-                raise UserError(f"{t.weight.file}: rank {cfg.rank} >= min{t.shape} of tensor {t.weight.name}; "
-                                "choose a smaller --rank or exclude it with --targets")
+            rank = expert_rank(cfg) if isinstance(t, ExpertTarget) else cfg.rank
+            if rank >= min(t.shape):
+                flag = "--expert-rank" if isinstance(t, ExpertTarget) else "--rank"
+                raise UserError(f"{t.weight.file}: rank {rank} >= min{t.shape} of tensor {t.weight.name}; "
+                                f"choose a smaller {flag} or exclude it with --targets")
         warn_cpu_blocksize({t.weight.name: t.shape[1] for t in targets}, cfg.blocksize, cfg.device)
         if cfg.rank_allocation == "error" and d.enabled:
             raise UserError("--rank-allocation error runs in one process; run it without torchrun/accelerate")
@@ -274,23 +275,34 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, j
         task = bar.add_task(f"{label}{cfg.method} r={cfg.rank}", total=len(indices))
         running: deque = deque()
         order = indices if stats is None else sorted(indices, key=lambda i: block_index(targets[i].module))
-        for index in [*order, None]:
-            if index is not None:
-                target, part = targets[index], parts_dir / part_name(index)
-                done = manifest["tensors"].get(target.module)
-                if done and part.exists() and done.get("sha256") == _sha256(part):
-                    metrics[index] = done["metrics"]
-                    bar.advance(task)
-                    continue
-                module_stats = None if stats is None or not _calibrated(target, cfg) else stats(target.module)
-                running.append((index, pool.submit(_process_one, target, part, _target_config(cfg, ranks, target),
-                                                   module_stats)))
-            while running and (len(running) >= workers or index is None):
-                done_index, future = running.popleft()
-                entry = future.result()
-                manifest["tensors"][targets[done_index].module] = entry
-                metrics[done_index] = entry["metrics"]
-                bar.update(task, advance=1, description=f"{label}{cfg.method} {targets[done_index].module}")
+        pending = []
+        for index in order:
+            target, part = targets[index], parts_dir / part_name(index)
+            done = manifest["tensors"].get(target.module)
+            if done and part.exists() and done.get("sha256") == _sha256(part):
+                metrics[index] = done["metrics"]
+                bar.advance(task)
+            else:
+                pending.append(index)
+        calibrated = stats is not None
+        for job in [*experts_batch.jobs(targets, pending, lambda t: _target_config(cfg, ranks, t), calibrated), None]:
+            if job is not None:
+                target = targets[job[0]]
+                tcfg = _target_config(cfg, ranks, target)
+                if len(job) > 1 or experts_batch.batchable(tcfg, target, calibrated):  # a block's experts of one kind
+                    future = pool.submit(_process_batch, [targets[i] for i in job],
+                                         [parts_dir / part_name(i) for i in job], tcfg)
+                else:
+                    module_stats = None if stats is None or not _calibrated(target, cfg) else stats(target.module)
+                    future = pool.submit(_process_one, target, parts_dir / part_name(job[0]), tcfg, module_stats)
+                running.append((job, future))
+            while running and (len(running) >= workers or job is None):
+                done_job, future = running.popleft()
+                for done_index, entry in zip(done_job, future.result()):
+                    manifest["tensors"][targets[done_index].module] = entry
+                    metrics[done_index] = entry["metrics"]
+                bar.update(task, advance=len(done_job),
+                           description=f"{label}{cfg.method} {targets[done_job[-1]].module}")
                 if time.monotonic() - last_journal >= max(JOURNAL_EVERY_S, 20 * journal_cost):
                     t0 = time.monotonic()  # ≤ 5% of the run rewrites the journal; a part not journaled is recomputed
                     write_json(journal, manifest)
@@ -304,8 +316,21 @@ def _calibrated(target: Target, cfg: DecomposeConfig) -> bool:
     return not (isinstance(target, ExpertTarget) and cfg.experts_dtype == "bfloat16")
 
 
+def _process_batch(group: list[ExpertTarget], parts: list[Path], cfg: DecomposeConfig) -> list[dict]:
+    """One block's experts of one kind as a batch, each expert's part written as :func:`_process_one` does."""
+    start, results = time.perf_counter(), experts_batch.decompose_group(group, cfg)
+    seconds = (time.perf_counter() - start) / len(group)
+    entries = [_write_part(part, tensors, m, seconds) for (tensors, m), part in zip(results, parts)]
+    del results
+    trim_heap()  # the batch's (E, m, n) buffers were mapped: trimming is cheap
+    return entries
+
+
 def _target_config(cfg: DecomposeConfig, ranks: dict[str, int] | None, target: Target) -> DecomposeConfig:
-    """``cfg`` with this target's allocated rank, and the α that keeps the uniform run's scale s."""
+    """``cfg`` with this target's allocated rank, and the α that keeps the uniform run's scale s; an expert's
+    with ``--expert-rank`` (:mod:`qpissa.decompose.expert_rank`)."""
+    if isinstance(target, ExpertTarget):
+        return expert_rank_config(cfg)
     if ranks is None:
         return cfg
     from qpissa.decompose.allocation import scale_alpha
@@ -316,45 +341,23 @@ def _target_config(cfg: DecomposeConfig, ranks: dict[str, int] | None, target: T
                                                                 cfg.rslora))
 
 
-def _process_one(target: Target, part: Path, cfg: DecomposeConfig, stats: Stats | None = None) -> dict:
-    """Read, decompose and write one target; its manifest entry."""
+def _process_one(target: Target, part: Path, cfg: DecomposeConfig, stats: Stats | None = None) -> list[dict]:
+    """Read, decompose and write one target; its manifest entry (a list of one, as :func:`_process_batch`)."""
     start = time.perf_counter()
     if isinstance(target, ExpertTarget):  # one expert's matrix, read alone (qpissa.decompose.experts)
         tensors, m = decompose_expert(target, cfg, stats)
     else:
         tensors, m = decompose_tensor(target, load_tensor(target.weight), cfg, stats)
-    save_tensors(part, tensors, durable=False)  # no fsync: the checksum in the manifest catches a torn part
+    entry = _write_part(part, tensors, m, time.perf_counter() - start)
     del tensors
     if target.shape[0] * target.shape[1] * 4 >= HEAP_BLOCK_LIMIT:  # its m×n buffers were mapped: trimming is cheap
-        _trim_heap()
-    return {"part": part.name, "sha256": _sha256(part), "metrics": m, "seconds": round(time.perf_counter() - start, 4)}
+        trim_heap()
+    return [entry]
 
 
-def _reuse_freed_heap() -> None:
-    """Let glibc hand freed buffers to the next tensor instead of back to the OS (process-wide; a no-op off glibc).
-
-    By default glibc maps large blocks fresh and unmaps them on free (and the driver used to ``malloc_trim`` after
-    every tensor), so each tensor's buffers were new pages the kernel zeroes on first touch: SmolLM2-135M took
-    1.4M page faults and 2.5 s of system time in a 6 s run. Blocks below 32 MiB (glibc's largest mmap threshold)
-    now come from the heap, and up to 512 MiB of freed heap stays mapped: ≈85K faults, 0.6 s system time. Larger
-    blocks (an 8B model's 64–224 MiB weights) are still mapped per use, and after such a tensor the heap is trimmed
-    (:func:`_trim_heap`): the 8B-shaped rehearsal's peak was 2.54–2.59× its largest fp32 tensor in 5 runs (trim
-    after every tensor: 2.51–2.78×; no trim: 2.64–2.89×)."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)
-        libc.mallopt(M_TRIM_THRESHOLD, HEAP_KEEP)
-    except (OSError, AttributeError):
-        pass
-
-
-def _trim_heap() -> None:
-    """Return the freed heap to the OS (glibc ``malloc_trim``; a no-op elsewhere): after a large tensor, so chunk
-    temporaries kept in a worker's arena do not add to the next large tensor's peak."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+def _write_part(part: Path, tensors: dict, metrics: dict, seconds: float) -> dict:
+    save_tensors(part, tensors, durable=False)  # no fsync: the checksum in the manifest catches a torn part
+    return {"part": part.name, "sha256": _sha256(part), "metrics": metrics, "seconds": round(seconds, 4)}
 
 
 def _workers(cfg: DecomposeConfig, targets: list[Target]) -> int:
