@@ -10,6 +10,7 @@ from qpissa.atomic import write_json
 from qpissa.decompose.config import DecomposeConfig
 from qpissa.decompose.allocation import scale_alpha
 from qpissa.decompose.methods import QUANTIZED_METHODS, adapter_scale
+from qpissa.decompose.expert_rank import adapter_patterns, expert_rank
 from qpissa.decompose.experts import ExpertTarget, on_disk_names, peft_factors, target_parameters
 from qpissa.decompose.targets import Target
 from qpissa.adapters import adapter_config, adapter_key
@@ -89,7 +90,8 @@ def assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets:
             expert_factors[t.module] = (a, b)
         else:
             adapter[adapter_key(t.module, "lora_A")], adapter[adapter_key(t.module, "lora_B")] = a, b
-    adapter.update(peft_factors(experts, expert_factors))  # experts: the list above
+    tuned = experts if expert_rank(cfg) else []  # --expert-rank 0: NF4 experts with no adapter
+    adapter.update(peft_factors(tuned, expert_factors))
     save_tensors(adapter_dir / "adapter_model.safetensors", adapter)
     alpha = float(cfg.rank if cfg.alpha is None else cfg.alpha)
     patterns = {}
@@ -97,11 +99,12 @@ def assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets:
         scale = adapter_scale(cfg.rank, cfg.alpha, cfg.rslora)
         patterns = {"rank_pattern": {t.module: ranks[t.module] for t in targets},
                     "alpha_pattern": {t.module: scale_alpha(ranks[t.module], scale, cfg.rslora) for t in targets}}
+    patterns.update(adapter_patterns(cfg, sorted({f"{t.experts_module}.{t.kind}" for t in tuned})))  # --expert-rank
     write_json(adapter_dir / "adapter_config.json", adapter_config(
         base_model=str(residual_dir.resolve()), rank=cfg.rank, alpha=alpha, rslora=cfg.rslora,
         target_modules=[t.module for t in targets if not isinstance(t, ExpertTarget)],
         fan_in_fan_out=any(t.transposed for t in targets), task_type=task,
-        target_parameters=target_parameters(experts) if experts else None, **patterns))
+        target_parameters=target_parameters(tuned) if tuned else None, **patterns))
 
 
 def _part_entries(part: Path) -> list[tuple[str, tuple]]:

@@ -2,7 +2,8 @@
 
 An adapter of rank r on every routed expert is most of an MoE's trainable state (Qwen3-30B-A3B at r=16: 604M of
 642M parameters are expert factors). Experts decomposed at rank r_e keep the adapter scale s of the other targets
-(α_e = s·r_e, or s·√r_e with rsLoRA), written as PEFT's ``rank_pattern``/``alpha_pattern`` for the experts modules;
+(α_e = s·r_e, or s·√r_e with rsLoRA), written as PEFT's ``rank_pattern``/``alpha_pattern`` under the fused
+parameters' names (``model.layers.0.mlp.experts.gate_up_proj``: the key PEFT matches for ``target_parameters``);
 rank 0 quantizes each expert to NF4 with no adapter (the residual is NF4(W), exactly QLoRA's base) and the adapter
 holds no expert factors and no ``target_parameters``.
 """
@@ -38,7 +39,8 @@ def expert_alpha(cfg: DecomposeConfig) -> float:
 
 
 def adapter_patterns(cfg: DecomposeConfig, modules: list[str]) -> dict[str, dict]:
-    """PEFT ``rank_pattern``/``alpha_pattern`` entries for the experts ``modules`` (empty when r_e = r)."""
+    """PEFT ``rank_pattern``/``alpha_pattern`` entries for the fused expert parameters ``modules`` (empty when
+    r_e = r)."""
     rank = expert_rank(cfg)
     if rank in (0, cfg.rank) or not modules:
         return {}
