@@ -103,7 +103,7 @@ OURS = PROLOGUE + textwrap.dedent('''
     from qpissa.decompose import decompose
     open("/proc/self/clear_refs", "w").write("5")
     base, t0, c0 = rss(), time.perf_counter(), time.process_time()
-    decompose(sys.argv[1], sys.argv[2], progress=False, overwrite=True)
+    decompose(sys.argv[1], sys.argv[2], progress=False, overwrite=True, expert_batch=sys.argv[3] == "batch")
     print(json.dumps({{"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                       "peak_rss_above_imports": hwm() - base}}))
 ''')
@@ -139,18 +139,58 @@ def run(script: str, *args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def compare_outputs(per: Path, batch: Path) -> dict:
+    """The batched experts against the per-matrix ones: each expert's ‖W − Ŵ‖_F (relative difference), the
+    share of NF4 bytes that differ, and ‖ΔB·A‖-style factor differences (relative, per adapter tensor)."""
+    from safetensors import safe_open
+
+    def modules(out: Path) -> dict:
+        return {m["module"]: m for m in json.loads((out / "report.json").read_text())["modules"]}
+
+    a, b = modules(per), modules(batch)
+    rel = [abs(b[k]["method"]["frobenius"] - a[k]["method"]["frobenius"]) / a[k]["method"]["frobenius"]
+           for k in a if ".experts." in k]
+    qlora = max(abs(b[k]["qlora"]["frobenius"] - a[k]["qlora"]["frobenius"]) / a[k]["qlora"]["frobenius"]
+                for k in a if ".experts." in k)
+    differ = total = 0
+    with safe_open(str(per / "residual" / "nf4-experts.safetensors"), "pt") as f, \
+            safe_open(str(batch / "residual" / "nf4-experts.safetensors"), "pt") as g:
+        for key in f.keys():
+            x = f.get_tensor(key)
+            if x.dtype == torch.uint8 and x.ndim == 2:
+                differ += int((x != g.get_tensor(key)).sum())
+                total += x.numel()
+    factors = []
+    with safe_open(str(per / "adapter" / "adapter_model.safetensors"), "pt") as f, \
+            safe_open(str(batch / "adapter" / "adapter_model.safetensors"), "pt") as g:
+        for key in (k for k in f.keys() if ".experts." in k):
+            x, y = f.get_tensor(key).float(), g.get_tensor(key).float()
+            factors.append(float((x - y).norm() / x.norm()))
+    return {"experts": len(rel), "max_rel_frobenius_diff": max(rel), "mean_rel_frobenius_diff": sum(rel) / len(rel),
+            "mean_frobenius_per_matrix": sum(a[k]["method"]["frobenius"] for k in a if ".experts." in k) / len(rel),
+            "mean_frobenius_batched": sum(b[k]["method"]["frobenius"] for k in a if ".experts." in k) / len(rel),
+            "max_rel_qlora_diff": qlora, "nf4_bytes_differing": differ / total,
+            "max_rel_factor_diff": max(factors)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", default="/tmp/moe-rehearsal")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--layers", type=int, default=2, help="blocks of Qwen3-30B-A3B shapes (figures scale per layer)")
+    ap.add_argument("--skip-peft", action="store_true", help="only ours: per-matrix vs batched experts")
     args = ap.parse_args()
     root = Path(args.dir)
     ckpt = write_checkpoint(root / "ckpt", args.layers)
     result = {"checkpoint": str(ckpt), "threads": args.threads, "layers": args.layers,
-              "ours": run(OURS.format(threads=args.threads), str(ckpt), str(root / "out")),
-              "peft_pissa": run(PEFT.format(threads=args.threads), str(ckpt), "pissa_niter_4"),
-              "peft_default": run(PEFT.format(threads=args.threads), str(ckpt), "default")}
+              "ours_per_matrix": run(OURS.format(threads=args.threads), str(ckpt), str(root / "out-per"), "per"),
+              "ours": run(OURS.format(threads=args.threads), str(ckpt), str(root / "out"), "batch")}
+    result["batch_speedup_wall"] = result["ours_per_matrix"]["seconds"] / result["ours"]["seconds"]
+    result["batch_speedup_cpu"] = result["ours_per_matrix"]["cpu_seconds"] / result["ours"]["cpu_seconds"]
+    result["batch_vs_per_matrix"] = compare_outputs(root / "out-per", root / "out")
+    if not args.skip_peft:
+        result["peft_pissa"] = run(PEFT.format(threads=args.threads), str(ckpt), "pissa_niter_4")
+        result["peft_default"] = run(PEFT.format(threads=args.threads), str(ckpt), "default")
     from safetensors import safe_open
 
     bf16 = 0
@@ -166,7 +206,7 @@ def main() -> None:
                          "reduction_vs_qlora_frobenius": {k: v["reduction_vs_qlora"]["frobenius"]
                                                           for k, v in report["by_layer_type"].items()},
                          "quantized_share": report["coverage"]["groups"]["quantized_4bit"]["share"]}
-    dest = Path(__file__).parent / "results" / "moe_rehearsal.json"
+    dest = Path(__file__).parent / "results" / ("moe_rehearsal.json" if not args.skip_peft else "moe_rehearsal_batch.json")
     dest.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

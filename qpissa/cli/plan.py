@@ -8,6 +8,8 @@ from rich.table import Table
 from qpissa.cli.app import app
 from qpissa.cli.options import Options, with_options
 from qpissa.hub import REVISION_HELP
+from qpissa.plan.expert_budget import expert_options, summary
+from qpissa.plan.fsdp_memory import experts_per_rank
 from qpissa.plan.model_shapes import load_config, shapes_from_config
 from qpissa.plan.memory import (GiB, PlanConfig, decompose_estimate, largest_batch, largest_rank, parse_size, plan)
 
@@ -56,6 +58,16 @@ def plan_cmd(
                   + (f", largest rank {best_r} at B={cfg.batch_size}" if cfg.method != "full" else ""))
     out = {**p.to_dict(), "alpha": alpha if alpha is not None else rank, "largest_batch": best_b,
            "largest_rank": best_r}
+    options = expert_options(shapes, cfg)
+    if options:  # MoE: which expert rank / optimizer fits (qpissa.plan.expert_budget)
+        console.print(summary(options, cfg.gpu_memory), highlight=False)
+        out["expert_options"] = options
+    split = experts_per_rank(shapes, cfg.gpus) if cfg.fsdp else None
+    if split:
+        console.print(f"fsdp experts: each of {cfg.gpus} ranks stores {split['experts_per_rank_per_block']} of every "
+                      f"block's {split['experts_per_block']} experts ({split['experts_per_rank']:,} of "
+                      f"{split['experts_total']:,}), gathered one block at a time", highlight=False)
+        out["fsdp_experts"] = split
     if decompose and cfg.method in ("qpissa", "loftq", "pissa"):
         est = decompose_estimate(shapes, rank=cfg.rank, targets=cfg.targets)
         m, n = est["largest"]

@@ -161,17 +161,15 @@ def qpissa_batch(w: torch.Tensor, rank: int, scale: float, *, iters: int, blocks
         root = torch.sqrt(s / scale)  # (E, r)
         return (root[:, :, None] * vh).to(adapter_dtype), (u * root[:, None, :]).to(adapter_dtype)
 
-    def delta(a, b):
-        return torch.bmm(b.float(), a.float()).mul_(scale)  # (E, m, n)
+    def minus(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(x, b.float(), a.float(), alpha=-scale)  # x − s·B·A (E, m, n), one pass
 
-    def error(q: StackNF4, a, b) -> torch.Tensor:
-        return _norms(w - q.dequantize() - delta(a, b))
-
-    q, a, history, best = None, None, [], None
+    d, a, history, best = None, None, [], None  # d = W − deq(Q): the refit's target and the error's start
     for _ in range(iters):
-        a, b = fit(w if q is None else w - q.dequantize(), a)
-        q = StackNF4(w - delta(a, b), blocksize)
-        err = error(q, a, b)
+        a, b = fit(w if d is None else d, a)
+        q = StackNF4(minus(w, a, b), blocksize)
+        d = w - q.dequantize()
+        err = _norms(minus(d, a, b))
         history.append(err)
         if best is None:
             best = [err.clone(), a, b, q]
@@ -184,8 +182,9 @@ def qpissa_batch(w: torch.Tensor, rank: int, scale: float, *, iters: int, blocks
     hist = torch.stack(history, 1).tolist()  # (E, iters)
     infos = [{"iters": iters, "frobenius_by_iter": h, "best_iter": h.index(min(h)) + 1, "refit": False} for h in hist]
     if refit:
-        a2, b2 = fit(w - q.dequantize(), a)
-        err2 = error(q, a2, b2)
+        d = d if iters == 1 else w - q.dequantize()
+        a2, b2 = fit(d, a)
+        err2 = _norms(minus(d, a2, b2))
         keep = err2 < err
         a, b = torch.where(keep[:, None, None], a2, a), torch.where(keep[:, None, None], b2, b)
         err = torch.where(keep, err2, err)

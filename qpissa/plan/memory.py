@@ -73,6 +73,8 @@ class PlanConfig:
     overhead: int = field(default=GiB, metadata={"help": "CUDA context + workspace bytes (0 on CPU)"})
     experts_dtype: Literal["nf4", "bfloat16"] = field(default="nf4", metadata={
         "help": "MoE experts as decompose --experts-dtype stores them: nf4 (default) or bfloat16 (plain residual)"})
+    expert_rank: int | None = field(default=None, metadata={
+        "help": "MoE experts' adapter rank as decompose --expert-rank (default: --rank; 0: no expert adapter)"})
     gpus: int = field(default=1, metadata={"help": "devices (ranks) training together; per-rank memory is shown"})
     fsdp: bool = field(default=False, metadata={"help": "FSDP (train --fsdp): weights, adapters, grads, optimizer /N"})
     fsdp_offload: bool = field(default=False, metadata={"help": "with --fsdp: sharded state in CPU RAM, not on the "
@@ -87,6 +89,8 @@ class PlanConfig:
             NF4Spec(self.blocksize)
         except ValueError as err:
             raise UserError(f"--blocksize: {err}") from None
+        if self.expert_rank is not None and self.expert_rank < 0:
+            raise UserError(f"--expert-rank must be 0 (no expert adapter) or positive, got {self.expert_rank}")
         if self.gpus < 1 or (self.fsdp_offload and not self.fsdp):
             raise UserError("--gpus must be at least 1, and --fsdp-offload needs --fsdp")
 
@@ -161,9 +165,14 @@ def quantized_linears(s: ModelShapes, cfg: PlanConfig) -> list[ParamGroup]:
     return [p for p in quant if ".experts." not in p.name] if cfg.experts_dtype == "bfloat16" else quant
 
 
-def adapter_params(targets: list[ParamGroup], rank: int) -> int:
-    """r·(in + out) per target module (lora_A: r×in, lora_B: out×r)."""
-    return sum(rank * (p.shape[0] + p.shape[1]) * p.count for p in targets)
+def adapter_params(targets: list[ParamGroup], rank: int, expert_rank: int | None = None) -> int:
+    """r·(in + out) per target module (lora_A: r×in, lora_B: out×r); experts at ``expert_rank`` when given."""
+    return sum(target_rank(p, rank, expert_rank) * (p.shape[0] + p.shape[1]) * p.count for p in targets)
+
+
+def target_rank(p: ParamGroup, rank: int, expert_rank: int | None) -> int:
+    """The adapter rank of target row ``p``: ``expert_rank`` for MoE experts when set (0: no adapter)."""
+    return expert_rank if expert_rank is not None and ".experts." in p.name else rank
 
 
 def optimizer_bytes(params: list[int], optim: Optim) -> int:
@@ -247,7 +256,8 @@ def activation_components(s: ModelShapes, cfg: PlanConfig, targets: list[ParamGr
     quant = quantized_linears(s, cfg)
     dequant = max((p.numel for p in quant), default=0) * BYTES.get(s.dtype, 2)
     experts = sum(p.numel * p.count for p in quant if ".experts." in p.name) // s.layers  # one block's experts
-    dequant = max(dequant, 2 * experts * BYTES.get(s.dtype, 2))  # qpissa.moe: the stack, then PEFT's W + s·B·A
+    copies = 1 if cfg.expert_rank == 0 else 2  # qpissa.moe: the stack, then PEFT's W + s·B·A (none at rank 0)
+    dequant = max(dequant, copies * experts * BYTES.get(s.dtype, 2))
     if cfg.experts_dtype == "bfloat16":  # stored dense: only PEFT's W + s·B·A of one block's experts
         dense = sum(p.numel * p.count for p in s.params if ".experts." in p.name) // max(s.layers, 1)
         dequant = max(dequant, dense * BYTES.get(s.dtype, 2))
@@ -309,7 +319,8 @@ def plan(s: ModelShapes, cfg: PlanConfig) -> Plan:
         comps += [Component("gradients", c * trainable, f"{trainable:,} params × {c} B"),
                   Component("fp32 master copy", 4 * trainable if c < 4 else 0, "mixed precision")]
     else:
-        sizes = [n for p in targets for _ in range(p.count) for n in (cfg.rank * p.shape[1], cfg.rank * p.shape[0])]
+        sizes = [n for p in targets if (r := target_rank(p, cfg.rank, cfg.expert_rank))
+                 for _ in range(p.count) for n in (r * p.shape[1], r * p.shape[0])]
         trainable = sum(sizes)
         comps += [Component("adapters", ad * trainable, f"{trainable:,} params × {ad} B ({cfg.adapter_dtype})"),
                   Component("adapter gradients", ad * trainable, f"{cfg.adapter_dtype}"),
@@ -319,7 +330,8 @@ def plan(s: ModelShapes, cfg: PlanConfig) -> Plan:
     comps += activation_components(s, cfg, targets)
     if cfg.fsdp:  # per rank: the state /N, plus the all-gathered units (qpissa.plan.fsdp_memory)
         nf4 = lambda p: sum(nf4_bytes(p.numel, cfg.blocksize, cfg.double_quant).values())  # noqa: E731
-        comps = fsdp_components(comps, s, cfg.gpus, cfg.fsdp_offload, c, ad, cfg.rank, targets, quant, nf4)
+        ranks = lambda p: target_rank(p, cfg.rank, cfg.expert_rank)  # noqa: E731
+        comps = fsdp_components(comps, s, cfg.gpus, cfg.fsdp_offload, c, ad, ranks, targets, quant, nf4)
     comps.append(Component("overhead", cfg.overhead, "CUDA context, cuBLAS workspace"))
     return Plan(s.model_type, s.n_params, trainable, cfg, comps)
 

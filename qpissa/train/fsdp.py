@@ -4,7 +4,8 @@ What is sharded (each rank keeps ≈1/N of each, along dim 0; FSDP2 pads uneven 
 size has to divide anything): the frozen NF4 residual (its packed bytes and absmax, moved unchanged
 into :class:`qpissa.train.nf4_module.FrozenNF4Linear`), the other frozen tensors (norms, embeddings,
 bf16 layers), the fp32 adapter masters, their gradients (reduce-scattered) and the AdamW states
-(they follow the parameters). Each transformer block is one FSDP unit (all-gathered for its forward,
+(they follow the parameters), and MoE experts' NF4 bytes along the expert axis
+(:mod:`qpissa.train.nf4_experts`). Each transformer block is one FSDP unit (all-gathered for its forward,
 freed, gathered again for its backward); embeddings, final norm and head form the root unit.
 
 Gradients are reduce-scattered as a SUM (divide factor 1): every rank scales its CE by the global
@@ -53,16 +54,18 @@ def shard(model: nn.Module, device: str, offload: bool = False) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+    from qpissa.train.nf4_experts import shardable_experts
     from qpissa.train.nf4_module import swap_linear4bit
 
     swap_linear4bit(model)
+    ignored = shardable_experts(model, device) or None  # NF4 experts: sharded along the expert axis
     total = frozen_bytes(model, local=False)
     mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (dist.get_world_size(),))
     # pinned host memory needs CUDA; on CPU ranks the offload changes nothing (the shards are in RAM already)
     policy = CPUOffloadPolicy(pin_memory=device.startswith("cuda")) if offload else OffloadPolicy()
     units = [*_blocks(model), model]
     for unit in units:
-        fully_shard(unit, mesh=mesh, offload_policy=policy)
+        fully_shard(unit, mesh=mesh, offload_policy=policy, ignored_params=ignored)
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # a SUM: the losses are already scaled by the global token count
         unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
@@ -76,9 +79,11 @@ def shard(model: nn.Module, device: str, offload: bool = False) -> nn.Module:
 def frozen_bytes(model: nn.Module, local: bool) -> dict[str, int]:
     """Bytes of the frozen parameters this rank stores (``local``: its shards) or of the whole model;
     ``nf4``: the packed NF4 bytes + absmax of the residual's quantized layers."""
+    from qpissa.train.nf4_experts import expert_nf4_params
     from qpissa.train.nf4_module import FrozenNF4Linear
 
     nf4_ids = {id(p) for m in model.modules() if isinstance(m, FrozenNF4Linear) for p in m.parameters()}
+    nf4_ids |= expert_nf4_params(model)  # MoE experts' NF4 bytes (qpissa.train.nf4_experts)
     out = {"nf4": 0, "all": 0}
     seen: set[int] = set()
     for p in model.parameters():
