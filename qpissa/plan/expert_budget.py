@@ -23,7 +23,8 @@ def expert_options(s: ModelShapes, cfg: PlanConfig) -> list[dict]:
     """Total bytes and fit for each (expert rank, optimizer), most adapter first; empty for a dense model."""
     if not has_experts(s) or cfg.method == "full":
         return []
-    ranks = list(dict.fromkeys([cfg.rank if cfg.expert_rank is None else cfg.expert_rank, max(1, cfg.rank // 4), 0]))
+    given = cfg.rank if cfg.expert_rank is None else cfg.expert_rank
+    ranks = sorted({given, max(1, cfg.rank // 4), 0}, reverse=True)
     out = []
     for rank in ranks:
         for optim in OPTIMS:

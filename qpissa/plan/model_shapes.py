@@ -24,8 +24,9 @@ Kind = Literal["linear", "embedding", "norm", "bias", "head", "router"]
 
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MOE_TYPES = ("qwen3_moe", "mixtral", "olmoe")  # every block's MLP is E experts + a router (Qwen3-MoE: unless mlp_only)
+MLA_MOE_TYPES = ("deepseek_v3",)  # latent attention, dense first blocks, shared + routed experts (plan.deepseek_shapes)
 ENCODER_TYPES = ("bert", "roberta")
-SUPPORTED = DECODER_TYPES + MOE_TYPES + ENCODER_TYPES
+SUPPORTED = DECODER_TYPES + MOE_TYPES + MLA_MOE_TYPES + ENCODER_TYPES
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,10 @@ def shapes_from_config(cfg: dict) -> ModelShapes:
         from qpissa.plan.moe_shapes import moe_decoder
 
         return moe_decoder(cfg, _decoder)
+    if mt in MLA_MOE_TYPES:
+        from qpissa.plan.deepseek_shapes import deepseek_decoder
+
+        return deepseek_decoder(cfg, _decoder)
     if mt in ENCODER_TYPES:
         return _encoder(cfg)
     raise UserError(f"{cfg.get('_path', 'config')}: model_type {mt!r} is not supported by the planner; "
