@@ -35,7 +35,7 @@ from synthetic_checkpoint import _generator, _norm_weight, synthetic_linear  # n
 HIDDEN, HEADS, KV, HEAD_DIM, EXPERTS, MOE_I, VOCAB, LAYERS_FULL = 2048, 32, 4, 128, 128, 768, 32_000, 48
 
 
-def write_checkpoint(out: Path, layers: int = 2, seed: int = 0) -> Path:
+def write_checkpoint(out: Path, layers: int = 2, seed: int = 0, experts: int = EXPERTS) -> Path:
     """Per-layer shards (bf16) + index + a Qwen3MoeConfig config.json; reused when complete."""
     from transformers import Qwen3MoeConfig
 
@@ -43,7 +43,8 @@ def write_checkpoint(out: Path, layers: int = 2, seed: int = 0) -> Path:
     from qpissa.formats import DTYPE_NAMES, write_index, write_safetensors
 
     marker = out / "synthetic.json"
-    stamp = {"layers": layers, "seed": seed, "generator": "qpissa synthetic qwen3-30b-a3b v1"}
+    stamp = {"layers": layers, "seed": seed, "generator": "qpissa synthetic qwen3-30b-a3b v1",
+             **({"experts": experts} if experts != EXPERTS else {})}
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -56,8 +57,8 @@ def write_checkpoint(out: Path, layers: int = 2, seed: int = 0) -> Path:
                  (f"{p}.self_attn.o_proj.weight", (HIDDEN, HEADS * HEAD_DIM)),
                  (f"{p}.self_attn.q_norm.weight", (HEAD_DIM,)), (f"{p}.self_attn.k_norm.weight", (HEAD_DIM,)),
                  (f"{p}.input_layernorm.weight", (HIDDEN,)), (f"{p}.post_attention_layernorm.weight", (HIDDEN,)),
-                 (f"{p}.mlp.gate.weight", (EXPERTS, HIDDEN))]
-        for e in range(EXPERTS):
+                 (f"{p}.mlp.gate.weight", (experts, HIDDEN))]
+        for e in range(experts):
             names += [(f"{p}.mlp.experts.{e}.gate_proj.weight", (MOE_I, HIDDEN)),
                       (f"{p}.mlp.experts.{e}.up_proj.weight", (MOE_I, HIDDEN)),
                       (f"{p}.mlp.experts.{e}.down_proj.weight", (HIDDEN, MOE_I))]
@@ -82,7 +83,7 @@ def write_checkpoint(out: Path, layers: int = 2, seed: int = 0) -> Path:
     write_index(out, weight_map, total)
     cfg = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=6144, moe_intermediate_size=MOE_I,
                          num_hidden_layers=layers, num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HEAD_DIM,
-                         num_experts=EXPERTS, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[],
+                         num_experts=experts, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[],
                          tie_word_embeddings=False, max_position_embeddings=40960, rope_theta=1e6,
                          architectures=["Qwen3MoeForCausalLM"], torch_dtype="bfloat16")
     write_json(out / "config.json", cfg.to_dict())
@@ -179,10 +180,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--layers", type=int, default=2, help="blocks of Qwen3-30B-A3B shapes (figures scale per layer)")
     ap.add_argument("--skip-peft", action="store_true", help="only ours: per-matrix vs batched experts")
+    ap.add_argument("--experts", type=int, default=EXPERTS, help="experts per block (Qwen3-30B-A3B: 128; fewer: a "
+                                                                   "proportionally scaled rehearsal)")
     args = ap.parse_args()
     root = Path(args.dir)
-    ckpt = write_checkpoint(root / "ckpt", args.layers)
-    result = {"checkpoint": str(ckpt), "threads": args.threads, "layers": args.layers,
+    ckpt = write_checkpoint(root / "ckpt", args.layers, experts=args.experts)
+    result = {"checkpoint": str(ckpt), "threads": args.threads, "layers": args.layers, "experts_per_block": args.experts,
               "ours_per_matrix": run(OURS.format(threads=args.threads), str(ckpt), str(root / "out-per"), "per"),
               "ours": run(OURS.format(threads=args.threads), str(ckpt), str(root / "out"), "batch")}
     result["batch_speedup_wall"] = result["ours_per_matrix"]["seconds"] / result["ours"]["seconds"]
@@ -199,7 +202,7 @@ def main() -> None:
             bf16 += sum(2 * math.prod(f.get_slice(k).get_shape()) for k in f.keys() if ".experts." in k)
     nf4 = (root / "out" / "residual" / "nf4-experts.safetensors").stat().st_size
     report = json.loads((root / "out" / "report.json").read_text())
-    per = args.layers
+    per = args.layers * args.experts / EXPERTS  # in full blocks of 128 experts
     result["experts"] = {"bf16_bytes": bf16, "nf4_file_bytes": nf4,
                          "ratio": nf4 / bf16, f"bf16_GB_{LAYERS_FULL}_layers": bf16 / per * LAYERS_FULL / 1e9,
                          f"nf4_GB_{LAYERS_FULL}_layers": nf4 / per * LAYERS_FULL / 1e9,

@@ -320,10 +320,7 @@ def _process_batch(group: list[ExpertTarget], parts: list[Path], cfg: DecomposeC
     """One block's experts of one kind as a batch, each expert's part written as :func:`_process_one` does."""
     start, results = time.perf_counter(), experts_batch.decompose_group(group, cfg)
     seconds = (time.perf_counter() - start) / len(group)
-    entries = [_write_part(part, tensors, m, seconds) for (tensors, m), part in zip(results, parts)]
-    del results
-    trim_heap()  # the batch's (E, m, n) buffers were mapped: trimming is cheap
-    return entries
+    return [_write_part(part, tensors, m, seconds) for (tensors, m), part in zip(results, parts)]
 
 
 def _target_config(cfg: DecomposeConfig, ranks: dict[str, int] | None, target: Target) -> DecomposeConfig:
