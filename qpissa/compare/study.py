@@ -21,7 +21,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from qpissa.atomic import write_json
+from qpissa.atomic import output_folder, write_json
 from qpissa.compare.config import TRAIN_ONLY, CompareConfig, MethodSpec
 from qpissa.compare.grid import Cell, cells, decompose_dir, run_dir
 from qpissa.errors import UserError
@@ -41,6 +41,21 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
             raise UserError(f"{study}: no {STUDY_FILE}; --report regenerates the tables of an existing study")
         return write_outputs(study)
     run_cfg = _check_inputs(cfg)
+    with output_folder(study, "rerun with --resume") as guard:
+        guard.kept = lambda: _kept(study)
+        return _run(study, cfg, run_cfg)
+
+
+def _kept(study: Path) -> str | None:
+    """The decompose outputs and runs a failed or interrupted study leaves (each stage removes its own when it
+    failed before keeping anything), or None."""
+    made = [len(list((study / sub).glob(pattern))) for sub, pattern in (("decompose", "*"), ("runs", "*/*"))]
+    return f"{made[0]} decompose outputs and {made[1]} runs" if any(made) else None
+
+
+def _run(study: Path, cfg: CompareConfig, run_cfg: CompareConfig) -> dict[str, Any]:
+    from qpissa.compare.report import write_outputs
+
     lock = OutputLock(study, command="qpissa compare")
     study.mkdir(parents=True, exist_ok=True)
     lock.acquire()

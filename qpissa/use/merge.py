@@ -25,7 +25,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from qpissa.adapters import module_scale, read_adapter
-from qpissa.atomic import write_json
+from qpissa.atomic import Output, output_folder, size_of, write_json
 from qpissa.choices import check_choices
 from qpissa.devices import resolve_device
 from qpissa.errors import UserError
@@ -83,7 +83,14 @@ def _weight_key(module: str, by_name: dict[str, TensorInfo]) -> str:
 
 def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
           cfg: MergeConfig = MergeConfig(), progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Write ``out_dir``: a plain HF model = residual + adapter (see module docstring); returns the report."""
+    """Write ``out_dir``: a plain HF model = residual + adapter (see module docstring); returns the report.
+    A failure (a full disk, Ctrl-C) removes what it wrote there: a half model is never left behind."""
+    with output_folder(out_dir) as guard:
+        return _merge(residual_dir, adapter_dir, out_dir, cfg, progress, guard)
+
+
+def _merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, cfg: MergeConfig,
+           progress: Callable[[str], None] | None, guard: Output) -> dict[str, Any]:
     residual, out = resolve_model(residual_dir, cfg.revision), Path(out_dir)  # a folder, or a Hub id org/name
     for src in (residual, Path(adapter_dir)):
         if is_within(out, src) or is_within(src, out):
@@ -160,7 +167,7 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
     names = [n for n in by_name if n not in companion] + list(experts.new)
     by_name.update({n: TensorInfo(n, residual, shape, "F32") for n, shape in experts.new.items()})
     shards: list[list[str]] = [[]]
-    size = 0
+    size = planned = 0
     for name in names:  # plan shards from shapes alone (the NF4 companions are small; counted as packed bytes)
         info = by_name[name]
         numel = math.prod(info.shape) * (2 if name in quantized_in else 1)  # packed NF4: 2 weights a byte
@@ -171,6 +178,8 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
             size = 0
         shards[-1].append(name)
         size += nbytes
+        planned += nbytes
+    guard.needs = lambda: max(0, planned - size_of(out))
     weight_map: dict[str, str] = {}
     total = 0
     for i, shard in enumerate(shards):
