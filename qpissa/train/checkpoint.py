@@ -159,7 +159,8 @@ def kept(run: Path) -> str | None:
     if existing:
         return f"{existing[-1][1].name} (--resume continues from step {existing[-1][0]})"
     steps = len((run / "metrics.jsonl").read_text().splitlines()) if (run / "metrics.jsonl").is_file() else 0
-    return f"metrics.jsonl ({steps} lines) but no checkpoint yet (a rerun starts at step 0)" if steps else None
+    return (f"metrics.jsonl ({steps} row{'s' * (steps != 1)}) but no checkpoint yet (a rerun starts at step 0)"
+            if steps else None)
 
 
 def bytes_needed(cfg) -> int | None:
