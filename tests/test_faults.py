@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import helpers
 from helpers import tree_digest
 from qpissa.cli import main
 
@@ -23,15 +24,7 @@ DECOMPOSE = ["--rank", "4", "--workers", "1", "--quiet"]
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 4-layer Llama (hidden 128, 28 target linears, bf16): decomposes in about a second."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("faults") / "llama"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=2000, max_position_embeddings=64, tie_word_embeddings=False)
-    cfg.architectures = ["LlamaForCausalLM"]
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
-    return d
+    return helpers.tiny_llama(tmp_path_factory.mktemp("faults") / "llama", layers=4, hidden=128)
 
 
 @pytest.fixture(scope="module")
@@ -235,22 +228,10 @@ def test_ctrl_c_during_decompose_says_what_was_kept_and_resume_finishes_identica
 @pytest.fixture(scope="module")
 def trainable(smollm2_dir, tmp_path_factory) -> Path:
     """A decompose output of a tiny Llama with SmolLM2's tokenizer (train needs one): 2 layers, hidden 64."""
-    import shutil
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from qpissa.decompose import decompose
 
     root = tmp_path_factory.mktemp("trainable")
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=True)
-    cfg.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(root / "model")
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (smollm2_dir / name).exists():
-            shutil.copy(smollm2_dir / name, root / "model" / name)
-    decompose(root / "model", root / "out", rank=4, progress=False)
+    decompose(helpers.tiny_llama(root / "model", tokenizer=smollm2_dir), root / "out", rank=4, progress=False)
     return root / "out"
 
 

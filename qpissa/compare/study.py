@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qpissa.atomic import output_folder, write_json
-from qpissa.compare.config import TRAIN_ONLY, CompareConfig, MethodSpec
+from qpissa.compare.config import LEGACY_DEFAULTS, TRAIN_ONLY, CompareConfig, MethodSpec
 from qpissa.compare.grid import Cell, cells, decompose_dir, run_dir
 from qpissa.errors import UserError
 from qpissa.lock import LOCK_NAME, OutputLock
@@ -134,7 +134,10 @@ def _check_study(study: Path, cfg: CompareConfig) -> None:
 
 
 def _default(name: str) -> Any:
-    """A field's default: what a study stored before that option existed was computed with."""
+    """What a study stored before that option existed was computed with: the field's default, or the old behaviour
+    where the default changed since (:data:`qpissa.compare.config.LEGACY_DEFAULTS`)."""
+    if name in LEGACY_DEFAULTS:
+        return LEGACY_DEFAULTS[name]
     f = next((f for f in fields(CompareConfig) if f.name == name), None)
     return None if f is None or f.default is MISSING else f.default
 
