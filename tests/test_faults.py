@@ -140,7 +140,7 @@ def test_decompose_refuses_up_front_when_the_output_cannot_fit(tiny_llama, small
 @pytest.mark.slow
 def test_disk_full_mid_run_is_one_line_and_resume_after_freeing_space_is_byte_identical(tiny_llama, reference,
                                                                                           small_fs):
-    fs = small_fs(4096)  # the finished output (≈ 3.3 MB) fits, so the up-front check lets it start
+    fs = small_fs(4096)  # the finished output (≈ 2.0 MB) fits, so the up-front check lets it start
     out = fs / "out"
     proc = _start("decompose", str(tiny_llama), "-o", str(out), *DECOMPOSE)
     _wait_for(proc, lambda: _parts(out) >= 1, "a first part")
@@ -164,7 +164,7 @@ def test_disk_full_mid_run_is_one_line_and_resume_after_freeing_space_is_byte_id
 
 
 def test_merge_into_a_full_disk_leaves_no_half_model(tiny_llama, reference, small_fs):
-    fs = small_fs(1024)  # the merged bf16 model is ≈ 2.3 MB
+    fs = small_fs(1024)  # the merged bf16 model is ≈ 2.2 MB
     code, err = _cli_in_process("merge", str(reference / "residual"), str(reference / "adapter"),
                                 "-o", str(fs / "merged"))
     assert code == 2
