@@ -136,7 +136,7 @@ def output_folder(path: str | os.PathLike, resume: str = "rerun", remove: bool =
     remove = remove and (before is not None or not out.path.exists())  # a file at OUT: its command refuses it
     try:
         yield out
-    except BaseException as err:
+    except (Exception, KeyboardInterrupt) as err:
         try:
             kept = out.kept()
         except Exception:  # noqa: BLE001  (a half-written journal: describe nothing rather than fail here)
