@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from qpissa.errors import UserError
+from qpissa.lock import LOCK_NAME
 
 
 _UMASK = os.umask(0)
@@ -141,6 +142,7 @@ def output_folder(path: str | os.PathLike, resume: str = "rerun", remove: bool =
             kept = out.kept()
         except Exception:  # noqa: BLE001  (a half-written journal: describe nothing rather than fail here)
             kept = None
+        remove = remove and not (out.path / LOCK_NAME).exists()  # our lock is released by now: another run's
         created = before is None and remove and top.exists()
         if kept is None and remove:
             if before is None:
