@@ -116,6 +116,18 @@ def load_tensor(info: TensorInfo) -> torch.Tensor:
         raise UserError(f"{info.file}: cannot read tensor {info.name} ({err}); re-download the checkpoint") from None
 
 
+def load_index(info: TensorInfo, index: int) -> torch.Tensor:
+    """``tensor[index]`` along the first dim (one expert of a fused stack), reading only that slice; a packed
+    tensor decodes the same slice of each of its parts (MXFP4 blocks/scales, FP8 weight/scales share dim 0)."""
+    if info.packed is not None:
+        return info.packed.decode(*(load_index(p, index)[None] for p in info.packed.parts))[0]
+    try:
+        with safe_open(str(info.file), framework="pt") as f:
+            return f.get_slice(info.name)[index]
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{info.file}: cannot read tensor {info.name} ({err}); re-download the checkpoint") from None
+
+
 def tensor_buffer(t: torch.Tensor) -> memoryview:
     """The tensor's little-endian bytes without a copy when already contiguous on the CPU (bf16 too, through a
     uint8 view): writing a shard then holds each tensor once, not twice as ``bytes`` would."""

@@ -148,7 +148,7 @@ def to_markdown(report: dict) -> str:
     lines = [f"# Quantization error: {args['method']} r={args['rank']} T={args['iters']}", "",
              f"Model: `{report['model']}`. Reduction = 1 − ‖W − deq(Q) − s·B·A‖ / ‖W − deq(NF4(W))‖ "
              "(vs LoftQ: the same ratio against LoftQ(T)'s error); totals sum per-module norms.", "",
-             f"{metrics_line(report)}. A — means not measured.", "", *coverage_markdown(report),
+             f"{metrics_line(report)}. A — means not measured.", "", *source_markdown(report), *coverage_markdown(report),
              "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in summary_rows(report)]
     lines += allocation_markdown(report)
@@ -159,6 +159,13 @@ def to_markdown(report: dict) -> str:
                      f"{r['method']['frobenius']:.4g} | {r['qlora']['frobenius']:.4g} | {_pct(r, 'qlora', 'frobenius')} | "
                      f"{_pct(r, 'loftq', 'frobenius')} |")
     return "\n".join(lines + output_markdown(report)) + "\n"
+
+
+def source_markdown(report: dict) -> list[str]:
+    """The source-format lines (:mod:`qpissa.decompose.source_report`), if the source was quantized."""
+    from qpissa.decompose.source_report import source_markdown as lines
+
+    return lines(report)
 
 
 def coverage_markdown(report: dict) -> list[str]:

@@ -59,12 +59,13 @@ def need(by_name: dict[str, TensorInfo], key: str, fmt: str) -> TensorInfo:
 
 
 def unpack_int4(words: torch.Tensor, dim: int, order: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:
-    """Eight 4-bit codes per int32 word along ``dim`` (code ``order[j]`` in bits 4j..4j+3) → int32 codes, that
-    dimension 8× longer: GPTQ packs in order 0..7, AWQ in 0,2,4,6,1,3,5,7."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=words.device)  # (8,)
-    codes = (words.unsqueeze(-1) >> shifts) & 0xF  # (..., 8): nibble j of each word
-    inverse = [order.index(k) for k in range(8)]  # logical position k sits in nibble inverse[k]
-    codes = codes[..., inverse]
+    """Eight 4-bit codes per int32 word along ``dim`` (code ``order[j]`` in bits 4j..4j+3) → uint8 codes, that
+    dimension 8× longer: GPTQ packs in order 0..7, AWQ in 0,2,4,6,1,3,5,7. Works on the word's little-endian
+    bytes (nibble 2k: low half of byte k), so the temporaries are one byte a code."""
+    by = words.contiguous().view(torch.uint8).view(*words.shape, 4)  # (..., 4) little-endian bytes
+    codes = torch.stack([by & 0xF, by >> 4], dim=-1).view(*words.shape, 8)  # (..., 8): nibble j of each word
+    if order != tuple(range(8)):
+        codes = codes[..., [order.index(k) for k in range(8)]]  # logical code k sits in nibble order.index(k)
     dim %= words.dim()
     codes = codes.movedim(-1, dim + 1)  # the 8 codes of a word right after the packed dimension
     shape = list(words.shape)

@@ -22,16 +22,15 @@ from qpissa.sources.fp8 import FP8_DTYPES, block_dequantize
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, *rest: torch.Tensor, group_size: int,
                       has_zero: bool, has_g_idx: bool) -> torch.Tensor:
     """fp32 (m, n) from a pack-quantized 4-bit weight (``rest``: zero point and/or g_idx as flagged)."""
-    q = unpack_int4(packed, dim=-1) - 8  # (m, n) signed codes
-    m, n = q.shape
+    w = unpack_int4(packed, dim=-1).float().sub_(8)  # (m, n) signed codes
+    m, n = w.shape
     rest = list(rest)
-    zero = unpack_int4(rest.pop(0), dim=0)[:m] - 8 if has_zero else None  # (m, G)
-    groups = rest.pop(0).long() if has_g_idx else torch.arange(n, device=q.device) // group_size  # (n,)
+    zero = unpack_int4(rest.pop(0), dim=0)[:m].float() - 8 if has_zero else None  # (m, G)
+    groups = rest.pop(0).long() if has_g_idx else torch.arange(n, device=w.device) // group_size  # (n,)
     s = scale.float().reshape(m, -1) if scale.numel() > 1 else scale.float().reshape(1, 1).expand(m, 1)
-    s = s[:, groups] if s.shape[1] > 1 else s  # (m, n) or (m, 1)
     if zero is not None:
-        q = q - (zero[:, groups] if zero.shape[1] > 1 else zero)
-    return q.float() * s
+        w.sub_(zero[:, groups] if zero.shape[1] > 1 else zero)  # exact: small integers
+    return w.mul_(s[:, groups] if s.shape[1] > 1 else s)  # one fp32 product a weight
 
 
 def _weight_args(qcfg: dict) -> dict:

@@ -27,8 +27,11 @@ def block_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int
     s = scale.float()
     if block is None or s.numel() == 1:
         return w * s.reshape(())
-    m, n = w.shape[-2:]
+    *lead, m, n = w.shape
     bm, bn = block
+    if m % bm == 0 and n % bn == 0:  # in place, scales broadcast over a blocked view: no m×n scale tensor
+        w.view(*lead, m // bm, bm, n // bn, bn).mul_(s.view(*lead, m // bm, 1, n // bn, 1))
+        return w
     s = s.repeat_interleave(bm, dim=-2)[..., :m, :].repeat_interleave(bn, dim=-1)[..., :n]  # (..., m, n)
     return w * s
 

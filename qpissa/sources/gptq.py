@@ -23,15 +23,20 @@ from qpissa.sources.base import SourceFormat, logical, need, unpack_int4
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
+def _dequantize(q: torch.Tensor, z: torch.Tensor, scales: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """fp32 (m, n) = (q − z[g]) · s[g] from codes q (n, m), zeros z (G, m), scales (G, m), groups (n,)."""
+    w = q.T.contiguous().float()  # (m, n)
+    w.sub_(z.float()[groups].T)  # exact: small integers
+    return w.mul_(scales.float()[groups].T)  # one fp32 product a weight
+
+
 def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, *g_idx: torch.Tensor,
                     group_size: int, zero_offset: int) -> torch.Tensor:
     """fp32 (m, n) from GPTQ's packed tensors (``g_idx`` optional; ``zero_offset`` 1 for the v1 format)."""
     q = unpack_int4(qweight, dim=0)  # (n, m)
-    z = unpack_int4(qzeros, dim=-1) + zero_offset  # (G, m)
-    n = q.shape[0]
-    groups = g_idx[0].long() if g_idx else torch.arange(n, device=q.device) // group_size  # (n,)
-    w = (q - z[groups]).float() * scales.float()[groups]  # (n, m)
-    return w.T.contiguous()  # (m, n)
+    z = unpack_int4(qzeros, dim=-1).int() + zero_offset  # (G, m)
+    groups = g_idx[0].long() if g_idx else torch.arange(q.shape[0], device=q.device) // group_size  # (n,)
+    return _dequantize(q, z, scales, groups)
 
 
 def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, *, group_size: int) -> torch.Tensor:
@@ -39,8 +44,7 @@ def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
     q = unpack_int4(qweight, dim=-1, order=AWQ_ORDER)  # (n, m)
     z = unpack_int4(qzeros, dim=-1, order=AWQ_ORDER)  # (G, m)
     groups = torch.arange(q.shape[0], device=q.device) // group_size  # (n,)
-    w = (q - z[groups]).float() * scales.float()[groups]  # (n, m)
-    return w.T.contiguous()  # (m, n)
+    return _dequantize(q, z, scales, groups)
 
 
 def read(infos: list[TensorInfo], qcfg: dict, dtype: str) -> tuple[list[TensorInfo], SourceFormat]:

@@ -27,7 +27,7 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*lead, groups, width, 2, dtype=torch.float32, device=b.device)  # (E, rows, G, 16, 2)
     out[..., 0] = lut[(b & 0x0F).int()]  # low nibble: the even element
     out[..., 1] = lut[(b >> 4).int()]
-    out = torch.ldexp(out, (scales.to(torch.int32) - 127)[..., None, None])
+    torch.ldexp(out, (scales.to(torch.int32) - 127)[..., None, None], out=out)  # · 2^(e − 127), in place
     return out.reshape(*lead, groups * width * 2).transpose(-1, -2).contiguous()  # (E, G·32, rows)
 
 

@@ -74,11 +74,14 @@ def load_model(cfg: TrainConfig):
         root = resolve_model(cfg.model, cfg.revision)  # a local folder, else the Hub snapshot of org/name
         if not (root / "config.json").exists():
             raise UserError(f"{root}/config.json not found: --method {cfg.method} needs an HF model directory")
-        if "quantization_config" in json.loads((root / "config.json").read_text()):
-            raise UserError(f"{root} is a quantized checkpoint; --method {cfg.method} needs unquantized weights")
         require_causal_lm(root, "train")
         dtype = torch.float32 if cfg.method == "full" else "auto"
-        model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, device_map=device_map)
+        if "quantization_config" in json.loads((root / "config.json").read_text()):
+            from qpissa.sources.load import load_decoded  # FP8, MXFP4, 4-bit, …: the weights, dequantized
+
+            model = load_decoded(root, dtype, device_map=device_map)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, device_map=device_map)
         if cfg.method == "lora":
             from peft import LoraConfig, get_peft_model
 
