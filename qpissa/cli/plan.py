@@ -70,7 +70,7 @@ def plan_cmd(
     if src is not None:
         peak = max(est["peak_bytes"], 512 * 2**20 + src["decode_peak_bytes"]) if "decompose" in out else None
         console.print(f"source: {src['format']}, download {'' if src['download_exact'] else '≈ '}"
-                      f"{src['download_bytes'] / 1e9:.2f} GB ({src['quantized_weights'] / 1e9:.2f}B weights stored "
+                      f"{_size(src['download_bytes'])} ({_count(src['quantized_weights'])} weights stored "
                       "quantized, the rest in the config's dtype); decompose dequantizes one tensor at a time"
                       + (f": peak ≈ {peak / GiB:.1f} GiB with the decoder's temporaries" if peak else ""))
         out["source"] = {**src, "decompose_peak_bytes": peak}
@@ -78,6 +78,14 @@ def plan_cmd(
         from qpissa.atomic import write_json
         write_json(json_out, out)
         console.print(f"wrote {json_out}")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 10**8 else f"{n / 1e6:.2f}M"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.2f} MB"
 
 
 __all__ = ["plan_cmd"]

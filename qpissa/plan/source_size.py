@@ -19,8 +19,10 @@ from pathlib import Path
 from qpissa.plan.model_shapes import ModelShapes
 
 BF16 = {"bfloat16": 2, "float16": 2, "float32": 4}
-DECODE_BYTES_PER_WEIGHT = {"fp8": 12.0, "mxfp4": 12.0, "bitsandbytes": 8.0, "gptq": 20.0, "awq": 20.0,
-                           "compressed-tensors": 16.0}
+# `python benchmarks/source_decode_peak.py` (4096×4096, one thread; the fp32 result's 4 bytes included; MXFP4: one
+# expert's slice; bitsandbytes: NF4 blocks of 64), rounded up
+DECODE_BYTES_PER_WEIGHT = {"fp8": 4.1, "mxfp4": 12.8, "bitsandbytes": 6.1, "gptq": 10.4, "awq": 10.4,
+                           "compressed-tensors": 8.4}
 
 
 def stored_bytes_per_weight(qcfg: dict) -> tuple[str, float]:
