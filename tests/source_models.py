@@ -196,3 +196,58 @@ def compressed_reference(dest: Path, kind: str) -> dict[str, torch.Tensor]:
                      k.removeprefix(base).startswith("weight")}
             out[base + "weight"] = compressor.decompress(local, scheme)["weight"]
     return out
+
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., rows, n) → blocks (..., rows, n/32, 16) uint8 (low nibble: even element) and e8m0 scales (..., rows,
+    n/32): per 32-block, 2^e with e = ⌊log2 amax⌋ − 2 (e2m1's largest value is 1.5·2²), codes the nearest e2m1."""
+    g = w.float().reshape(*w.shape[:-1], -1, 32)
+    amax = g.abs().amax(-1).clamp(min=2.0**-100)
+    e = torch.floor(torch.log2(amax)) - 2  # (..., rows, G)
+    x = g / torch.exp2(e)[..., None]  # |x| < 8
+    idx = (x.abs()[..., None] - E2M1).abs().argmin(-1)  # nearest magnitude
+    codes = (idx | ((x < 0).long() << 3)).to(torch.uint8)  # sign bit 3
+    pairs = codes.reshape(*codes.shape[:-1], 16, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous(), (e + 127).to(torch.uint8)
+
+
+def gpt_oss(dest: Path, tokenizer: Path | None = None, seed: int = 0) -> Path:
+    """A 2-layer bf16 gpt-oss (4 experts with biases, a sliding and a full attention layer)."""
+    import transformers
+
+    vocab = transformers.AutoTokenizer.from_pretrained(tokenizer).vocab_size if tokenizer else 256
+    cfg = transformers.GptOssConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                    num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+                                    sliding_window=8, max_position_embeddings=256, tie_word_embeddings=False)
+    cfg.architectures = ["GptOssForCausalLM"]
+    torch.manual_seed(seed)
+    model = transformers.GptOssForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.05)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.02)
+    model.to(torch.bfloat16).save_pretrained(dest)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if tokenizer is not None and (tokenizer / name).exists():
+            shutil.copy(tokenizer / name, dest / name)
+    return dest
+
+
+def to_mxfp4(src: Path, dest: Path) -> Path:
+    """gpt-oss as OpenAI publishes it: experts ``*_blocks`` / ``*_scales`` (the stored (E, out, in) orientation),
+    everything else bf16 and listed in ``modules_to_not_convert``."""
+    out = {}
+    for name, w in _tensors(src).items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = mxfp4_quantize(w.transpose(1, 2))  # (E, in, out) → stored (E, out, in/32, 16)
+            out[name + "_blocks"], out[name + "_scales"] = blocks, scales
+        else:
+            out[name] = w
+    return _write(src, dest, out, {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})

@@ -102,3 +102,103 @@ def test_plan_prints_source_line_for_70b_bnb_config(tmp_path):
     # 68.5B weights in the blocks' linears at 0.5 + 1/64 + 4/16384 bytes, 2.1B embedding/head/norms at 2 bytes
     assert 37e9 < src["download_bytes"] < 40e9 and "source: bitsandbytes nf4" in " ".join(out.stdout.split())
     assert src["decompose_peak_bytes"] > 0
+
+
+GPT_OSS_XFAIL = pytest.mark.xfail(
+    raises=__import__("qpissa.errors", fromlist=["UserError"]).UserError, strict=False,
+    reason="gpt_oss decompose (experts with biases, the [E, H, 2I] orientation, the router by role) lands with "
+           "issue 27's branch; this test only needs the MXFP4 reading, which tests/test_sources.py checks")
+
+
+def test_mxfp4_gpt_oss_matches_transformers_dequantize_loader(tmp_path):
+    """Every tensor of an MXFP4 gpt-oss reads as transformers' ``Mxfp4Config(dequantize=True)`` loads it."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    src = sm.to_mxfp4(sm.gpt_oss(tmp_path / "bf16"), tmp_path / "mxfp4")
+    ref = AutoModelForCausalLM.from_pretrained(src, quantization_config=Mxfp4Config(dequantize=True),
+                                               device_map="cpu").state_dict()
+    ours = {t.name: load_tensor(t) for t in scan_source(src)}
+    assert set(ours) == set(ref)
+    for name, w in ours.items():
+        assert torch.equal(w.to(ref[name].dtype), ref[name]), name
+    up = "model.layers.1.mlp.experts.gate_up_proj"
+    assert ours[up].shape == (4, 64, 192) and open_source(src).format.quantized == 4
+
+
+@pytest.mark.slow
+@GPT_OSS_XFAIL
+def test_gpt_oss_mxfp4_decompose_train_merge_plain_load(smollm2_dir, tiny_data, tmp_path):
+    """MXFP4 gpt-oss → decompose (experts NF4 in the residual) → train → merge → plain from_pretrained, whose
+    logits equal the trained model's (residual + RUN/adapter as qpissa.moe.load builds it)."""
+    from transformers import AutoModelForCausalLM
+
+    from qpissa.decompose import decompose
+    from qpissa.moe import CONFIG_KEY, load
+    from qpissa.train import TrainConfig, train
+    from qpissa.use.merge import MergeConfig, merge
+
+    src = sm.to_mxfp4(sm.gpt_oss(tmp_path / "bf16", tokenizer=smollm2_dir), tmp_path / "mxfp4")
+    out, run = tmp_path / "out", tmp_path / "run"
+    report = decompose(src, out, rank=4, progress=False)
+    assert report["source"]["format"] == "mxfp4" and report["experts"]["residual"] == "nf4"
+    config = json.loads((out / "residual" / "config.json").read_text())
+    assert CONFIG_KEY in config and config["quantization_config"]["quant_method"] == "bitsandbytes"
+    train(_train_cfg(out, tiny_data, run))
+    merge(out / "residual", run / "adapter", tmp_path / "merged", MergeConfig(dtype="float32"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert "quantization_config" not in merged.config.to_dict()
+    trained = load(out, adapter=run / "adapter", dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 7, 9, 11, 3, 40, 2]])
+    with torch.no_grad():
+        a, b = merged(ids).logits, trained(ids).logits.float()
+    assert torch.allclose(a, b, atol=2e-2 * float(b.abs().max())), float((a - b).abs().max())
+
+
+def _train_cfg(out: Path, data: Path, run: Path, **kw):
+    from qpissa.data import DataConfig
+    from qpissa.train import TrainConfig
+
+    base = dict(model=str(out), data=str(data), output=str(run), steps=2, batch_size=2, lr=1e-3, warmup_ratio=0.0,
+                seed=0, progress=False, data_cfg=DataConfig(max_length=96, skip_long_prompts=True))
+    return TrainConfig(**(base | kw))
+
+
+FORMATS = {"fp8": lambda p, d: sm.to_fp8(p, d, (32, 32)),
+           "bnb-fp4-double-quant": lambda p, d: sm.to_bnb(p, d, load_in_4bit=True, bnb_4bit_quant_type="fp4",
+                                                              bnb_4bit_use_double_quant=True),
+           "bnb-int8": lambda p, d: sm.to_bnb(p, d, load_in_8bit=True),
+           "gptq": lambda p, d: sm.to_gptq_awq(p, d, "gptq", act_order=True)[0],
+           "awq": lambda p, d: sm.to_gptq_awq(p, d, "awq")[0],
+           "compressed-w4a16": lambda p, d: sm.to_compressed(p, d, "w4a16"),
+           "compressed-fp8": lambda p, d: sm.to_compressed(p, d, "fp8")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_each_format_decompose_train_merge(fmt, smollm2_dir, tiny_data, tmp_path):
+    """decompose → train (QPiSSA) → merge → plain load, and train --method lora on the source itself → merge
+    onto the source (merge reads it through the decoder): its merged weights = dequantized source + s·B·A."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qpissa.decompose import decompose
+    from qpissa.train import train
+    from qpissa.use.merge import MergeConfig, merge
+
+    plain = sm.tiny_llama(tmp_path / "plain", tokenizer=smollm2_dir)
+    src = FORMATS[fmt](plain, tmp_path / "src")
+    decompose(src, tmp_path / "out", rank=4, progress=False)
+    train(_train_cfg(tmp_path / "out", tiny_data, tmp_path / "run"))
+    merge(tmp_path / "out" / "residual", tmp_path / "run" / "adapter", tmp_path / "merged", MergeConfig())
+    AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain bf16 checkpoint
+
+    train(_train_cfg(src, tiny_data, tmp_path / "lora", method="lora", lora_rank=4))
+    merge(src, tmp_path / "lora" / "adapter", tmp_path / "lora_merged", MergeConfig(dtype="float32"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora_merged", dtype=torch.float32)
+    from qpissa.sources.load import load_decoded
+
+    base = PeftModel.from_pretrained(load_decoded(src, torch.float32), str(tmp_path / "lora" / "adapter"))
+    ids = torch.tensor([[1, 5, 7, 9, 11, 3, 40, 2]])
+    with torch.no_grad():
+        a, b = merged(ids).logits, base(ids).logits
+    assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max())), float((a - b).abs().max())

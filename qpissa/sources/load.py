@@ -37,4 +37,6 @@ def load_decoded(model_dir: str | Path, dtype: torch.dtype | str = "auto", **kwa
     state = {t.name: load_tensor(t).to(dtype) if t.dtype in ("BF16", "F16", "F32") else load_tensor(t)
              for t in source.tensors}
     cls = getattr(transformers, config.architectures[0])
-    return cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, **kwargs)
+    model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, **kwargs)
+    model.config._name_or_path = str(model_dir)  # PEFT records it as the adapter's base model
+    return model
