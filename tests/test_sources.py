@@ -82,7 +82,6 @@ def test_mxfp4_matches_transformers_convert_moe_packed_tensors(tmp_path):
 @pytest.mark.parametrize("kwargs,name,block", [
     (dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"), "bnb-nf4", 64),
     (dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True), "bnb-fp4", 64),
-    (dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True), "bnb-nf4", 64),
     (dict(load_in_8bit=True), "bnb-int8", None)])
 def test_bitsandbytes_matches_bitsandbytes(plain, tmp_path, kwargs, name, block):
     import bitsandbytes.functional as bnbf

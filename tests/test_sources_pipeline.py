@@ -87,20 +87,20 @@ def test_plan_download_size_matches_the_files(plain, tmp_path):
 
 
 def test_plan_prints_source_line_for_70b_bnb_config(tmp_path):
-    import subprocess
-    import sys
+    from typer.testing import CliRunner
+
+    from qpissa.cli.entry import app
 
     config = json.loads((Path(__file__).parent / "fixtures" / "configs" / "llama-3-70b.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
                                      "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    out = subprocess.run([sys.executable, "-c", "from qpissa.cli import main; main()", "plan", str(tmp_path / "config.json"),
-                          "--json", str(tmp_path / "p.json")], capture_output=True, text=True, env={
-                              **__import__("os").environ, "COLUMNS": "200"})
-    assert out.returncode == 0, out.stderr
+    out = CliRunner().invoke(app, ["plan", str(tmp_path / "config.json"), "--json", str(tmp_path / "p.json")],
+                             env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
     src = json.loads((tmp_path / "p.json").read_text())["source"]
     # 68.5B weights in the blocks' linears at 0.5 + 1/64 + 4/16384 bytes, 2.1B embedding/head/norms at 2 bytes
-    assert 37e9 < src["download_bytes"] < 40e9 and "source: bitsandbytes nf4" in " ".join(out.stdout.split())
+    assert 37e9 < src["download_bytes"] < 40e9 and "source: bitsandbytes nf4" in " ".join(out.output.split())
     assert src["decompose_peak_bytes"] > 0
 
 

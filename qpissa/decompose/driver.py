@@ -38,7 +38,6 @@ from qpissa.decompose.coverage import coverage
 from qpissa.decompose.experts import ExpertTarget, decompose_expert, find_experts, summary as experts_summary
 from qpissa.decompose.methods import QUANTIZED_METHODS
 from qpissa.decompose.config import AUTO_PARALLEL_MAX_WEIGHTS, DecomposeConfig
-from qpissa.decompose.source_report import source_summary
 from qpissa.decompose.targets import Target, find_targets
 from qpissa.decompose.tensor import Stats, decompose_tensor, measure_curve
 
@@ -129,8 +128,7 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
     try:  # every rank checks the same inputs before any rank writes
         model_dir = resolve_model(model_dir, cfg.revision) if model_dir is not None else default_model_dir()
         manifest = _prepare_out(model_dir, out_dir, cfg, wipe=d.is_main, lock=lock)
-        source = open_source(model_dir)  # a quantized release (FP8, MXFP4, 4-bit, …) reads as its bf16 tensors
-        tensors = source.tensors
+        tensors = (source := open_source(model_dir)).tensors  # FP8, MXFP4, 4-bit, …: read as its bf16 tensors
         targets, others, arch, task = find_targets(model_dir, tensors, cfg.targets)
         expert_targets, routers = find_experts(tensors, cfg.targets)
         targets = targets + expert_targets
@@ -180,8 +178,7 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         sharding.remove_fragments(parts_dir)
         metrics = [manifest["tensors"][t.module]["metrics"] for t in targets]
     assemble(model_dir, out_dir, tensors, targets, others, cfg, task, ranks)
-    report = build_report(metrics, cfg.identity(), str(model_dir), computed)
-    report["source"] = source_summary(source.format, report["overall"])
+    report = build_report(metrics, cfg.identity(), str(model_dir), computed, source.format)
     quantized = cfg.method in QUANTIZED_METHODS
     plain = [s.name for t in expert_targets for s in t.sources] if cfg.experts_dtype == "bfloat16" or not quantized else []
     report["coverage"] = coverage(tensors, [s.name for t in targets for s in getattr(t, "sources", (t.weight,))],

@@ -80,9 +80,13 @@ def metrics_line(report: dict) -> str:
     return line + (f" ({computed['auto']})" if computed.get("auto") else "")
 
 
-def build_report(metrics: list[dict], arguments: dict, model: str, computed: dict | None = None) -> dict:
+def build_report(metrics: list[dict], arguments: dict, model: str, computed: dict | None = None,
+                 source=None) -> dict:
     """Assemble the report dict from per-module metrics (as stored by the decomposition); ``computed`` says
-    which metrics were measured and how (see :meth:`qpissa.decompose.DecomposeConfig.metrics_computed`)."""
+    which metrics were measured and how (see :meth:`qpissa.decompose.DecomposeConfig.metrics_computed`);
+    ``source``: the checkpoint's :class:`qpissa.sources.base.SourceFormat` (the report's ``source`` entry)."""
+    from qpissa.decompose.source_report import source_summary
+
     modules = []
     for m in metrics:
         row = dict(m, layer_type=layer_type(m["module"]), layer_index=layer_index(m["module"]))
@@ -93,9 +97,12 @@ def build_report(metrics: list[dict], arguments: dict, model: str, computed: dic
     by_type = defaultdict(list)
     for row in modules:
         by_type[row["layer_type"]].append(row)
-    return {"model": model, "arguments": arguments, "metrics_computed": computed or metrics_from_rows(modules),
-            "overall": _summarize(modules),
-            "by_layer_type": {k: _summarize(v) for k, v in by_type.items()}, "modules": modules}
+    report = {"model": model, "arguments": arguments, "metrics_computed": computed or metrics_from_rows(modules),
+              "overall": _summarize(modules),
+              "by_layer_type": {k: _summarize(v) for k, v in by_type.items()}, "modules": modules}
+    if source is not None:
+        report["source"] = source_summary(source, report["overall"])
+    return report
 
 
 def to_csv(report: dict) -> str:
