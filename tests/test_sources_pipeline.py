@@ -6,6 +6,7 @@ decompose → train → merge → plain load (the bf16 numbers are checked again
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 import source_models as sm
+from helpers import tree_digest
 from qpissa.formats import load_tensor
 from qpissa.sources import open_source, scan_source
 
@@ -69,6 +71,16 @@ def test_decompose_gptq_act_order_report_names_source_and_requant_baseline(plain
     config = json.loads((tmp_path / "out" / "residual" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "bitsandbytes"
     AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "residual")  # plain load: NF4 residual
+    before = tree_digest(tmp_path / "out")  # --resume after losing parts and outputs: byte-identical
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    for entry in list(manifest["tensors"].values())[::3]:
+        (tmp_path / "out" / ".parts" / entry["part"]).unlink()
+    manifest["status"] = "running"
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(tmp_path / "out" / "residual")
+    shutil.rmtree(tmp_path / "out" / "adapter")
+    decompose(src, tmp_path / "out", rank=4, resume=True, progress=False)
+    assert tree_digest(tmp_path / "out") == before
 
 
 def test_plan_download_size_matches_the_files(plain, tmp_path):

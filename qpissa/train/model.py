@@ -1,7 +1,8 @@
 """The model a run trains (the only thing that differs between methods), ready for the loop.
 
-from-out: OUT/residual (frozen) + OUT/adapter as trainable PEFT factors; lora: a fresh PEFT LoRA on an
-unquantized checkpoint; full: every parameter. Then the bitsandbytes trap is disarmed
+from-out: OUT/residual (frozen) + OUT/adapter as trainable PEFT factors; lora: a fresh PEFT LoRA on the
+original checkpoint; full: every parameter (a published FP8/MXFP4/4-bit checkpoint is dequantized first,
+:mod:`qpissa.sources.load`). Then the bitsandbytes trap is disarmed
 (:func:`qpissa.quant.keep_4bit_layout_trainable`: bnb repacks 4-bit weights in eval mode on
 AVX512-BF16 CPUs), and optional fp32 compute, gradient checkpointing and fused kernels are applied.
 """
