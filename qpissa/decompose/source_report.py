@@ -40,4 +40,8 @@ def source_markdown(report: dict) -> list[str]:
     if src.get("qpissa_error_fro") is not None and src.get("bits", 16) <= 4.5:
         lines.append(f"On the dequantized source: QPiSSA error {src['qpissa_error_fro']:.4g} vs re-quantizing it to "
                      f"NF4 (QLoRA) {src['nf4_requant_error_fro']:.4g} (summed Frobenius norms).")
+    if src.get("nf4_requant_error_fro") == 0:
+        lines.append("The source is already NF4 on these blocks: re-quantizing it is exact, so QLoRA starts from it "
+                     "with no error and the reductions vs QLoRA below say nothing; decompose it to move principal "
+                     "components into the adapter, not to lower the error.")
     return [f"{line}  " for line in lines] + [""]
