@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qpissa.errors import UserError
-from qpissa.formats import load_tensor
+from qpissa.formats import load_index, load_tensor
 from qpissa.sources import open_source, scan_source
 import source_models as sm
 
@@ -75,6 +75,7 @@ def test_mxfp4_matches_transformers_convert_moe_packed_tensors(tmp_path):
     assert info.shape == (3, 64, 40) and info.dtype == "BF16"  # (E, in, out): the bf16 release's layout
     ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
     assert torch.equal(load_tensor(info), ref)
+    assert torch.equal(load_index(info, 1), ref[1])  # one expert, decoded from its own slice of blocks and scales
     assert source.format.name == "mxfp4" and source.format.block == 32
     assert source.format.extra["modules_to_not_convert"] == ["model.layers.*.self_attn"]
 

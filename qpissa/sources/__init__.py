@@ -20,9 +20,7 @@ from qpissa.sources.base import SourceFormat, residual_dtype
 
 Reader = Callable[[list[TensorInfo], dict, str], "tuple[list[TensorInfo], SourceFormat]"]
 READERS: dict[str, Reader] = {"fp8": fp8.read, "mxfp4": mxfp4.read, "bitsandbytes": bnb.read, "gptq": gptq.read,
-                              "awq": gptq.read,
-                              "compressed-tensors": compressed.read}
-PLAIN = SourceFormat("plain")
+                              "awq": gptq.read, "compressed-tensors": compressed.read}  # quant_method → reader
 
 
 @dataclass(frozen=True)
