@@ -214,3 +214,17 @@ def test_each_format_decompose_train_merge(fmt, smollm2_dir, tiny_data, tmp_path
     with torch.no_grad():
         a, b = merged(ids).logits, base(ids).logits
     assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max())), float((a - b).abs().max())
+
+
+@pytest.mark.slow
+def test_calibrated_decompose_and_eval_kl_on_fp8_source(smollm2_dir, gsm8k_dir, tmp_path):
+    """Calibration streams the decoded blocks, and --eval-kl loads the FP8 original through the decoder (transformers
+    would need a GPU for it): KL of the decomposed model against the dequantized original is small."""
+    from qpissa.decompose import decompose
+
+    src = sm.to_fp8(sm.tiny_llama(tmp_path / "plain", tokenizer=smollm2_dir), tmp_path / "fp8", (32, 32))
+    report = decompose(src, tmp_path / "out", method="cloq", rank=4, calib_data=str(gsm8k_dir / "train.jsonl"),
+                       calib_samples=4, calib_holdout=2, calib_seq_len=32, eval_kl=2, loftq_baseline=False,
+                       progress=False)
+    assert report["source"]["format"] == "fp8" and report["overall"]["output"]["method"] > 0
+    assert 0 <= report["model_fidelity"]["kl"] < 0.1, report["model_fidelity"]
