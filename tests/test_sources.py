@@ -151,3 +151,22 @@ def test_plain_checkpoint_reads_unchanged(plain):
     source = open_source(plain)
     assert not source.quantized and all(t.packed is None for t in source.tensors)
     assert source.format.detail == "bf16"
+
+
+def test_fp8_ragged_blocks_follow_deepseeks_ceil_grid(tmp_path):
+    """DeepSeek-V3 has weights whose rows are not a multiple of 128 (kv_a_proj_with_mqa: 576): the scale grid is
+    ⌈m/bm⌉ × ⌈n/bn⌉ and the last block is partial (transformers' loader refuses such shapes; DeepSeek's
+    weight_dequant does not). Checked against an explicit per-element index."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    q = (torch.randn(40, 72, generator=gen) * 50).to(torch.float8_e4m3fn)
+    s = torch.rand(2, 3, generator=gen)
+    save_file({"w.weight": q, "w.weight_scale_inv": s}, str(tmp_path / "m.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [32, 32]}}))
+    rows, cols = torch.arange(40)[:, None] // 32, torch.arange(72)[None, :] // 32
+    assert torch.equal(load_tensor(scan_source(tmp_path)[0]), q.float() * s[rows, cols])
+    save_file({"w.weight": q, "w.weight_scale_inv": s[:1]}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(UserError, match="expected \\[2, 3\\]"):
+        open_source(tmp_path)
