@@ -170,3 +170,25 @@ def test_fp8_ragged_blocks_follow_deepseeks_ceil_grid(tmp_path):
     save_file({"w.weight": q, "w.weight_scale_inv": s[:1]}, str(tmp_path / "m.safetensors"))
     with pytest.raises(UserError, match="expected \\[2, 3\\]"):
         open_source(tmp_path)
+
+
+def test_a_quantized_layout_not_decoded_is_refused_not_read_as_a_matrix(plain, tmp_path):
+    """compressed-tensors' int-quantized (int8 ``weight`` + ``weight_scale``) is not read: refused, not taken as
+    an int8 matrix (the bug decompose had with packed NF4 bytes)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dest = tmp_path / "int8"
+    shutil.copytree(plain, dest)
+    state = load_file(str(dest / "model.safetensors"))
+    key = "model.layers.0.mlp.up_proj.weight"
+    state[key] = (state[key].float() * 1000).clamp(-127, 127).to(torch.int8)
+    state[key.removesuffix("weight") + "weight_scale"] = torch.full((state[key].shape[0], 1), 1e-3)
+    save_file(state, str(dest / "model.safetensors"), {"format": "pt"})
+    config = json.loads((dest / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "int-quantized",
+                                     "config_groups": {"g": {"weights": {"num_bits": 8, "type": "int"}}}}
+    (dest / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="up_proj.weight is stored as I8"):
+        open_source(dest)

@@ -18,6 +18,7 @@ from qpissa.formats import TensorInfo, scan_checkpoint
 from qpissa.sources import bnb, compressed, fp8, gptq, mxfp4
 from qpissa.sources.base import SourceFormat, residual_dtype
 
+FLOATS = ("F64", "F32", "F16", "BF16")
 Reader = Callable[[list[TensorInfo], dict, str], "tuple[list[TensorInfo], SourceFormat]"]
 READERS: dict[str, Reader] = {"fp8": fp8.read, "mxfp4": mxfp4.read, "bitsandbytes": bnb.read, "gptq": gptq.read,
                               "awq": gptq.read, "compressed-tensors": compressed.read}  # quant_method → reader
@@ -60,6 +61,10 @@ def open_source(model_dir: str | Path) -> Source:
         raise UserError(f"{path}: quantization {method!r} is not read (known: {', '.join(sorted(READERS))}); "
                         "use a bf16 release or one of those formats")
     tensors, fmt = READERS[method](stored, qcfg, residual_dtype(config))
+    left = [t for t in tensors if t.packed is None and t.name.endswith("weight") and t.dtype not in FLOATS]
+    if left:  # codes this reader did not recognise: refuse rather than decompose the raw integers
+        raise UserError(f"{path}: {method} tensor {left[0].name} is stored as {left[0].dtype} in a layout this reader "
+                        "does not decode (see docs/sources.md for the layouts read); use a bf16 release")
     return Source(model_dir, fmt, tensors, stored)
 
 
