@@ -135,6 +135,10 @@ def test_mxfp4_gpt_oss_matches_transformers_dequantize_loader(tmp_path):
         assert torch.equal(w.to(ref[name].dtype), ref[name]), name
     up = "model.layers.1.mlp.experts.gate_up_proj"
     assert ours[up].shape == (4, 64, 192) and open_source(src).format.quantized == 4
+    from qpissa.sources.load import load_decoded  # train --method lora|full's model: the same, key for key
+
+    decoded = load_decoded(src).state_dict()
+    assert set(decoded) == set(ref) and all(torch.equal(decoded[k], ref[k]) for k in ref)
 
 
 @pytest.mark.slow
