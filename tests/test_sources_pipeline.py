@@ -159,6 +159,8 @@ def test_gpt_oss_mxfp4_decompose_train_merge_plain_load(smollm2_dir, tiny_data, 
     assert report["source"]["format"] == "mxfp4" and report["experts"]["residual"] == "nf4"
     config = json.loads((out / "residual" / "config.json").read_text())
     assert CONFIG_KEY in config and config["quantization_config"]["quant_method"] == "bitsandbytes"
+    assert (out / "residual" / config[CONFIG_KEY]["file"]).is_file()  # the experts, NF4
+    assert not any(k.endswith(("_blocks", "_scales")) for k in _residual(out))  # no MXFP4 left
     train(_train_cfg(out, tiny_data, run))
     merge(out / "residual", run / "adapter", tmp_path / "merged", MergeConfig(dtype="float32"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
