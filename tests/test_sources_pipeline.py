@@ -150,7 +150,7 @@ def test_gpt_oss_mxfp4_decompose_train_merge_plain_load(smollm2_dir, tiny_data, 
 
     from qpissa.decompose import decompose
     from qpissa.moe import CONFIG_KEY, load
-    from qpissa.train import TrainConfig, train
+    from qpissa.train import train
     from qpissa.use.merge import MergeConfig, merge
 
     src = sm.to_mxfp4(sm.gpt_oss(tmp_path / "bf16", tokenizer=smollm2_dir), tmp_path / "mxfp4")
