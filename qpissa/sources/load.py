@@ -38,5 +38,5 @@ def load_decoded(model_dir: str | Path, dtype: torch.dtype | str = "auto", **kwa
              for t in source.tensors}
     cls = getattr(transformers, config.architectures[0])
     model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, **kwargs)
-    model.config._name_or_path = str(model_dir)  # PEFT records it as the adapter's base model
+    model.name_or_path = model.config._name_or_path = str(model_dir)  # PEFT records it as the adapter's base
     return model
