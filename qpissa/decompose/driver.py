@@ -25,7 +25,8 @@ from qpissa import __version__, distributed
 from qpissa.atomic import Output, output_folder, remove_stale_temps, size_of, write_json
 from qpissa.devices import resolve_device
 from qpissa.errors import UserError
-from qpissa.formats import TensorInfo, is_within, load_tensor, save_tensors, scan_checkpoint
+from qpissa.formats import TensorInfo, is_within, load_tensor, save_tensors
+from qpissa.sources import open_source
 from qpissa.hub import resolve_model
 from qpissa.lock import OutputLock
 from qpissa.quant import warn_cpu_blocksize
@@ -91,7 +92,7 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
     try:  # every rank checks the same inputs before any rank writes
         model_dir = resolve_model(model_dir, cfg.revision) if model_dir is not None else default_model_dir()
         manifest = output.prepare(model_dir, out_dir, cfg, wipe=d.is_main, lock=lock)
-        tensors = scan_checkpoint(model_dir)
+        tensors = (source := open_source(model_dir)).tensors  # FP8, MXFP4, 4-bit, …: read as its bf16 tensors
         targets, others, arch, task = find_targets(model_dir, tensors, cfg.targets)
         expert_targets, routers = find_experts(tensors, cfg.targets)
         targets = targets + expert_targets
@@ -123,7 +124,8 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
     known = sharding.known_parts(out_dir) if manifest is not None else {}  # resume: parts of any earlier run
     if manifest is None:
         manifest = {"qpissa_version": __version__, "versions": _versions(), "model": str(model_dir.resolve()),
-                    "arguments": cfg.identity(), "architecture": arch, "status": "running", "tensors": {}}
+                    "arguments": cfg.identity(), "architecture": arch, "source": source.format.record(),
+                    "status": "running", "tensors": {}}
     manifest["tensors"].update(known)
     if d.is_main:
         for folder in (out_dir, parts_dir, out_dir / "residual", out_dir / "adapter"):
@@ -146,7 +148,7 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         sharding.remove_fragments(parts_dir)
         metrics = [manifest["tensors"][t.module]["metrics"] for t in targets]
     assemble(model_dir, out_dir, tensors, targets, others, cfg, task, ranks)
-    report = build_report(metrics, cfg.identity(), str(model_dir), computed)
+    report = build_report(metrics, cfg.identity(), str(model_dir), computed, source.format)
     quantized = cfg.method in QUANTIZED_METHODS
     plain = [s.name for t in expert_targets for s in t.sources] if cfg.experts_dtype == "bfloat16" or not quantized else []
     report["coverage"] = coverage(tensors, [s.name for t in targets for s in getattr(t, "sources", (t.weight,))],
