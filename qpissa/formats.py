@@ -11,7 +11,7 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -24,9 +24,10 @@ from qpissa.errors import UserError
 DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+            "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -39,6 +40,19 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype name, e.g. "BF16"
+    packed: "Packed | None" = field(default=None, compare=False)  # a quantized source's tensor: how to decode it
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A tensor stored quantized (FP8 + scales, MXFP4 blocks, GPTQ words, …): ``decode(*parts)`` → fp32.
+
+    The readers in :mod:`qpissa.sources` build these; :func:`load_tensor` runs them, so the code that reads a
+    checkpoint never branches on the format it was published in.
+    """
+
+    parts: tuple[TensorInfo, ...]  # the stored tensors, read raw and passed to decode in this order
+    decode: Callable[..., torch.Tensor]
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -92,10 +106,24 @@ def read_header(path: Path) -> dict:
 
 
 def load_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read exactly one tensor from its shard."""
+    """Read exactly one tensor from its shard (a quantized source's tensor: its parts, dequantized to fp32)."""
+    if info.packed is not None:
+        return info.packed.decode(*(load_tensor(p) for p in info.packed.parts))
     try:
         with safe_open(str(info.file), framework="pt") as f:
             return f.get_tensor(info.name)
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{info.file}: cannot read tensor {info.name} ({err}); re-download the checkpoint") from None
+
+
+def load_index(info: TensorInfo, index: int) -> torch.Tensor:
+    """``tensor[index]`` along the first dim (one expert of a fused stack), reading only that slice; a packed
+    tensor decodes the same slice of each of its parts (MXFP4 blocks/scales, FP8 weight/scales share dim 0)."""
+    if info.packed is not None:
+        return info.packed.decode(*(load_index(p, index)[None] for p in info.packed.parts))[0]
+    try:
+        with safe_open(str(info.file), framework="pt") as f:
+            return f.get_slice(info.name)[index]
     except (SafetensorError, OSError) as err:
         raise UserError(f"{info.file}: cannot read tensor {info.name} ({err}); re-download the checkpoint") from None
 

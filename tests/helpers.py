@@ -52,3 +52,25 @@ def triton_interpreter() -> None:
     if not interpreting() and not torch.cuda.is_available():
         pytest.skip("qpissa.kernels was imported before TRITON_INTERPRET=1 was set and there is no GPU",
                     allow_module_level=True)
+
+
+def tiny_llama(dest: Path, layers: int = 2, hidden: int = 64, vocab: int = 2000, tokenizer: Path | None = None) -> Path:
+    """A random bf16 Llama saved with ``save_pretrained`` (intermediate 2×hidden, 4 heads, 2 KV heads); with
+    ``tokenizer`` (a model dir) its tokenizer files are copied and the vocabulary sized to it (train, calibration)."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if tokenizer is not None:
+        vocab = len(AutoTokenizer.from_pretrained(tokenizer))
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
+                      tie_word_embeddings=tokenizer is not None)
+    cfg.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(dest)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if tokenizer is not None and (Path(tokenizer) / name).exists():
+            shutil.copy(Path(tokenizer) / name, Path(dest) / name)
+    return Path(dest)

@@ -165,9 +165,19 @@ def test_bad_input_is_one_line_and_keeps_the_study(uninterrupted, smollm2_dir, m
 
 def test_method_specs():
     specs = parse_methods("qlora,loftq,qpissa:3,qpissa-cal,cloq,lora", iters=5)
-    assert [s.label for s in specs] == ["qlora", "loftq(5)", "qpissa(3)", "qpissa-cal(5)", "cloq", "lora"]
+    assert [s.label for s in specs] == ["qlora", "loftq(5)", "qpissa(3)", "qpissa-cal-bal(5)", "cloq-bal", "lora"]
     assert [s.calibrated for s in specs] == [False, False, False, True, True, False]
-    assert specs[3].key == "qpissa-cal-T5"
+    assert [s.balance for s in specs] == [False, False, False, True, True, False]  # calibrated: balanced by default
+    assert specs[3].key == "qpissa-cal-bal-T5"
+    # -nobal (or --no-balance-factors, as studies stored before balancing was the default) unbalances: no suffix
+    old = parse_methods("qpissa-cal,cloq,qpissa-cal-bal", iters=5, balance=False)
+    assert [(s.label, s.key, s.balance) for s in old] == [("qpissa-cal(5)", "qpissa-cal-T5", False),
+                                                          ("cloq", "cloq", False),
+                                                          ("qpissa-cal-bal(5)", "qpissa-cal-bal-T5", True)]
+    assert [s.label for s in parse_methods("qpissa-cal-nobal,cloq-nobal,loftq-cal", iters=5)] == \
+        ["qpissa-cal(5)", "cloq", "loftq-cal-bal(5)"]
+    with pytest.raises(UserError, match="twice"):
+        parse_methods("qpissa-cal,qpissa-cal-bal", iters=5)  # the same init under its old and new name
     for bad, needle in (("qlora:2", "only qpissa and loftq"), ("qpissa:x", "integer"), ("qlora,qlora", "twice"),
                         ("", "at least one")):
         with pytest.raises(UserError, match=needle):
@@ -180,7 +190,7 @@ def test_method_specs():
         ("qpissa-alloc(5)", "qpissa-alloc-T5", "error", False, False)
     assert (bal.label, bal.allocation, bal.balance, bal.calibrated) == ("qpissa-cal-bal(5)", "uniform", True, True)
     assert (both.label, both.iters) == ("qpissa-cal-alloc-bal(3)", 3)
-    for bad in ("qlora-alloc", "loftq-alloc", "cloq-bal-alloc"):
+    for bad in ("qlora-alloc", "loftq-alloc", "cloq-bal-alloc", "qpissa-nobal", "qlora-bal"):
         with pytest.raises(UserError, match="unknown method"):
             parse_methods(bad, iters=1)
 

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 def main() -> None:
     """Entry point (``qpissa`` and ``python -m qpissa``); see :func:`qpissa.cli.entry.main`."""
-    from qpissa.cli.entry import main as run
+    try:
+        from qpissa.cli.entry import main as run
+    except KeyboardInterrupt:  # Ctrl-C while torch imports: nothing was started
+        import sys
 
+        sys.stderr.write("interrupted: nothing was started\n")
+        raise SystemExit(130) from None
     run()

@@ -11,6 +11,7 @@ from qpissa.hub import REVISION_HELP
 from qpissa.plan.expert_budget import expert_options, summary
 from qpissa.plan.fsdp_memory import experts_per_rank
 from qpissa.plan.model_shapes import load_config, shapes_from_config
+from qpissa.plan.source_size import source_plan
 from qpissa.plan.memory import (GiB, PlanConfig, decompose_estimate, largest_batch, largest_rank, parse_size, plan)
 
 
@@ -34,7 +35,8 @@ def plan_cmd(
     rank = setup["rank"]
     cfg = PlanConfig(**setup, gpu_memory=parse_size(gpu_memory), device=device,  # type: ignore[arg-type]
                      overhead=parse_size(overhead) if overhead else (GiB if device == "cuda" else 0))
-    shapes = shapes_from_config(load_config(model, revision))
+    config = load_config(model, revision)
+    shapes = shapes_from_config(config)
     p = plan(shapes, cfg)
     console = Console()
     t = Table(title=f"{shapes.model_type}: {shapes.n_params / 1e9:.3f}B params, {cfg.method} r={cfg.rank} "
@@ -76,10 +78,26 @@ def plan_cmd(
                       f"for {est['tensors']} tensors (rates measured by timing qpissa.decompose on "
                       f"{est['rates'].get('machine', 'the machine in qpissa/plan/decompose_rates.json')})")
         out["decompose"] = est
+    src = source_plan(config, shapes, model)
+    if src is not None:
+        peak = max(est["peak_bytes"], 512 * 2**20 + src["decode_peak_bytes"]) if "decompose" in out else None
+        console.print(f"source: {src['format']}, download {'' if src['download_exact'] else '≈ '}"
+                      f"{_size(src['download_bytes'])} ({_count(src['quantized_weights'])} weights stored "
+                      "quantized, the rest in the config's dtype); decompose dequantizes one tensor at a time"
+                      + (f": peak ≈ {peak / GiB:.1f} GiB with the decoder's temporaries" if peak else ""))
+        out["source"] = {**src, "decompose_peak_bytes": peak}
     if json_out:
         from qpissa.atomic import write_json
         write_json(json_out, out)
         console.print(f"wrote {json_out}")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 10**8 else f"{n / 1e6:.2f}M"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.2f} MB"
 
 
 __all__ = ["plan_cmd"]

@@ -18,12 +18,16 @@ from qpissa.train.config import TrainConfig
 
 CALIBRATED_SUFFIX = "-cal"  # qpissa-cal, loftq-cal: the calibrated variants (decompose with --calib-data)
 ALLOC_SUFFIX = "-alloc"  # qpissa-alloc, qpissa-cal-alloc: --rank-allocation error on the same budget
-BALANCE_SUFFIX = "-bal"  # qpissa-cal-bal, …: --balance-factors (B·A unchanged, ‖B_:,i‖ ≈ ‖A_i,:‖)
+BALANCE_SUFFIX = "-bal"  # qpissa-cal-bal, …: --balance-factors (B·A unchanged, ‖B_:,i‖ ≈ ‖A_i,:‖); in every label
+NO_BALANCE_SUFFIX = "-nobal"  # qpissa-cal-nobal, cloq-nobal: a calibrated init unbalanced (its label has no suffix)
 ITERATED = ("qpissa", "loftq")  # methods whose T is a study option (name:T overrides it)
 CALIBRATED_ONLY = ("cloq", "corda")  # methods that always read the calibration data
 TRAIN_ONLY = ("lora", "full")  # trained from the original checkpoint (train --method lora|full), nothing to decompose
 # identity: the fields that define a study's results; the others may change on --resume / --report
 RUN_ONLY_FIELDS = ("output", "resume", "report", "device", "progress", "task_batch_size")
+# what a study stored before an option existed was computed with, where that is not the option's default now:
+# calibrated inits were unbalanced until balancing became the default (docs/study/main's qpissa-cal and cloq)
+LEGACY_DEFAULTS = {"no_balance_factors": True}
 
 
 def same_as(cls: type, name: str, **changes: Any) -> Any:
@@ -50,7 +54,8 @@ class MethodSpec:
 
     @property
     def label(self) -> str:
-        """``qpissa(5)``, ``qpissa-cal(5)``, ``qpissa-alloc(5)``, ``cloq``: what tables and plots call it."""
+        """``qpissa(5)``, ``qpissa-cal-bal(5)``, ``qpissa-alloc(5)``, ``cloq-bal``: what tables and plots call it
+        (``-bal``: balanced factors; a calibrated init without it is unbalanced, e.g. ``qpissa-cal(5)``)."""
         base = self.name + (CALIBRATED_SUFFIX if self.calibrated and self.name in ITERATED else "")
         base += (ALLOC_SUFFIX if self.allocation == "error" else "") + (BALANCE_SUFFIX if self.balance else "")
         return f"{base}({self.iters})" if self.name in ITERATED else base
@@ -61,23 +66,30 @@ class MethodSpec:
         return re.sub(r"\((\d+)\)", r"-T\1", self.label)
 
 
-def parse_methods(text: str, iters: int) -> list[MethodSpec]:
+def parse_methods(text: str, iters: int, balance: bool = True) -> list[MethodSpec]:
     """``qlora,loftq,qpissa:5,qpissa-cal,cloq`` → specs; ``name:T`` overrides ``--iters`` for qpissa/loftq.
     Variants (in this order): ``-cal`` calibrated, ``-alloc`` error-based rank allocation (qpissa), ``-bal``
-    balanced factors, e.g. ``qpissa-cal-bal:5``, ``qpissa-alloc:5``."""
+    balanced factors, e.g. ``qpissa-cal-bal:5``, ``qpissa-alloc:5``. Calibrated inits are balanced when ``balance``
+    (decompose's default), ``-nobal`` unbalances one: ``qpissa-cal`` = ``qpissa-cal-bal``, ``qpissa-cal-nobal``."""
     known = [*TRAIN_ONLY, *METHODS, *(m + CALIBRATED_SUFFIX for m in ITERATED)]
     specs = []
     for item in (s.strip() for s in text.split(",")):
         if not item:
             continue
         name, _, t = item.partition(":")
-        balance = name.endswith(BALANCE_SUFFIX) and name.removesuffix(BALANCE_SUFFIX).split("-")[0] in ITERATED
-        name = name.removesuffix(BALANCE_SUFFIX) if balance else name
+        suffix = next((x for x in (BALANCE_SUFFIX, NO_BALANCE_SUFFIX) if name.endswith(x)), "")
+        bare = name.removesuffix(suffix)
+        if suffix and (bare.split("-")[0] in ITERATED and (suffix == BALANCE_SUFFIX or CALIBRATED_SUFFIX in bare)
+                       or bare in CALIBRATED_ONLY):
+            name = bare
+        else:
+            suffix = ""
         alloc = name.endswith(ALLOC_SUFFIX) and name.startswith("qpissa")
         name = name.removesuffix(ALLOC_SUFFIX) if alloc else name
         if name not in known:
             raise UserError(f"--methods: unknown method {name!r}; choose from {', '.join(known)}")
         calibrated = name.endswith(CALIBRATED_SUFFIX) or name in CALIBRATED_ONLY
+        balanced = suffix == BALANCE_SUFFIX or (not suffix and balance and calibrated)
         base = name.removesuffix(CALIBRATED_SUFFIX)
         if t and base not in ITERATED:
             raise UserError(f"--methods: {item!r}: only {' and '.join(ITERATED)} take a number of iterations")
@@ -88,7 +100,7 @@ def parse_methods(text: str, iters: int) -> list[MethodSpec]:
         if n < 1:
             raise UserError(f"--methods: {item!r}: iterations must be at least 1")
         specs.append(MethodSpec(base, n if base in ITERATED else 1, calibrated, "error" if alloc else "uniform",
-                                balance))
+                                balanced))
     if not specs:
         raise UserError("--methods: name at least one method, e.g. qlora,qpissa")
     labels = [s.label for s in specs]
@@ -123,8 +135,8 @@ class CompareConfig:
     methods: str = field(default="qlora,loftq,qpissa,cloq", metadata={
         "help": "comma-separated: lora, full (every weight, fp32), a decompose method (qlora, loftq, qpissa, pissa, "
                 "cloq, corda, milora, olora) or qpissa-cal / loftq-cal (calibrated); name:T sets T, e.g. qpissa:5; "
-                "suffix -alloc (qpissa: --rank-allocation error) and/or -bal (--balance-factors), e.g. qpissa-alloc:5, "
-                "qpissa-cal-bal:5"})
+                "suffix -alloc (qpissa: --rank-allocation error) and/or -bal (--balance-factors, the default of "
+                "calibrated inits; -nobal turns it off for one), e.g. qpissa-alloc:5, qpissa-cal-nobal:5"})
     seeds: str = field(default="0,1,2", metadata={"help": "comma-separated training seeds (data order, LoRA init)"})
     lr: float = same_as(TrainConfig, "lr", default=2e-4)
     lr_sweep: str | None = field(default=None, metadata={
@@ -162,6 +174,9 @@ class CompareConfig:
                                                               "rows per forward"})
     max_new_tokens: int = field(default=256, metadata={"help": "gsm8k: generation budget"})
     device: Literal["auto", "cpu", "cuda"] = same_as(TrainConfig, "device", default="auto")
+    no_balance_factors: bool = field(default=False, metadata={
+        "help": "calibrated inits (qpissa-cal, loftq-cal, cloq, corda) unbalanced, as before balancing became "
+                "decompose's default; a method's -bal suffix still balances it"})
     resume: bool = field(default=False, metadata={"help": "finish an interrupted study (only what is missing)"})
     report: bool = field(default=False, metadata={"help": "only regenerate results/summary/curves from STUDY"})
     progress: bool = field(default=True, metadata={"help": "progress bars on stderr"})
@@ -177,7 +192,7 @@ class CompareConfig:
         self.specs(), self.seed_list(), self.lrs()  # parse now: a bad list is one line before any work
 
     def specs(self) -> list[MethodSpec]:
-        return parse_methods(self.methods, self.iters)
+        return parse_methods(self.methods, self.iters, balance=not self.no_balance_factors)
 
     def seed_list(self) -> list[int]:
         return parse_numbers(self.seeds, "--seeds", int)

@@ -46,12 +46,12 @@ def _init(decomposed: Path) -> dict[str, Any]:
 
 def collect(study: Path) -> list[dict[str, Any]]:
     """One row per cell of the stored grid, complete or not (status says which)."""
-    from qpissa.compare.config import TRAIN_ONLY, CompareConfig
+    from qpissa.compare.config import LEGACY_DEFAULTS, TRAIN_ONLY, CompareConfig
     from qpissa.compare.grid import cells, decompose_dir, run_dir
 
     known = {f.name for f in fields(CompareConfig)}  # a newer version's options are not ours to read
-    cfg = CompareConfig(**{k: v for k, v in json.loads((study / "study.json").read_text())["identity"].items()
-                           if k in known})
+    identity = {**LEGACY_DEFAULTS, **json.loads((study / "study.json").read_text())["identity"]}
+    cfg = CompareConfig(**{k: v for k, v in identity.items() if k in known})
     init_loss: dict[str, float] = {}  # the init is the same for every seed and lr of a method (LoRA: B = 0)
     metric: str | None = None  # classification: the task's headline metric
     rows = []

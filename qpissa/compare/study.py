@@ -21,8 +21,8 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from qpissa.atomic import write_json
-from qpissa.compare.config import TRAIN_ONLY, CompareConfig, MethodSpec
+from qpissa.atomic import output_folder, write_json
+from qpissa.compare.config import LEGACY_DEFAULTS, TRAIN_ONLY, CompareConfig, MethodSpec
 from qpissa.compare.grid import Cell, cells, decompose_dir, run_dir
 from qpissa.errors import UserError
 from qpissa.lock import LOCK_NAME, OutputLock
@@ -41,6 +41,21 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
             raise UserError(f"{study}: no {STUDY_FILE}; --report regenerates the tables of an existing study")
         return write_outputs(study)
     run_cfg = _check_inputs(cfg)
+    with output_folder(study, "rerun with --resume") as guard:
+        guard.kept = lambda: _kept(study)
+        return _run(study, cfg, run_cfg)
+
+
+def _kept(study: Path) -> str | None:
+    """The decompose outputs and runs a failed or interrupted study leaves (each stage removes its own when it
+    failed before keeping anything), or None."""
+    made = [len(list((study / sub).glob(pattern))) for sub, pattern in (("decompose", "*"), ("runs", "*/*"))]
+    return f"{made[0]} decompose outputs and {made[1]} runs" if any(made) else None
+
+
+def _run(study: Path, cfg: CompareConfig, run_cfg: CompareConfig) -> dict[str, Any]:
+    from qpissa.compare.report import write_outputs
+
     lock = OutputLock(study, command="qpissa compare")
     study.mkdir(parents=True, exist_ok=True)
     lock.acquire()
@@ -119,7 +134,10 @@ def _check_study(study: Path, cfg: CompareConfig) -> None:
 
 
 def _default(name: str) -> Any:
-    """A field's default: what a study stored before that option existed was computed with."""
+    """What a study stored before that option existed was computed with: the field's default, or the old behaviour
+    where the default changed since (:data:`qpissa.compare.config.LEGACY_DEFAULTS`)."""
+    if name in LEGACY_DEFAULTS:
+        return LEGACY_DEFAULTS[name]
     f = next((f for f in fields(CompareConfig) if f.name == name), None)
     return None if f is None or f.default is MISSING else f.default
 

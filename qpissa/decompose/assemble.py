@@ -49,9 +49,9 @@ def assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets:
         entries, sources = [], {}
         for info in (t for t in tensors if t.file == shard):
             parts = part_of.get(info.name)
-            if parts is None:
+            if parts is None:  # a non-target: copied, or dequantized to the residual's dtype (quantized sources)
                 entries.append((info.name, info.dtype, info.shape, byte_size(info.shape, info.dtype)))
-                sources[info.name] = (shard, info.name)
+                sources[info.name] = (shard, info.name) if info.packed is None else info
                 continue
             for part in (p for p in parts if p not in written):  # an expert's gate and up share one part
                 written.add(part)
@@ -62,7 +62,7 @@ def assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets:
                     else:
                         entries.append(entry)
                         sources[key] = (part, key)
-        write_safetensors(residual_dir / shard.name, entries, lambda k: _read(*sources[k]))
+        write_safetensors(residual_dir / shard.name, entries, lambda k: _read_source(sources[k]))
         for name, _, _, nbytes in entries:
             weight_map[name] = shard.name
             total += nbytes
@@ -72,6 +72,7 @@ def assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets:
         write_index(residual_dir, weight_map, total)
     copy_side_files(model_dir, residual_dir)
     config = json.loads((model_dir / "config.json").read_text())
+    config.pop("quantization_config", None)  # the source's own format (FP8, MXFP4, …): the residual is not in it
     if cfg.method in QUANTIZED_METHODS:
         heads = [h for h in head_skip_modules([t.module for t in targets]) if h not in others]
         config["quantization_config"] = quantization_config(cfg.spec(), sorted(others) + heads)
@@ -114,6 +115,13 @@ def _part_entries(part: Path) -> list[tuple[str, tuple]]:
     with safe_open(str(part), framework="pt") as f:
         return [(key, (key, (t := f.get_slice(key)).get_dtype(), tuple(t.get_shape()),
                        byte_size(t.get_shape(), t.get_dtype()))) for key in f.keys() if not key.startswith("__lora_")]
+
+
+def _read_source(source: tuple[Path, str] | TensorInfo) -> torch.Tensor:
+    """A non-target's tensor: as stored, or (a quantized source's) decoded and cast to the residual's dtype."""
+    if isinstance(source, TensorInfo):
+        return load_tensor(source).to(getattr(torch, {"BF16": "bfloat16", "F16": "float16"}.get(source.dtype, "float32")))
+    return _read(*source)
 
 
 def _read(path: Path, key: str) -> torch.Tensor:

@@ -17,6 +17,7 @@ RUN_ONLY_FIELDS = ("resume", "overwrite", "progress", "device", "workers", "eval
 # "auto" metrics (None): LoftQ baseline and full-spectrum norms only while the targets hold at most this many
 # weights: all-MiniLM-L6-v2 (10.6M) gets them, SmolLM2-135M (106M) and larger models get Frobenius + QLoRA only
 AUTO_FULL_METRICS_MAX_WEIGHTS = 32_000_000
+USES_CALIBRATION = ("qpissa", "loftq", "cloq", "corda")  # inits fit in the output-error norm with --calib-data
 AUTO_PARALLEL_MAX_WEIGHTS = 16 * 2**20  # auto workers: two tensors at a time while the largest is this small
 
 
@@ -48,9 +49,10 @@ class DecomposeConfig:
     dtype: Literal["float32", "float64"] = field(default="float32", metadata={"help": "SVD precision: float32 | float64"})
     adapter_dtype: Literal["bfloat16", "float16", "float32"] = field(default="bfloat16", metadata={
         "help": "stored adapter dtype"})
-    balance_factors: bool = field(default=False, metadata={
-        "help": "rescale each rank-1 pair of B, A by a power of two so ‖B_:,i‖ ≈ ‖A_i,:‖ (B·A unchanged bit for bit; "
-                "for calibrated inits, whose A carries H^-1/2)"})
+    balance_factors: bool | None = field(default=None, metadata={
+        "help": "rescale each rank-1 pair of B, A by a power of two so ‖B_:,i‖ ≈ ‖A_i,:‖ (B·A unchanged bit for bit); "
+                "default: on for calibrated inits (qpissa/loftq with --calib-data, cloq, corda), whose A carries "
+                "H^-1/2 and trains worse unbalanced, off otherwise"})
     refit: bool = field(default=True, metadata={"help": "qpissa: refit A,B on the stored Q"})
     loftq_baseline: bool | None = field(default=None, metadata={
         "help": "measure LoftQ(T) too (default: auto, on when the targets hold ≤ 32M weights)"})
@@ -136,9 +138,17 @@ class DecomposeConfig:
     def svd_options(self) -> SvdOptions:
         return SvdOptions(self.svd, self.oversample, self.power_iters, self.seed)
 
+    def balances(self, calibrated: bool = True) -> bool:
+        """``--balance-factors`` as given, else its default: on for a calibrated init (``calibrated``: this weight
+        was fit with calibration statistics; an MoE expert with too few tokens was not)."""
+        if self.balance_factors is not None:
+            return self.balance_factors
+        return calibrated and self.calib_data is not None and self.method in USES_CALIBRATION
+
     def identity(self) -> dict[str, Any]:
-        """The fields that define the output (a resume must match them)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_ONLY_FIELDS}
+        """The fields that define the output (a resume must match them); the default balance_factors resolved."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_ONLY_FIELDS}
+        return {**out, "balance_factors": self.balances()}
 
     def resolved(self, target_weights: int) -> "DecomposeConfig":
         """``loftq_baseline`` / ``spectral_norms`` left at auto (None) become True for targets holding at

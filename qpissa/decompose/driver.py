@@ -11,25 +11,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from qpissa import __version__, distributed
-from qpissa.atomic import remove_stale_temps, write_json
+from qpissa.atomic import Output, output_folder, remove_stale_temps, size_of, write_json
 from qpissa.devices import resolve_device
 from qpissa.errors import UserError
-from qpissa.formats import TensorInfo, is_within, load_tensor, save_tensors, scan_checkpoint
+from qpissa.formats import TensorInfo, is_within, load_tensor, save_tensors
+from qpissa.sources import open_source
 from qpissa.hub import resolve_model
-from qpissa.lock import LOCK_NAME, OutputLock
+from qpissa.lock import OutputLock
 from qpissa.quant import warn_cpu_blocksize
-from qpissa.decompose import sharding
+from qpissa.decompose import output, sharding
 from qpissa.decompose.assemble import assemble, part_name
 from qpissa.decompose.calibration import block_index
 from qpissa.decompose.coverage import coverage
@@ -42,43 +42,7 @@ from qpissa.decompose.config import AUTO_PARALLEL_MAX_WEIGHTS, DecomposeConfig
 from qpissa.decompose.targets import Target, find_targets
 from qpissa.decompose.tensor import Stats, decompose_tensor, measure_curve
 
-OUTPUTS = ("residual", "adapter", ".parts", "manifest.json", "report.json", "report.csv", "report.md",
-           "error_by_layer.png")
 JOURNAL_EVERY_S = 2.0  # rewrite manifest.json at most this often (and at the end): O(n) bytes, not O(n²)
-
-
-def _prepare_out(model_dir: Path, out_dir: Path, cfg: DecomposeConfig, wipe: bool = True,
-                 lock: OutputLock | None = None) -> dict | None:
-    """Check MODEL/OUT, take OUT's lock (``lock``: the writing process); return the manifest to resume from,
-    if any (``wipe``: this process clears for --overwrite)."""
-    if not model_dir.is_dir():
-        raise UserError(f"model directory {model_dir} does not exist or is not a directory")
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir}: no config.json; pass a Hugging Face model directory")
-    if is_within(out_dir, model_dir):
-        raise UserError(f"output {out_dir} is the model directory or inside it; choose a separate folder")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output {out_dir} exists and is not a directory")
-    if lock is not None:
-        lock.acquire()  # before any wipe: a concurrent run's files are never touched
-    manifest_path = out_dir / "manifest.json"
-    if cfg.overwrite:
-        for name in OUTPUTS if wipe else ():
-            p = out_dir / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        return None
-    if cfg.resume and manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("arguments") != cfg.identity() or manifest.get("model") != str(model_dir.resolve()):
-            raise UserError(f"{manifest_path}: --resume with different arguments or model than the interrupted "
-                            "run; repeat its arguments or use --overwrite")
-        return manifest
-    if out_dir.exists() and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
-        if cfg.resume:
-            raise UserError(f"output {out_dir} has no manifest.json, so there is no interrupted run to resume there; "
-                            "choose a new or empty folder, or pass --overwrite to replace it")
-        raise UserError(f"output {out_dir} is not empty; pass --resume to continue or --overwrite to replace")
-    return None
 
 
 def _sha256(path: Path) -> str:
@@ -103,10 +67,11 @@ def decompose(model_dir: str | Path | None = None, out_dir: str | Path = "out", 
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))  # auto → cuda when available
     reuse_freed_heap()
     lock = OutputLock(Path(out_dir))
-    with distributed.session(cfg.device) as d:
+    with output_folder(out_dir, "rerun with --resume", remove=distributed.detect().is_main) as guard, \
+            distributed.session(cfg.device) as d:
         cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device, d))
         try:
-            return _decompose(model_dir, Path(out_dir), cfg, d, lock if d.is_main else None)
+            return _decompose(model_dir, Path(out_dir), cfg, d, lock if d.is_main else None, guard)
         finally:
             lock.release()  # only if this process took it
 
@@ -120,13 +85,13 @@ def _stats_source(model_dir: Path, tensors: list[TensorInfo], targets: list[Targ
 
 
 def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig, d: distributed.Dist,
-               lock: OutputLock | None = None) -> dict:
+               lock: OutputLock | None = None, guard: Output | None = None) -> dict:
     from qpissa.decompose.report import build_report, write_report
 
     try:  # every rank checks the same inputs before any rank writes
         model_dir = resolve_model(model_dir, cfg.revision) if model_dir is not None else default_model_dir()
-        manifest = _prepare_out(model_dir, out_dir, cfg, wipe=d.is_main, lock=lock)
-        tensors = scan_checkpoint(model_dir)
+        manifest = output.prepare(model_dir, out_dir, cfg, wipe=d.is_main, lock=lock)
+        tensors = (source := open_source(model_dir)).tensors  # FP8, MXFP4, 4-bit, …: read as its bf16 tensors
         targets, others, arch, task = find_targets(model_dir, tensors, cfg.targets)
         expert_targets, routers = find_experts(tensors, cfg.targets)
         targets = targets + expert_targets
@@ -142,10 +107,16 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         if cfg.rank_allocation == "error" and expert_targets:
             raise UserError(f"{model_dir}: --rank-allocation error does not cover MoE experts yet (PEFT's expert "
                             "LoRA takes one rank per parameter); use --rank-allocation uniform")
+        expected = output.expected_bytes(model_dir, tensors, targets, cfg)
+        if d.is_main:
+            output.check_space(out_dir, expected)
     except UserError as err:
         distributed.agree(d, str(err))
         raise
     distributed.agree(d, None)
+    if guard is not None:  # what a failure, a full disk or Ctrl-C from here on keeps, and what the rest needs
+        guard.kept = lambda: output.kept(out_dir, len(targets))
+        guard.needs = lambda: max(0, expected - size_of(out_dir))
     target_weights = sum(t.shape[0] * t.shape[1] for t in targets)
     computed, run_cfg = cfg.metrics_computed(target_weights), cfg.resolved(target_weights)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +125,8 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
     known = sharding.known_parts(out_dir) if manifest is not None else {}  # resume: parts of any earlier run
     if manifest is None:
         manifest = {"qpissa_version": __version__, "versions": _versions(), "model": str(model_dir.resolve()),
-                    "arguments": cfg.identity(), "architecture": arch, "status": "running", "tensors": {}}
+                    "arguments": cfg.identity(), "architecture": arch, "source": source.format.record(),
+                    "status": "running", "tensors": {}}
     manifest["tensors"].update(known)
     if d.is_main:
         for folder in (out_dir, parts_dir, out_dir / "residual", out_dir / "adapter"):
@@ -177,7 +149,7 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         sharding.remove_fragments(parts_dir)
         metrics = [manifest["tensors"][t.module]["metrics"] for t in targets]
     assemble(model_dir, out_dir, tensors, targets, others, cfg, task, ranks)
-    report = build_report(metrics, cfg.identity(), str(model_dir), computed)
+    report = build_report(metrics, cfg.identity(), str(model_dir), computed, source.format)
     quantized = cfg.method in QUANTIZED_METHODS
     plain = [s.name for t in expert_targets for s in t.sources] if cfg.experts_dtype == "bfloat16" or not quantized else []
     report["coverage"] = coverage(tensors, [s.name for t in targets for s in getattr(t, "sources", (t.weight,))],
@@ -270,43 +242,55 @@ def _run_targets(targets: list[Target], cfg: DecomposeConfig, parts_dir: Path, j
     workers = _workers(cfg, [targets[i] for i in indices])
     from rich.console import Console
 
-    with Progress(*columns, disable=not cfg.progress, transient=False, console=Console(stderr=True)) as bar, \
-            ThreadPoolExecutor(workers, thread_name_prefix="qpissa-decompose") as pool, _torch_threads(workers):
-        task = bar.add_task(f"{label}{cfg.method} r={cfg.rank}", total=len(indices))
-        running: deque = deque()
-        order = indices if stats is None else sorted(indices, key=lambda i: block_index(targets[i].module))
-        pending = []
-        for index in order:
-            target, part = targets[index], parts_dir / part_name(index)
-            done = manifest["tensors"].get(target.module)
-            if done and part.exists() and done.get("sha256") == _sha256(part):
-                metrics[index] = done["metrics"]
-                bar.advance(task)
-            else:
-                pending.append(index)
-        calibrated = stats is not None
-        for job in [*experts_batch.jobs(targets, pending, lambda t: _target_config(cfg, ranks, t), calibrated), None]:
-            if job is not None:
-                target = targets[job[0]]
-                tcfg = _target_config(cfg, ranks, target)
-                if len(job) > 1 or experts_batch.batchable(tcfg, target, calibrated):  # a block's experts of one kind
-                    future = pool.submit(_process_batch, [targets[i] for i in job],
-                                         [parts_dir / part_name(i) for i in job], tcfg)
+    running: deque = deque()  # (job, future) in submission order; a job: a target, or a batch of experts
+    try:
+        with Progress(*columns, disable=not cfg.progress, transient=False, console=Console(stderr=True)) as bar, \
+                ThreadPoolExecutor(workers, thread_name_prefix="qpissa-decompose") as pool, _torch_threads(workers):
+            task = bar.add_task(f"{label}{cfg.method} r={cfg.rank}", total=len(indices))
+            order = indices if stats is None else sorted(indices, key=lambda i: block_index(targets[i].module))
+            pending = []
+            for index in order:
+                target, part = targets[index], parts_dir / part_name(index)
+                done = manifest["tensors"].get(target.module)
+                if done and part.exists() and done.get("sha256") == _sha256(part):
+                    metrics[index] = done["metrics"]
+                    bar.advance(task)
                 else:
-                    module_stats = None if stats is None or not _calibrated(target, cfg) else stats(target.module)
-                    future = pool.submit(_process_one, target, parts_dir / part_name(job[0]), tcfg, module_stats)
-                running.append((job, future))
-            while running and (len(running) >= workers or job is None):
-                done_job, future = running.popleft()
+                    pending.append(index)
+            calibrated = stats is not None
+            for job in [*experts_batch.jobs(targets, pending, lambda t: _target_config(cfg, ranks, t), calibrated),
+                        None]:
+                if job is not None:
+                    target = targets[job[0]]
+                    tcfg = _target_config(cfg, ranks, target)
+                    if len(job) > 1 or experts_batch.batchable(tcfg, target, calibrated):  # a block's experts
+                        future = pool.submit(_process_batch, [targets[i] for i in job],
+                                             [parts_dir / part_name(i) for i in job], tcfg)
+                    else:
+                        module_stats = None if stats is None or not _calibrated(target, cfg) else stats(target.module)
+                        future = pool.submit(_process_one, target, parts_dir / part_name(job[0]), tcfg, module_stats)
+                    running.append((job, future))
+                while running and (len(running) >= workers or job is None):
+                    done_job, future = running[0]
+                    entries = future.result()
+                    running.popleft()
+                    for done_index, entry in zip(done_job, entries):
+                        manifest["tensors"][targets[done_index].module] = entry
+                        metrics[done_index] = entry["metrics"]
+                    bar.update(task, advance=len(done_job),
+                               description=f"{label}{cfg.method} {targets[done_job[-1]].module}")
+                    if time.monotonic() - last_journal >= max(JOURNAL_EVERY_S, 20 * journal_cost):
+                        t0 = time.monotonic()  # ≤ 5% of the run rewrites the journal; a part not journaled is recomputed
+                        write_json(journal, manifest)
+                        last_journal, journal_cost = time.monotonic(), time.monotonic() - t0
+    except BaseException:  # Ctrl-C, a full disk, a bad tensor: journal the tensors done so far (--resume keeps them)
+        for done_job, future in running:  # the pool has finished them by now
+            if future.done() and not future.cancelled() and future.exception() is None:
                 for done_index, entry in zip(done_job, future.result()):
                     manifest["tensors"][targets[done_index].module] = entry
-                    metrics[done_index] = entry["metrics"]
-                bar.update(task, advance=len(done_job),
-                           description=f"{label}{cfg.method} {targets[done_job[-1]].module}")
-                if time.monotonic() - last_journal >= max(JOURNAL_EVERY_S, 20 * journal_cost):
-                    t0 = time.monotonic()  # ≤ 5% of the run rewrites the journal; a part not journaled is recomputed
-                    write_json(journal, manifest)
-                    last_journal, journal_cost = time.monotonic(), time.monotonic() - t0
+        with suppress(OSError):
+            write_json(journal, manifest)
+        raise
     write_json(journal, manifest)
     return [metrics[i] for i in indices]
 

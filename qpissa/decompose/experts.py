@@ -26,7 +26,7 @@ import torch
 
 from qpissa.adapters import expert_wrapper
 from qpissa.errors import UserError
-from qpissa.formats import TensorInfo, load_tensor
+from qpissa.formats import TensorInfo, load_index, load_tensor
 from qpissa.decompose.config import DecomposeConfig
 from qpissa.decompose.methods import CALIBRATED_METHODS
 from qpissa.decompose.targets import Target, matches
@@ -122,10 +122,7 @@ def _natural(name: str) -> list:
 def load_expert(target: ExpertTarget) -> torch.Tensor:
     """This expert's matrix (out×in), reading only its rows: one slice of a fused stack, or its gate and up."""
     if target.fused:
-        from safetensors import safe_open
-
-        with safe_open(str(target.sources[0].file), framework="pt") as f:
-            return f.get_slice(target.sources[0].name)[target.expert]
+        return load_index(target.sources[0], target.expert)  # a packed (MXFP4/FP8) stack: that expert decoded
     parts = [load_tensor(s) for s in target.sources]
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # (2I, H): gate rows, then up rows
 

@@ -31,10 +31,17 @@ def load_pair(model_dir: Path, out_dir: Path, device: str = "cpu") -> tuple[torc
     from peft import PeftModel
     from transformers import AutoModel, AutoModelForCausalLM
 
+    from qpissa.sources import quantization_of
+
     arch = (json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or [""])[0]
     causal = arch.endswith("ForCausalLM")
     auto = AutoModelForCausalLM if causal else AutoModel
-    original = _fp32(auto.from_pretrained(str(model_dir), dtype=torch.float32, device_map=device))
+    if quantization_of(Path(model_dir)):  # a published FP8/MXFP4/4-bit release: its weights, decoded
+        from qpissa.sources.load import load_decoded
+
+        original = _fp32(load_decoded(model_dir, torch.float32, device_map=device))
+    else:
+        original = _fp32(auto.from_pretrained(str(model_dir), dtype=torch.float32, device_map=device))
     base = _fp32(auto.from_pretrained(str(Path(out_dir) / "residual"), dtype=torch.float32, device_map=device))
     init = PeftModel.from_pretrained(base, str(Path(out_dir) / "adapter")).eval()
     return original, init, causal

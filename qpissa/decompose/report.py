@@ -80,9 +80,13 @@ def metrics_line(report: dict) -> str:
     return line + (f" ({computed['auto']})" if computed.get("auto") else "")
 
 
-def build_report(metrics: list[dict], arguments: dict, model: str, computed: dict | None = None) -> dict:
+def build_report(metrics: list[dict], arguments: dict, model: str, computed: dict | None = None,
+                 source=None) -> dict:
     """Assemble the report dict from per-module metrics (as stored by the decomposition); ``computed`` says
-    which metrics were measured and how (see :meth:`qpissa.decompose.DecomposeConfig.metrics_computed`)."""
+    which metrics were measured and how (see :meth:`qpissa.decompose.DecomposeConfig.metrics_computed`);
+    ``source``: the checkpoint's :class:`qpissa.sources.base.SourceFormat` (the report's ``source`` entry)."""
+    from qpissa.decompose.source_report import source_summary
+
     modules = []
     for m in metrics:
         row = dict(m, layer_type=layer_type(m["module"]), layer_index=layer_index(m["module"]))
@@ -93,9 +97,12 @@ def build_report(metrics: list[dict], arguments: dict, model: str, computed: dic
     by_type = defaultdict(list)
     for row in modules:
         by_type[row["layer_type"]].append(row)
-    return {"model": model, "arguments": arguments, "metrics_computed": computed or metrics_from_rows(modules),
-            "overall": _summarize(modules),
-            "by_layer_type": {k: _summarize(v) for k, v in by_type.items()}, "modules": modules}
+    report = {"model": model, "arguments": arguments, "metrics_computed": computed or metrics_from_rows(modules),
+              "overall": _summarize(modules),
+              "by_layer_type": {k: _summarize(v) for k, v in by_type.items()}, "modules": modules}
+    if source is not None:
+        report["source"] = source_summary(source, report["overall"])
+    return report
 
 
 def to_csv(report: dict) -> str:
@@ -148,7 +155,7 @@ def to_markdown(report: dict) -> str:
     lines = [f"# Quantization error: {args['method']} r={args['rank']} T={args['iters']}", "",
              f"Model: `{report['model']}`. Reduction = 1 − ‖W − deq(Q) − s·B·A‖ / ‖W − deq(NF4(W))‖ "
              "(vs LoftQ: the same ratio against LoftQ(T)'s error); totals sum per-module norms.", "",
-             f"{metrics_line(report)}. A — means not measured.", "", *coverage_markdown(report),
+             f"{metrics_line(report)}. A — means not measured.", "", *source_markdown(report), *coverage_markdown(report),
              "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in summary_rows(report)]
     lines += allocation_markdown(report)
@@ -159,6 +166,13 @@ def to_markdown(report: dict) -> str:
                      f"{r['method']['frobenius']:.4g} | {r['qlora']['frobenius']:.4g} | {_pct(r, 'qlora', 'frobenius')} | "
                      f"{_pct(r, 'loftq', 'frobenius')} |")
     return "\n".join(lines + output_markdown(report)) + "\n"
+
+
+def source_markdown(report: dict) -> list[str]:
+    """The source-format lines (:mod:`qpissa.decompose.source_report`), if the source was quantized."""
+    from qpissa.decompose.source_report import source_markdown as lines
+
+    return lines(report)
 
 
 def coverage_markdown(report: dict) -> list[str]:

@@ -34,7 +34,7 @@ def decompose_tensor(target: Target, w: torch.Tensor, cfg: DecomposeConfig,
     h = None if stats is None else stats[0]
     init = initialize(cfg.method, w, cfg.rank, scale, iters=cfg.iters, spec=spec, svd=svd, seed=seed,
                       adapter_dtype=adapter_dtype, refit=cfg.refit, h=h, damp=cfg.damp)
-    if cfg.balance_factors:  # B·A unchanged exactly: the residual and every error below stay the same
+    if cfg.balances(calibrated=h is not None):  # B·A unchanged exactly: the residual and every error below stay the same
         init.a, init.b = balance_factors(init.a, init.b)
     if init.residual is not None:  # measure what is stored: the residual in the checkpoint's dtype
         init.residual = init.residual.to(_source_dtype(target))

@@ -76,9 +76,9 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainStat
     tmp.mkdir(parents=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                    "state": {**asdict(state), "pos": asdict(state.pos)}, "config": config, "full": full},
-                   tmp / STATE_FILE)
+        with open(tmp / STATE_FILE, "wb") as fh:  # a file object: a full disk surfaces as ENOSPC, not "unexpected pos"
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                        "state": {**asdict(state), "pos": asdict(state.pos)}, "config": config, "full": full}, fh)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     finally:
@@ -149,3 +149,32 @@ def check_output(cfg) -> dict[str, Any] | None:
         held = existing[-1][1].name if existing else "a finished run (summary.json)"
         raise UserError(f"{cfg.output} already holds {held}; pass --resume to continue or a new --output")
     return done if cfg.resume and "adapter" in done and not existing else None
+
+
+def kept(run: Path) -> str | None:
+    """What a failed or interrupted run leaves worth keeping in ``run`` (None: nothing; the folder may go)."""
+    if (run / "summary.json").is_file() and "adapter" in json.loads((run / "summary.json").read_text()):
+        return "the finished run"
+    existing = list_checkpoints(run)
+    if existing:
+        return f"{existing[-1][1].name} (--resume continues from step {existing[-1][0]})"
+    steps = len((run / "metrics.jsonl").read_text().splitlines()) if (run / "metrics.jsonl").is_file() else 0
+    return (f"metrics.jsonl ({steps} row{'s' * (steps != 1)}) but no checkpoint yet (a rerun starts at step 0)"
+            if steps else None)
+
+
+def bytes_needed(cfg) -> int | None:
+    """About what the rest of a run writes: one more checkpoint (written before the older one is deleted) and the
+    final adapter; from the newest checkpoint, else from OUT/adapter's size (fp32 factors + AdamW's two states)."""
+    from qpissa.atomic import size_of
+    from qpissa.formats import read_header
+
+    existing = list_checkpoints(Path(cfg.output))
+    if existing:
+        weights = next((p for p in existing[-1][1].glob("*.safetensors")), None)
+        return size_of(existing[-1][1]) + (size_of(weights) if weights else 0)
+    init = Path(cfg.model) / "adapter" / "adapter_model.safetensors"
+    if cfg.method != "from-out" or not init.is_file():
+        return None
+    numel = sum(int(np.prod(v["shape"])) for k, v in read_header(init).items() if k != "__metadata__")
+    return 4 * numel * 4

@@ -35,7 +35,7 @@ class TrainConfig:
     num_labels: int | None = field(default=None, metadata={
         "help": "classification: number of classes (default: from the data); 1 = regression (MSE)"})
     method: Literal["from-out", "lora", "full"] = field(default="from-out", metadata={
-        "help": "from-out: train OUT/adapter on OUT/residual; lora/full: baselines on an unquantized checkpoint"})
+        "help": "from-out: train OUT/adapter on OUT/residual; lora/full: baselines on the original checkpoint (a quantized release is dequantized)"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out data for eval loss (file, dir or Hub id)"})
     data_split: str = field(default="train", metadata={"help": "split of a Hub dataset (or save_to_disk dir) for "
                                                                 "--data"})

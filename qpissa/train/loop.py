@@ -76,8 +76,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise UserError(f"--device {cfg.device}: train takes cpu or cuda (under torchrun each rank uses its LOCAL_RANK)")
     if cfg.fsdp:
         fsdp.require_launch()
-    with distributed.session(cfg.device, always=cfg.fsdp):
-        return _train(cfg)
+    from qpissa.atomic import output_folder
+
+    with output_folder(cfg.output, "rerun with --resume", remove=distributed.detect().is_main) as guard:
+        guard.kept, guard.needs = (lambda: ckpt_lib.kept(Path(cfg.output))), (lambda: ckpt_lib.bytes_needed(cfg))
+        with distributed.session(cfg.device, always=cfg.fsdp):
+            return _train(cfg)
 
 
 def _train(cfg: TrainConfig) -> dict[str, Any]:

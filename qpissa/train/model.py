@@ -1,7 +1,8 @@
 """The model a run trains (the only thing that differs between methods), ready for the loop.
 
-from-out: OUT/residual (frozen) + OUT/adapter as trainable PEFT factors; lora: a fresh PEFT LoRA on an
-unquantized checkpoint; full: every parameter. Then the bitsandbytes trap is disarmed
+from-out: OUT/residual (frozen) + OUT/adapter as trainable PEFT factors; lora: a fresh PEFT LoRA on the
+original checkpoint; full: every parameter (a published FP8/MXFP4/4-bit checkpoint is dequantized first,
+:mod:`qpissa.sources.load`). Then the bitsandbytes trap is disarmed
 (:func:`qpissa.quant.keep_4bit_layout_trainable`: bnb repacks 4-bit weights in eval mode on
 AVX512-BF16 CPUs), and optional fp32 compute, gradient checkpointing and fused kernels are applied.
 """
@@ -74,11 +75,14 @@ def load_model(cfg: TrainConfig):
         root = resolve_model(cfg.model, cfg.revision)  # a local folder, else the Hub snapshot of org/name
         if not (root / "config.json").exists():
             raise UserError(f"{root}/config.json not found: --method {cfg.method} needs an HF model directory")
-        if "quantization_config" in json.loads((root / "config.json").read_text()):
-            raise UserError(f"{root} is a quantized checkpoint; --method {cfg.method} needs unquantized weights")
         require_causal_lm(root, "train")
         dtype = torch.float32 if cfg.method == "full" else "auto"
-        model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, device_map=device_map)
+        if "quantization_config" in json.loads((root / "config.json").read_text()):
+            from qpissa.sources.load import load_decoded  # FP8, MXFP4, 4-bit, …: the weights, dequantized
+
+            model = load_decoded(root, dtype, device_map=device_map)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, device_map=device_map)
         if cfg.method == "lora":
             from peft import LoraConfig, get_peft_model
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from qpissa.adapters import ADAPTER_WEIGHTS, Adapter, expert_parameter, module_scale, pattern_value, read_adapter
-from qpissa.atomic import write_json
+from qpissa.atomic import output_folder, write_json
 from qpissa.choices import check_choices
 from qpissa.errors import UserError
 from qpissa.formats import is_within, save_tensors
@@ -147,8 +147,9 @@ def convert_pissa_to_lora(trained_dir: str | Path, init_dir: str | Path, out_dir
     tensors.update(trained.extra)
     base = cfg.base_model or original_model_of(init.path)
     config = converted_config(trained.config, base)
-    save_tensors(out / ADAPTER_WEIGHTS, tensors)
-    write_json(out / "adapter_config.json", config)  # last: a dir with a config is a complete adapter
+    with output_folder(out):  # a full disk or Ctrl-C: no half adapter left behind
+        save_tensors(out / ADAPTER_WEIGHTS, tensors)
+        write_json(out / "adapter_config.json", config)  # last: a dir with a config is a complete adapter
     return {"output": str(out), "modules": len(trained.factors), "r": trained.config["r"], "r_new": config["r"],
             "lora_alpha": trained.config.get("lora_alpha"), "lora_alpha_new": config["lora_alpha"],
             "use_rslora": bool(trained.config.get("use_rslora")),

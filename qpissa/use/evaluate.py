@@ -375,9 +375,10 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer: Any, data: str | Path
 
 def write_results(out_dir: str | Path, task: str, summary: dict[str, Any], records: list[dict[str, Any]]) -> Path:
     """``OUT/<task>_examples.jsonl`` (one record a line) and ``OUT/<task>_summary.json``, atomically."""
-    from qpissa.atomic import write_json, write_text
+    from qpissa.atomic import output_folder, write_json, write_text
 
     out = Path(out_dir)
-    write_text(out / f"{task}_examples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    write_json(out / f"{task}_summary.json", summary)
+    with output_folder(out):  # a full disk: one line, and no examples file without its summary
+        write_text(out / f"{task}_examples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        write_json(out / f"{task}_summary.json", summary)
     return out / f"{task}_summary.json"

@@ -3,7 +3,9 @@
 For every adapted module: W_merged = deq(R) + s·B·A (fp32; s = α/r or α/√r with rsLoRA, per-module
 patterns as PEFT applies them; Conv1D layouts get the transpose), where deq(R) is the bitsandbytes
 dequantization of an NF4 residual (exactly what ``Linear4bit`` multiplies with) or the plain residual.
-All other tensors are copied (floating ones cast to ``dtype``).
+All other tensors are copied (floating ones cast to ``dtype``). RESIDUAL may also be a published quantized
+checkpoint (FP8, MXFP4, GPTQ, AWQ, compressed-tensors, bitsandbytes FP4/int8) with a LoRA trained on it
+(``train --method lora``): its tensors are decoded by :mod:`qpissa.sources` as they are read.
 
 ``quantize="nf4"`` re-quantizes the merged weights with bitsandbytes NF4 (each tensor with the block size
 and double-quant setting its residual had; 64 / none for a plain residual) into the pre-quantized format
@@ -25,13 +27,14 @@ from typing import Any, Callable, Literal
 import torch
 
 from qpissa.adapters import module_scale, read_adapter
-from qpissa.atomic import write_json
+from qpissa.atomic import Output, output_folder, size_of, write_json
 from qpissa.choices import check_choices
 from qpissa.devices import resolve_device
 from qpissa.errors import UserError
 from qpissa.hub import REVISION_HELP, resolve_model
 from qpissa.formats import (TensorInfo, byte_size, copy_side_files, entry_of, is_within, load_tensor, weight_key,
                             scan_checkpoint, write_index, write_safetensors)
+from qpissa.sources import scan_source
 from qpissa.moe import CONFIG_KEY
 from qpissa.use.merge_experts import ExpertMerge
 from qpissa.quant import NF4Spec, NF4Tensor, dequantize_nf4, quantization_config, quantize_nf4
@@ -83,7 +86,14 @@ def _weight_key(module: str, by_name: dict[str, TensorInfo]) -> str:
 
 def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
           cfg: MergeConfig = MergeConfig(), progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Write ``out_dir``: a plain HF model = residual + adapter (see module docstring); returns the report."""
+    """Write ``out_dir``: a plain HF model = residual + adapter (see module docstring); returns the report.
+    A failure (a full disk, Ctrl-C) removes what it wrote there: a half model is never left behind."""
+    with output_folder(out_dir) as guard:
+        return _merge(residual_dir, adapter_dir, out_dir, cfg, progress, guard)
+
+
+def _merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, cfg: MergeConfig,
+           progress: Callable[[str], None] | None, guard: Output) -> dict[str, Any]:
     residual, out = resolve_model(residual_dir, cfg.revision), Path(out_dir)  # a folder, or a Hub id org/name
     for src in (residual, Path(adapter_dir)):
         if is_within(out, src) or is_within(src, out):
@@ -95,15 +105,14 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
     device = resolve_device(cfg.device)
     adapter = read_adapter(adapter_dir)
     config = json.loads((residual / "config.json").read_text())
-    infos = scan_checkpoint(residual)
+    qcfg = config.get("quantization_config") or {}
+    nf4_residual = bool(qcfg.get("load_in_4bit") and qcfg.get("bnb_4bit_quant_type") == "nf4")
+    infos = scan_checkpoint(residual) if not qcfg or nf4_residual else scan_source(residual)  # others: decoded
     by_name = {i.name: i for i in infos}
     experts = ExpertMerge(adapter, residual, config, by_name)  # takes the MoE expert factors out of ``adapter``
     if adapter.extra:
         raise UserError(f"{adapter.path}: extra tensors {sorted(adapter.extra)[:2]} (modules_to_save?) "
                         "cannot be merged; only LoRA factors are supported")
-    qcfg = config.get("quantization_config") or {}
-    if qcfg and not (qcfg.get("load_in_4bit") and qcfg.get("bnb_4bit_quant_type") == "nf4"):
-        raise UserError(f"{residual}/config.json: quantization {qcfg.get('quant_method')!r} is not bitsandbytes NF4")
     init = read_adapter(cfg.init_adapter).factors if cfg.init_adapter else {}
     fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
     deltas = {_weight_key(m, by_name): m for m in adapter.factors}
@@ -160,7 +169,7 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
     names = [n for n in by_name if n not in companion] + list(experts.new)
     by_name.update({n: TensorInfo(n, residual, shape, "F32") for n, shape in experts.new.items()})
     shards: list[list[str]] = [[]]
-    size = 0
+    size = planned = 0
     for name in names:  # plan shards from shapes alone (the NF4 companions are small; counted as packed bytes)
         info = by_name[name]
         numel = math.prod(info.shape) * (2 if name in quantized_in else 1)  # packed NF4: 2 weights a byte
@@ -171,6 +180,8 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
             size = 0
         shards[-1].append(name)
         size += nbytes
+        planned += nbytes
+    guard.needs = lambda: max(0, planned - size_of(out))
     weight_map: dict[str, str] = {}
     total = 0
     for i, shard in enumerate(shards):
@@ -192,7 +203,7 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
     config.pop(CONFIG_KEY, None)
     config["dtype"] = config["torch_dtype"] = cfg.dtype
     if cfg.quantize == "nf4":
-        qc = dict(qcfg) if qcfg else quantization_config(NF4Spec(compute_dtype=cfg.dtype), _skip_modules(residual, deltas))
+        qc = dict(qcfg) if nf4_residual else quantization_config(NF4Spec(compute_dtype=cfg.dtype), _skip_modules(residual, deltas))
         config["quantization_config"] = qc
     write_json(out / "config.json", config)
 
