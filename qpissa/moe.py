@@ -30,24 +30,29 @@ class NF4ExpertStack(nn.Module):
     (E, out·in/blocksize) fp32; ``code`` (16,) the NF4 levels (bitsandbytes' storage, double quant undone)."""
 
     def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-                 shape: tuple[int, int]) -> None:
+                 shape: tuple[int, int], transposed: bool = False) -> None:
         super().__init__()
         self.register_buffer("packed", packed)
         self.register_buffer("absmax", absmax)
         self.register_buffer("code", code)
         self.blocksize, self.shape = blocksize, tuple(shape)
+        self.transposed = transposed  # the model stores the parameter [E, in, out] (Llama-4, gpt-oss)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """(E, out, in) in ``dtype``, one expert at a time (fp32 temporaries of one expert only)."""
+        """(E, out, in) in ``dtype`` ((E, in, out) when ``transposed``, as the model stores it), one expert at a time
+        (fp32 temporaries of one expert only)."""
         from qpissa.nf4_cpu import dequantize_nf4_cpu  # plain torch, any device: code[q]·absmax in flat order
 
-        result = torch.empty(self.packed.shape[0], *self.shape, dtype=dtype, device=self.packed.device)
+        shape = self.shape[::-1] if self.transposed else self.shape
+        result = torch.empty(self.packed.shape[0], *shape, dtype=dtype, device=self.packed.device)
         for e in range(self.packed.shape[0]):
-            result[e] = dequantize_nf4_cpu(self.packed[e], self.absmax[e], self.code, self.blocksize, self.shape)
+            w = dequantize_nf4_cpu(self.packed[e], self.absmax[e], self.code, self.blocksize, self.shape)
+            result[e] = w.T if self.transposed else w
         return result
 
 
-def stack_from_state(states: list[dict[str, torch.Tensor]], shape: tuple[int, int]) -> NF4ExpertStack:
+def stack_from_state(states: list[dict[str, torch.Tensor]], shape: tuple[int, int],
+                     transposed: bool = False) -> NF4ExpertStack:
     """An :class:`NF4ExpertStack` from per-expert bitsandbytes state dicts (``""`` → packed, ``absmax``, …)."""
     import bitsandbytes.functional as bnbf
 
@@ -59,7 +64,7 @@ def stack_from_state(states: list[dict[str, torch.Tensor]], shape: tuple[int, in
         packed.append(state[""].reshape(-1))
         absmax.append(absmax_fp32(qs))  # double quant undone as bitsandbytes does
         code, blocksize = qs.code.float(), int(qs.blocksize)
-    return NF4ExpertStack(torch.stack(packed), torch.stack(absmax), code, blocksize, shape)
+    return NF4ExpertStack(torch.stack(packed), torch.stack(absmax), code, blocksize, shape, transposed)
 
 
 def read_nf4_states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -68,7 +73,7 @@ def read_nf4_states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 
     from safetensors import safe_open
 
-    pattern = re.compile(r"(.+\.experts\.\d+\.(?:gate_up_proj|down_proj))\.weight(?:\.(.+))?")
+    pattern = re.compile(r"(.+\.\d+\.[^.]+)\.weight(?:\.(.+))?")  # {experts}.{e}.{param}.weight[.state]
     out: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
@@ -84,21 +89,22 @@ def attach_nf4_experts(model: nn.Module, residual: Path, file: str = NF4_EXPERTS
         raise UserError(f"{residual / file} is missing; re-run qpissa decompose into this folder")
     states = read_nf4_states(residual / file)
     count = 0
-    for name, block in model.named_modules():
-        experts = getattr(block, "experts", None)
-        if experts is None or not isinstance(experts, nn.Module):
+    modules = dict(model.named_modules())
+    for full, experts in modules.items():
+        fused = {k: p for k, p in experts.named_parameters(recurse=False) if p.ndim == 3}
+        if not fused or "." not in full:
             continue
+        name, transposed = full.rsplit(".", 1)[0], bool(getattr(experts, "is_transposed", False))
+        block = modules[name]  # the MoE block: the experts' parent module
         stacks = {}
-        for kind in ("gate_up_proj", "down_proj"):
-            param = getattr(experts, kind, None)
-            if not isinstance(param, nn.Parameter) or param.ndim != 3:
-                continue
-            keys = [f"{name}.experts.{e}.{kind}" for e in range(param.shape[0])]
+        for kind, param in fused.items():
+            keys = [f"{full}.{e}.{kind}" for e in range(param.shape[0])]
             missing = [k for k in keys if k not in states]
             if missing:
                 raise UserError(f"{residual}: no NF4 expert weights for {', '.join(missing[:3])}; "
                                 "re-run qpissa decompose (its --experts-dtype nf4 output) into this folder")
-            stack = stack_from_state([states.pop(k) for k in keys], tuple(param.shape[1:]))
+            shape = tuple(param.shape[1:])
+            stack = stack_from_state([states.pop(k) for k in keys], shape[::-1] if transposed else shape, transposed)
             experts.add_module(f"nf4_{kind}", stack.to(param.device))
             param.requires_grad_(False)
             param.data = _placeholder(param)
@@ -174,7 +180,7 @@ def load(out: str | Path, adapter: str | Path | None = None, *, is_trainable: bo
     if adapter is None and (out / "adapter" / "adapter_config.json").is_file() and residual != out:
         adapter = out / "adapter"
     if adapter is not None:
-        from peft import PeftModel
+        from qpissa.adapters import load_peft
 
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)
+        model = load_peft(model, adapter, is_trainable=is_trainable)
     return model

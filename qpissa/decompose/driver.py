@@ -34,7 +34,8 @@ from qpissa.decompose import sharding
 from qpissa.decompose.assemble import assemble, part_name
 from qpissa.decompose.calibration import block_index
 from qpissa.decompose.coverage import coverage
-from qpissa.decompose.experts import ExpertTarget, decompose_expert, find_experts, summary as experts_summary
+from qpissa.decompose.experts import (ExpertTarget, check_plain_residual, decompose_expert, find_experts,
+                                     summary as experts_summary)
 from qpissa.decompose.methods import QUANTIZED_METHODS
 from qpissa.decompose.config import AUTO_PARALLEL_MAX_WEIGHTS, DecomposeConfig
 from qpissa.decompose.targets import Target, find_targets
@@ -129,7 +130,9 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         manifest = _prepare_out(model_dir, out_dir, cfg, wipe=d.is_main, lock=lock)
         tensors = scan_checkpoint(model_dir)
         targets, others, arch, task = find_targets(model_dir, tensors, cfg.targets)
-        expert_targets, routers = find_experts(tensors, cfg.targets)
+        expert_targets, routers = find_experts(tensors, cfg.targets, model_dir)
+        if expert_targets and (cfg.experts_dtype == "bfloat16" or cfg.method not in QUANTIZED_METHODS):
+            check_plain_residual(expert_targets)
         targets = targets + expert_targets
         for t in targets:
             if cfg.rank >= min(t.shape):

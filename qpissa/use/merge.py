@@ -95,7 +95,8 @@ def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
     device = resolve_device(cfg.device)
     adapter = read_adapter(adapter_dir)
     config = json.loads((residual / "config.json").read_text())
-    infos = scan_checkpoint(residual)
+    nf4_experts = (config.get(CONFIG_KEY) or {}).get("file")
+    infos = [i for i in scan_checkpoint(residual) if i.file.name != nf4_experts]  # experts: ExpertMerge writes them
     by_name = {i.name: i for i in infos}
     experts = ExpertMerge(adapter, residual, config, by_name)  # takes the MoE expert factors out of ``adapter``
     if adapter.extra:
