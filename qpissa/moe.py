@@ -13,6 +13,7 @@ Caveat: transformers first materializes the (missing) expert parameters at load,
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -82,7 +83,8 @@ def read_nf4_states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def attach_nf4_experts(model: nn.Module, residual: Path, file: str = NF4_EXPERTS_FILE) -> int:
+def attach_nf4_experts(model: nn.Module, residual: Path, file: str = NF4_EXPERTS_FILE,
+                       dtype: torch.dtype | None = None) -> int:
     """Give every experts module of ``model`` its NF4 stacks from ``residual`` and the dequantizing hooks; returns
     the number of fused parameters made 4-bit. A missing expert is an error, not a random weight."""
     if not (residual / file).is_file():
@@ -92,7 +94,7 @@ def attach_nf4_experts(model: nn.Module, residual: Path, file: str = NF4_EXPERTS
     modules = dict(model.named_modules())
     for full, experts in modules.items():
         fused = {k: p for k, p in experts.named_parameters(recurse=False) if p.ndim == 3}
-        if not fused or "." not in full:
+        if not fused or "." not in full or isinstance(experts, nn.modules.conv._ConvNd):
             continue
         name, transposed = full.rsplit(".", 1)[0], bool(getattr(experts, "is_transposed", False))
         block = modules[name]  # the MoE block: the experts' parent module
@@ -107,7 +109,7 @@ def attach_nf4_experts(model: nn.Module, residual: Path, file: str = NF4_EXPERTS
             stack = stack_from_state([states.pop(k) for k in keys], shape[::-1] if transposed else shape, transposed)
             experts.add_module(f"nf4_{kind}", stack.to(param.device))
             param.requires_grad_(False)
-            param.data = _placeholder(param)
+            param.data = _placeholder(param, dtype)  # the load's dtype (transformers may make missing ones another)
             stacks[kind] = param
             count += 1
         if stacks:
@@ -116,9 +118,9 @@ def attach_nf4_experts(model: nn.Module, residual: Path, file: str = NF4_EXPERTS
     return count
 
 
-def _placeholder(param: torch.Tensor) -> torch.Tensor:
-    """A zero-stride tensor of ``param``'s shape and dtype: 1 element of storage."""
-    return torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
+def _placeholder(param: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A zero-stride tensor of ``param``'s shape and dtype (or ``dtype``): 1 element of storage."""
+    return torch.zeros((), dtype=dtype or param.dtype, device=param.device).expand(param.shape)
 
 
 def _fill(experts: nn.Module, stacks: dict[str, nn.Parameter]):
@@ -160,11 +162,55 @@ def load_residual(residual: str | Path, **kwargs):
     level = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        model = AutoModelForCausalLM.from_pretrained(residual, **kwargs)
+        with _no_init_of_4bit(config):
+            model = AutoModelForCausalLM.from_pretrained(residual, **kwargs)
     finally:
         logging.set_verbosity(level)
-    attach_nf4_experts(model, residual, config[CONFIG_KEY].get("file", NF4_EXPERTS_FILE))
+    dtype = kwargs.get("dtype")
+    attach_nf4_experts(model, residual, config[CONFIG_KEY].get("file", NF4_EXPERTS_FILE),
+                       dtype if isinstance(dtype, torch.dtype) else None)
     return model
+
+
+@contextmanager
+def _no_init_of_4bit(config: dict):
+    """transformers initializes the modules around the (missing) fused experts; a family whose ``_init_weights``
+    reaches an NF4 linear there (Llama-4: ``normal_`` on its uint8 bytes) would fail. Loaded 4-bit weights are
+    never re-initialized here. transformers' bitsandbytes path also swaps Llama-4's fused experts for a list of
+    per-expert linears (``MODULES_TO_PATCH_FOR_QUANTIZATION``) that no NF4 file here fills: the experts stay fused,
+    as :func:`attach_nf4_experts` expects."""
+    import transformers
+    from transformers.quantizers import base as quantizers
+
+    patched = dict(quantizers.MODULES_TO_PATCH_FOR_QUANTIZATION)
+    quantizers.MODULES_TO_PATCH_FOR_QUANTIZATION.clear()
+    try:
+        with _skip_4bit_init(transformers, config):
+            yield
+    finally:
+        quantizers.MODULES_TO_PATCH_FOR_QUANTIZATION.update(patched)
+
+
+@contextmanager
+def _skip_4bit_init(transformers, config: dict):
+
+    cls = getattr(transformers, (config.get("architectures") or [""])[0], None)
+    owner = next((c for c in getattr(cls, "__mro__", ()) if "_init_weights" in vars(c)), None)  # the family's base:
+    if owner is None:  # its sub-models (…TextModel) initialize through it too
+        yield
+        return
+    original = vars(owner)["_init_weights"]
+
+    def init(self, module):
+        if any(not p.is_floating_point() for p in module.parameters(recurse=False)):
+            return
+        original(self, module)
+
+    owner._init_weights = init
+    try:
+        yield
+    finally:
+        owner._init_weights = original
 
 
 def load(out: str | Path, adapter: str | Path | None = None, *, is_trainable: bool = False,

@@ -4,7 +4,8 @@ spectrum in every matrix (σ_k ∝ 1/k, as trained weights have; plain noise has
 :data:`FAMILIES` are the three the MoE path was built on; :data:`ALL_FAMILIES` every ``*ForCausalLM`` family of
 transformers 5 with routed experts that the per-family matrix runs (tests/test_moe_families.py). Sizes are set by
 attribute name on the family's default config (only the attributes it has), so one table serves every family:
-2 layers, hidden 64, 4 experts, top-2, one shared expert and a dense first layer where the family has them."""
+2 layers, hidden 64, 4 experts, top-2, one shared expert and a dense first layer where the family has them; every
+linear's output a multiple of 32 (bitsandbytes' CPU 4-bit kernel needs it)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,10 +22,13 @@ SMALL = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num
              num_experts=EXPERTS, num_local_experts=EXPERTS, n_routed_experts=EXPERTS, moe_num_experts=EXPERTS,
              num_experts_per_tok=2, moe_k=2, moe_topk=2, n_shared_experts=1, moe_num_shared_experts=1,
              num_shared_expert=1, first_k_dense_replace=1, moe_layer_start_index=1, n_group=1, topk_group=1,
-             kv_lora_rank=64, q_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+             kv_lora_rank=48, q_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
              decoder_sparse_step=1, mlp_only_layers=[], interleave_moe_layer_step=1, linear_num_key_heads=2,
-             linear_num_value_heads=8, linear_key_head_dim=16, linear_value_head_dim=16,
+             linear_num_value_heads=16, linear_key_head_dim=16, linear_value_head_dim=16,
              pad_token_id=0, eos_token_id=1, bos_token_id=None)
+
+
+PER_FAMILY = {"deepseek_v3": {"num_key_value_heads": 4, "qk_rope_head_dim": 32, "head_dim": 32, "kv_lora_rank": 64}}  # MLA: as many key/value heads as query heads
 
 
 def decaying(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -45,7 +49,7 @@ def config(family: str, layers: int = 2, vocab: int = 96):
 
     cfg = CONFIG_MAPPING[family]()
     present = cfg.to_dict()
-    for key, value in (SMALL | {"num_hidden_layers": layers, "vocab_size": vocab}).items():
+    for key, value in (SMALL | PER_FAMILY.get(family, {}) | {"num_hidden_layers": layers, "vocab_size": vocab}).items():
         if key in present:
             setattr(cfg, key, value)
     if getattr(cfg, "layer_types", None):  # per-layer kinds (qwen3_next, gpt_oss): keep the first ``layers``

@@ -77,7 +77,7 @@ def model_roles(model: torch.nn.Module) -> Roles:
     for name, module in modules.items():
         params = dict(module.named_parameters(recurse=False))
         stacks = {p: t for p, t in params.items() if t.ndim == 3}
-        if not stacks:
+        if not stacks or isinstance(module, torch.nn.modules.conv._ConvNd):  # a convolution's kernel is 3-D too
             continue
         transposed = bool(getattr(module, "is_transposed", False))
         for p, t in stacks.items():
