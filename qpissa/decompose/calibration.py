@@ -220,7 +220,7 @@ class BlockwiseCalibrator:
         self.model_dir, self.data, self.device = Path(model_dir), data, torch.device(device)
         self.expert_tokens = expert_tokens  # fewer routed calibration tokens: no statistics for that expert
         self.by_name = {t.name: t for t in tensors}
-        self.checkpoint_experts = find_experts(list(tensors), None, self.model_dir)[0]  # every expert, targets or not (fused at load)
+        self.checkpoint_experts = find_experts(list(tensors), None, self.model_dir)[0]  # every expert (fused at load)
         blocks = {BLOCK.match(t.module).group(1) if BLOCK.match(t.module) else None for t in targets}
         if None in blocks or len(blocks) != 1:
             odd = next((t.module for t in targets if not BLOCK.match(t.module)), sorted(map(str, blocks))[0])

@@ -131,8 +131,7 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         tensors = scan_checkpoint(model_dir)
         targets, others, arch, task = find_targets(model_dir, tensors, cfg.targets)
         expert_targets, routers = find_experts(tensors, cfg.targets, model_dir)
-        if expert_targets and (cfg.experts_dtype == "bfloat16" or cfg.method not in QUANTIZED_METHODS):
-            check_plain_residual(expert_targets)
+        check_plain_residual(expert_targets if cfg.experts_dtype == "bfloat16" or cfg.method not in QUANTIZED_METHODS else [])
         targets = targets + expert_targets
         for t in targets:
             if cfg.rank >= min(t.shape):

@@ -78,12 +78,15 @@ def find_experts(tensors: list[TensorInfo], patterns: list[str] | None = None,
     mapped = checkpoint_map(model_dir, [t.name for t in tensors])
     per: dict[tuple[str, int], list[tuple[int, TensorInfo]]] = defaultdict(list)
     fused: dict[str, TensorInfo] = {}
-    routers = []
+    routers, unknown = [], []
+    modules = tuple(f"{p.module}." for p in roles.experts.values())
     for t in tensors:
         name, expert, part = mapped[t.name]
         if roles.is_router(name):
             routers.append(t.name)
         if name not in roles.experts:
+            if name.startswith(modules) and name not in roles.expert_biases:
+                unknown.append(t.name)  # under an experts module, yet no parameter the model has
             continue
         if expert is not None and len(t.shape) == 2:
             per[(name, expert)].append((part, t))
@@ -91,7 +94,10 @@ def find_experts(tensors: list[TensorInfo], patterns: list[str] | None = None,
             fused[name] = t
         else:
             raise UserError(f"unknown expert layout: tensor {t.name} {list(t.shape)} for the model's "
-                            f"{name} {list(roles.experts[name].shape)}; supported: {SUPPORTED}")
+                            f"{name} {list(roles.experts[name].shape)}; supported layouts: {SUPPORTED}")
+    if unknown:
+        raise UserError(f"unknown expert layout: tensors {', '.join(unknown[:4])}{' …' if len(unknown) > 4 else ''} "
+                        f"({len(unknown)} in all) are no parameter of the model's experts; supported layouts: {SUPPORTED}")
     targets: list[ExpertTarget] = []
     for key in sorted(roles.experts, key=_natural):
         param = roles.experts[key]
@@ -104,13 +110,13 @@ def find_experts(tensors: list[TensorInfo], patterns: list[str] | None = None,
         if found != list(range(param.shape[0])):
             names = [s.name for e in found for _, s in per[(key, e)]][:4]
             raise UserError(f"unknown expert layout: the model's {key} {list(param.shape)} has no complete set of "
-                            f"checkpoint tensors ({', '.join(names) or 'none found'}); supported: {SUPPORTED}")
+                            f"checkpoint tensors ({', '.join(names) or 'none found'}); supported layouts: {SUPPORTED}")
         for e in found:
             sources = tuple(t for _, t in sorted(per[(key, e)], key=lambda p: p[0]))
             if param.transposed or sum(s.shape[0] for s in sources) != param.shape[1] \
                     or any(s.shape[1] != param.shape[2] for s in sources):
                 raise UserError(f"unknown expert layout at {', '.join(s.name for s in sources)}: they do not make "
-                                f"expert {e} of the model's {key} {list(param.shape)}; supported: {SUPPORTED}")
+                                f"expert {e} of the model's {key} {list(param.shape)}; supported layouts: {SUPPORTED}")
             targets.append(ExpertTarget(f"{param.module}.{e}.{param.name}", sources[0], False, sources, e,
                                         param.name, param.module))
     if patterns:
