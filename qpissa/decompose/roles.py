@@ -69,11 +69,63 @@ def _linears(module: torch.nn.Module) -> int:
     return sum(isinstance(m, (torch.nn.Linear, Conv1D)) for m in module.modules())
 
 
+class _Routed(Exception):
+    """Raised at the MoE block's first top-k: the routing is known, the experts need not run."""
+
+
+def routing_children(block: torch.nn.Module, hidden: int) -> set[str] | None:
+    """Names of ``block``'s children whose output feeds its first top-k (or that run it), by running the block on
+    meta tensors and following which module's output each tensor derives from; None when the block cannot run so."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_leaves
+
+    taint: dict[int, frozenset[str]] = {}
+    keep: list[torch.Tensor] = []  # tensors stay alive so their ids are not reused
+    active: list[str] = []
+    found: set[str] = set()
+
+    def mark(out, names: frozenset[str]) -> None:
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                taint[id(t)] = taint.get(id(t), frozenset()) | names
+                keep.append(t)
+
+    class Trace(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            sources = frozenset().union(*(taint.get(id(t), frozenset()) for t in tree_leaves((args, kwargs))
+                                          if isinstance(t, torch.Tensor)))
+            if getattr(func, "__name__", "") in ("topk", "argmax", "argsort", "sort"):
+                found.update(sources | set(active[:1]))
+                raise _Routed
+            out = func(*args, **kwargs)
+            mark(out, sources)
+            return out
+
+    hooks = []
+    for name, child in block.named_children():
+        hooks.append(child.register_forward_pre_hook(lambda m, a, name=name: active.append(name)))
+        hooks.append(child.register_forward_hook(
+            lambda m, a, out, name=name: (active.pop(), mark(out, frozenset({name})))))
+    try:
+        with Trace():
+            block(torch.zeros(1, 4, hidden, device="meta"))
+    except _Routed:
+        return found
+    except Exception:  # noqa: BLE001 - a block that does not run on meta tensors: the structural rule decides
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    return None
+
+
 def model_roles(model: torch.nn.Module) -> Roles:
     """:class:`Roles` of a (meta-device) model; see the module docstring."""
     experts: dict[str, ExpertParam] = {}
     biases, routers, shared = [], [], []
     modules = dict(model.named_modules())
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     for name, module in modules.items():
         params = dict(module.named_parameters(recurse=False))
         stacks = {p: t for p, t in params.items() if t.ndim == 3}
@@ -85,25 +137,20 @@ def model_roles(model: torch.nn.Module) -> Roles:
         n_experts = next(iter(stacks.values())).shape[0]
         biases += [f"{name}.{p}" for p, t in params.items() if t.ndim == 2 and t.shape[0] == n_experts]
         block_name = name.rsplit(".", 1)[0] if "." in name else ""
-        for child, sub in modules[block_name].named_children():
+        block = modules[block_name]
+        routing = routing_children(block, hidden) if hidden else None
+        for child, sub in block.named_children():
             full = f"{block_name}.{child}" if block_name else child
             if full == name:
                 continue
-            if _linears(sub) >= 2:
+            matrices = any(p.ndim >= 2 for p in sub.parameters())
+            if routing is not None and child in routing and matrices:
+                routers.append(full)  # its output picks the experts: whatever its shape or layers
+            elif _linears(sub) >= 2:
                 shared.append(full)
-            elif any(True for _ in sub.parameters()):
-                routers.append(full)
+            elif matrices:
+                routers.append(full)  # a gate of one matrix (shared_expert_gate [1, H]) or a router not traced
     return Roles(experts, tuple(routers), tuple(biases), tuple(shared))
-
-
-def meta_model(model_dir: str) -> tuple[torch.nn.Module, str]:
-    """The model of ``model_dir``'s config.json built on the meta device, and its architecture class name (cached
-    while config.json is unchanged: targets, experts and routers are read from one build)."""
-    try:
-        stamp = (Path(model_dir) / "config.json").stat().st_mtime_ns
-    except OSError:
-        stamp = 0
-    return _meta_model(str(Path(model_dir).resolve()), stamp)
 
 
 @functools.lru_cache(maxsize=4)
