@@ -153,6 +153,16 @@ def model_roles(model: torch.nn.Module) -> Roles:
     return Roles(experts, tuple(routers), tuple(biases), tuple(shared))
 
 
+def meta_model(model_dir: str) -> tuple[torch.nn.Module, str]:
+    """The model of ``model_dir``'s config.json built on the meta device, and its architecture class name (cached
+    while config.json is unchanged: targets, experts and routers are read from one build)."""
+    try:
+        stamp = (Path(model_dir) / "config.json").stat().st_mtime_ns
+    except OSError:
+        stamp = 0
+    return _meta_model(str(Path(model_dir).resolve()), stamp)
+
+
 @functools.lru_cache(maxsize=4)
 def _meta_model(model_dir: str, _stamp: int) -> tuple[torch.nn.Module, str]:
     import transformers
