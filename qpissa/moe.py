@@ -37,7 +37,7 @@ class NF4ExpertStack(nn.Module):
         self.register_buffer("absmax", absmax)
         self.register_buffer("code", code)
         self.blocksize, self.shape = blocksize, tuple(shape)
-        self.transposed = transposed  # the model stores the parameter [E, in, out] (Llama-4, gpt-oss)
+        self.transposed = transposed  # the model stores the parameter [E, in, out] (``is_transposed``: gpt-oss)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """(E, out, in) in ``dtype`` ((E, in, out) when ``transposed``, as the model stores it), one expert at a time

@@ -28,7 +28,9 @@ SMALL = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num
              pad_token_id=0, eos_token_id=1, bos_token_id=None)
 
 
-PER_FAMILY = {"deepseek_v3": {"num_key_value_heads": 4, "qk_rope_head_dim": 32, "head_dim": 32, "kv_lora_rank": 64}}  # MLA: as many key/value heads as query heads
+MLA = {"num_key_value_heads": 4, "qk_rope_head_dim": 32, "head_dim": 32, "kv_lora_rank": 64}  # as many k/v heads as q
+PER_FAMILY = {"deepseek_v3": MLA, "deepseek_v2": MLA, "glm4_moe_lite": MLA, "kimi_linear": MLA,
+              "zaya": {"num_experts_per_tok": 1}}  # ZAYA routes top-1
 
 
 def decaying(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -52,9 +54,10 @@ def config(family: str, layers: int = 2, vocab: int = 96):
     for key, value in (SMALL | PER_FAMILY.get(family, {}) | {"num_hidden_layers": layers, "vocab_size": vocab}).items():
         if key in present:
             setattr(cfg, key, value)
-    if getattr(cfg, "layer_types", None):  # per-layer kinds (qwen3_next, gpt_oss): keep the first ``layers``
-        kinds = list(dict.fromkeys(cfg.layer_types))  # every kind once if the family interleaves them
-        cfg.layer_types = (kinds * layers)[:layers]
+    for key, value in present.items():  # per-layer kinds (layer_types, mlp_layer_types): every kind once if it fits
+        if key.endswith("layer_types") and isinstance(value, list) and value:
+            kinds = list(dict.fromkeys(value))
+            setattr(cfg, key, (kinds * layers)[:layers])
     if getattr(cfg, "no_rope_layers", None):
         cfg.no_rope_layers = cfg.no_rope_layers[:layers]
     return cfg

@@ -121,3 +121,36 @@ def test_family_end_to_end(family, smollm2_dir, tiny_data, tmp_path):
 @pytest.mark.parametrize("family", [f for f in ALL_FAMILIES if f not in FAST])
 def test_every_family_end_to_end(family, smollm2_dir, tiny_data, tmp_path):
     run_family(family, tmp_path, smollm2_dir, tiny_data)
+
+
+ROLES = {  # family → (router/gate children of its MoE block, shared-expert children): what the model card describes
+    "qwen3_moe": ({"gate"}, set()), "mixtral": ({"gate"}, set()), "olmoe": ({"gate"}, set()),
+    "deepseek_v3": ({"gate"}, {"shared_experts"}), "glm4_moe": ({"gate"}, {"shared_experts"}),
+    "qwen2_moe": ({"gate", "shared_expert_gate"}, {"shared_expert"}),
+    "qwen3_next": ({"gate", "shared_expert_gate"}, {"shared_expert"}),
+    "llama4_text": ({"router"}, {"shared_expert"}), "gpt_oss": ({"router"}, set()), "granitemoe": ({"router"}, set()),
+    "phimoe": ({"router"}, set()), "ernie4_5_moe": ({"gate"}, {"shared_experts"}),
+    "dots1": ({"gate"}, {"shared_experts"}), "hunyuan_v1_moe": ({"gate"}, {"shared_mlp"}),
+    "minimax": ({"gate"}, set()),
+    "zaya": ({"gate"}, set()),  # its router is an MLP of two linears: told by role (feeds top-k), not by shape
+}
+
+
+def test_roles_of_every_family():
+    """Routers/gates and shared experts found from the modules alone, per family; gpt-oss declares its experts
+    [E, in, out] (``is_transposed``, as PEFT reads it); gpt-oss's expert biases are kept apart."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_models import config
+    from qpissa.decompose.roles import model_roles
+
+    for family, (routers, shared) in ROLES.items():
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config(family))
+        roles = model_roles(model)
+        assert {r.rsplit(".", 1)[1] for r in roles.routers} == routers, family
+        assert {s.rsplit(".", 1)[1] for s in roles.shared} == shared, family
+        assert {p.name for p in roles.experts.values()} == {"gate_up_proj", "down_proj"}, family
+        assert all(p.transposed == (family == "gpt_oss") for p in roles.experts.values()), family  # is_transposed
+        want_biases = {"gate_up_proj_bias", "down_proj_bias"} if family == "gpt_oss" else set()
+        assert {b.rsplit(".", 1)[1] for b in roles.expert_biases} == want_biases, family

@@ -48,7 +48,7 @@ class ExpertTarget(Target):
     kind: str = "down_proj"  # the fused parameter's name in the model (gate_up_proj, down_proj, …)
     experts_module: str = ""  # the model's module holding the fused parameters, e.g. model.layers.0.mlp.experts
     fused: bool = False  # sources is one 3-D stack, this expert at index ``expert``
-    stored_t: bool = False  # the model stores this parameter [E, in, out] (Llama-4, gpt-oss): slices are transposed
+    stored_t: bool = False  # the model stores this parameter [E, in, out] (gpt-oss): slices are transposed
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -237,4 +237,11 @@ def summary(targets: list[ExpertTarget], routers: list[str], metrics: list[dict]
             "residual": cfg.experts_dtype, "method": expert_config(cfg, calibrated=True).method,
             "calibrated": calibrated, "calibration_fallback": fallback,
             "fallback_method": expert_config(cfg).method, "min_routed_tokens": cfg.calib_expert_tokens,
-            "routers": {"count": len(routers), "dtype": "source (not targets)"}}
+            "routers": {"count": len(routers), "dtype": "source (not targets)", "tensors": _patterns(routers)}}
+
+
+def _patterns(names: list[str]) -> list[str]:
+    """Checkpoint names with layer and expert indices as ``*``, each once: the router/gate tensors the report lists."""
+    from qpissa.decompose.coverage import pattern
+
+    return list(dict.fromkeys(pattern(n) for n in names))

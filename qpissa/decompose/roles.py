@@ -5,11 +5,13 @@ A name list per family breaks on the next family (Granite's experts have no ``ex
 ``shared_expert_gate``). Roles come from structure instead:
 
 - **routed experts**: a module holding 3-D parameters [E, ·, ·] (transformers 5 fuses every family's experts so);
-  ``is_transposed`` on it (Llama-4, gpt-oss) means [E, in, out], else [E, out, in]. Its 2-D [E, ·] parameters are
+  ``is_transposed`` on it (gpt-oss) means [E, in, out], else [E, out, in] (as PEFT reads it: Llama-4's unflagged
+  [E, H, 2I] is taken as stored, by PEFT and here alike). Its 2-D [E, ·] parameters are
   expert biases (gpt-oss): kept in the source dtype, never targets.
-- **MoE block**: the experts module's parent. Each other child of the block with two or more linear layers is a
-  shared expert (an MLP: ordinary linear targets); any other child is a **router or gate** (``gate``, ``router``,
-  ``gate.wg``, ``shared_expert_gate``): never a target, never 4-bit, whatever its shape; the report lists them.
+- **MoE block**: the experts module's parent. Its child whose output feeds the block's first top-k (traced on meta
+  tensors, :func:`routing_children`) is the **router**, and any other child holding a single matrix a **gate**
+  (``shared_expert_gate`` [1, H]): never targets, never 4-bit, whatever their shape; the report lists them. Other
+  children with two or more linear layers are shared experts (MLPs: ordinary linear targets).
 - dense MLPs outside MoE blocks (DeepSeek-V3's first layers) are plain linear targets.
 
 Checkpoint names map to the model's names with transformers' own conversion mapping for the family
