@@ -92,7 +92,7 @@ def run_family(family: str, root: Path, tokenizer: Path, data: Path) -> None:
     ids = torch.tensor([[1, 5, 7, 9, 11, 3, 40, 2]])
     with torch.no_grad():
         a, b = merged(ids).logits, trained(ids).logits.float()
-    assert float((a - b).abs().max()) < 2e-2 * float(b.abs().max())  # bf16 tolerance
+    assert float((a - b).abs().max()) < 3e-2 * float(b.abs().max())  # bf16 tolerance (the trained model runs in bf16)
 
 
 def check_factors(model, adapter: Path) -> None:
