@@ -156,3 +156,19 @@ def test_roles_of_every_family():
         assert all(p.transposed == (family == "gpt_oss") for p in roles.experts.values()), family  # is_transposed
         want_biases = {"gate_up_proj_bias", "down_proj_bias"} if family == "gpt_oss" else set()
         assert {b.rsplit(".", 1)[1] for b in roles.expert_biases} == want_biases, family
+
+
+@pytest.mark.slow
+def test_plain_peft_snippet_loads_every_lora(tmp_path):
+    """--experts-dtype bfloat16 on DeepSeek-V3 (dense first layer, shared experts): the snippet decompose prints
+    (plain transformers + PEFT inside ``native_targets``) loads every written LoRA factor in place."""
+    from qpissa.decompose import decompose
+    from qpissa.usage import load_snippet
+
+    src, out = build("deepseek_v3", tmp_path / "src"), tmp_path / "out"
+    decompose(src, out, rank=RANK, experts_dtype="bfloat16", progress=False)
+    snippet = load_snippet(out)
+    assert "native_targets" in snippet and "qpissa.moe" not in snippet
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - the text decompose prints
+    check_factors(scope["model"], out / "adapter")
