@@ -104,11 +104,14 @@ def routing_children(block: torch.nn.Module, hidden: int) -> set[str] | None:
             mark(out, sources)
             return out
 
+    def leave(name: str, out) -> None:  # returns None: the child's output stays as it is
+        active.pop()
+        mark(out, frozenset({name}))
+
     hooks = []
     for name, child in block.named_children():
-        hooks.append(child.register_forward_pre_hook(lambda m, a, name=name: active.append(name)))
-        hooks.append(child.register_forward_hook(
-            lambda m, a, out, name=name: (active.pop(), mark(out, frozenset({name})))))
+        hooks.append(child.register_forward_pre_hook(lambda m, a, name=name: active.append(name) and None))
+        hooks.append(child.register_forward_hook(lambda m, a, out, name=name: leave(name, out)))
     try:
         with Trace():
             block(torch.zeros(1, 4, hidden, device="meta"))
