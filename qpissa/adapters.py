@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,3 +139,49 @@ def module_scale(config: dict[str, Any], module: str) -> float:
     r = pattern_value(config.get("rank_pattern"), module, config["r"])
     alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+V4_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")  # a per-expert LoRA key: an adapter trained on transformers 4
+
+
+@contextmanager
+def native_targets(adapter: str | Path | None = None):
+    """Load an adapter with the targets its config names. PEFT 0.21 rewrites the config of every adapter for the
+    model types whose MoE layout changed in transformers 5 (deepseek_v3, glm4_moe, ernie4_5_moe, dots1, qwen2_moe,
+    qwen3_moe, mixtral, …): each target ending in gate_proj/up_proj/down_proj becomes an expert parameter and the
+    fused gate_up's rank doubles. That is right for a transformers 4 adapter (per-expert keys) and wrong for one
+    naming transformers 5 modules (ours: dense first layers and shared experts would lose their LoRA, the experts'
+    rank would not fit). Inside this context the rewrite is skipped, unless ``adapter`` holds per-expert keys."""
+    try:
+        import peft.utils.transformers_weight_conversion as conversion
+    except ImportError:  # a PEFT without the rewrite
+        yield
+        return
+    if adapter is not None and _has_v4_expert_keys(Path(adapter)):
+        yield
+        return
+    original = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = original
+
+
+def _has_v4_expert_keys(path: Path) -> bool:
+    from safetensors import safe_open
+
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        return False
+    with safe_open(str(weights), framework="pt") as f:
+        return any(V4_EXPERT_KEY.search(k) for k in f.keys())
+
+
+def load_peft(model: Any, adapter: str | Path, **kwargs: Any) -> Any:
+    """``PeftModel.from_pretrained(model, adapter, **kwargs)`` with the adapter's own targets (see
+    :func:`native_targets`)."""
+    from peft import PeftModel
+
+    with native_targets(adapter):
+        return PeftModel.from_pretrained(model, str(adapter), **kwargs)

@@ -14,6 +14,7 @@ rest block by block (:mod:`qpissa.moe_meta`), so the load peaks at about the 4-b
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,29 +33,33 @@ class NF4ExpertStack(nn.Module):
     (E, out·in/blocksize) fp32; ``code`` (16,) the NF4 levels (bitsandbytes' storage, double quant undone)."""
 
     def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-                 shape: tuple[int, int]) -> None:
+                 shape: tuple[int, int], transposed: bool = False) -> None:
         super().__init__()
         self.register_buffer("packed", packed)
         self.register_buffer("absmax", absmax)
         self.register_buffer("code", code)
         self.blocksize, self.shape = blocksize, tuple(shape)
+        self.transposed = transposed  # the model stores the parameter [E, in, out] (``is_transposed``: gpt-oss)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """(E, out, in) in ``dtype``: the experts in batched calls of ≤ :data:`DEQUANT_WEIGHTS` weights (their fp32
-        temporaries); one expert at a time only when an expert's weights do not fill whole NF4 blocks."""
+        """(E, out, in) in ``dtype`` ((E, in, out) when ``transposed``, as the model stores it), in batched calls of
+        ≤ :data:`DEQUANT_WEIGHTS` weights (their fp32 temporaries); one expert at a time only when an expert's weights
+        do not fill whole NF4 blocks."""
         from qpissa.nf4_cpu import dequantize_nf4_cpu  # plain torch, any device: code[q]·absmax in flat order
 
         e, (m, n) = self.packed.shape[0], self.shape
-        result = torch.empty(e, m, n, dtype=dtype, device=self.packed.device)
+        result = torch.empty(e, *((n, m) if self.transposed else (m, n)), dtype=dtype, device=self.packed.device)
         per = max(1, DEQUANT_WEIGHTS // (m * n)) if (m * n) % self.blocksize == 0 and (m * n) % 2 == 0 else 1
         for i in range(0, e, per):
             j = min(e, i + per)
-            result[i:j] = dequantize_nf4_cpu(self.packed[i:j].reshape(-1), self.absmax[i:j].reshape(-1), self.code,
-                                             self.blocksize, (j - i, m, n))
+            w = dequantize_nf4_cpu(self.packed[i:j].reshape(-1), self.absmax[i:j].reshape(-1), self.code,
+                                   self.blocksize, (j - i, m, n))
+            result[i:j] = w.transpose(1, 2) if self.transposed else w
         return result
 
 
-def stack_from_state(states: list[dict[str, torch.Tensor]], shape: tuple[int, int]) -> NF4ExpertStack:
+def stack_from_state(states: list[dict[str, torch.Tensor]], shape: tuple[int, int],
+                     transposed: bool = False) -> NF4ExpertStack:
     """An :class:`NF4ExpertStack` from per-expert bitsandbytes state dicts (``""`` → packed, ``absmax``, …)."""
     import bitsandbytes.functional as bnbf
 
@@ -66,7 +71,7 @@ def stack_from_state(states: list[dict[str, torch.Tensor]], shape: tuple[int, in
         packed.append(state[""].reshape(-1))
         absmax.append(absmax_fp32(qs))  # double quant undone as bitsandbytes does
         code, blocksize = qs.code.float(), int(qs.blocksize)
-    return NF4ExpertStack(torch.stack(packed), torch.stack(absmax), code, blocksize, shape)
+    return NF4ExpertStack(torch.stack(packed), torch.stack(absmax), code, blocksize, shape, transposed)
 
 
 def read_nf4_states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -75,7 +80,7 @@ def read_nf4_states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 
     from safetensors import safe_open
 
-    pattern = re.compile(r"(.+\.experts\.\d+\.(?:gate_up_proj|down_proj))\.weight(?:\.(.+))?")
+    pattern = re.compile(r"(.+\.\d+\.[^.]+)\.weight(?:\.(.+))?")  # {experts}.{e}.{param}.weight[.state]
     out: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
@@ -84,31 +89,33 @@ def read_nf4_states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def attach_nf4_experts(model: nn.Module, residual: Path, file: str = NF4_EXPERTS_FILE) -> int:
+def attach_nf4_experts(model: nn.Module, residual: Path, file: str = NF4_EXPERTS_FILE,
+                       dtype: torch.dtype | None = None) -> int:
     """Give every experts module of ``model`` its NF4 stacks from ``residual`` and the dequantizing hooks; returns
     the number of fused parameters made 4-bit. A missing expert is an error, not a random weight."""
     if not (residual / file).is_file():
         raise UserError(f"{residual / file} is missing; re-run qpissa decompose into this folder")
     states = read_nf4_states(residual / file)
     count = 0
-    for name, block in model.named_modules():
-        experts = getattr(block, "experts", None)
-        if experts is None or not isinstance(experts, nn.Module):
+    modules = dict(model.named_modules())
+    for full, experts in modules.items():
+        fused = {k: p for k, p in experts.named_parameters(recurse=False) if p.ndim == 3}
+        if not fused or "." not in full or isinstance(experts, nn.modules.conv._ConvNd):
             continue
+        name, transposed = full.rsplit(".", 1)[0], bool(getattr(experts, "is_transposed", False))
+        block = modules[name]  # the MoE block: the experts' parent module
         stacks = {}
-        for kind in ("gate_up_proj", "down_proj"):
-            param = getattr(experts, kind, None)
-            if not isinstance(param, nn.Parameter) or param.ndim != 3:
-                continue
-            keys = [f"{name}.experts.{e}.{kind}" for e in range(param.shape[0])]
+        for kind, param in fused.items():
+            keys = [f"{full}.{e}.{kind}" for e in range(param.shape[0])]
             missing = [k for k in keys if k not in states]
             if missing:
                 raise UserError(f"{residual}: no NF4 expert weights for {', '.join(missing[:3])}; "
                                 "re-run qpissa decompose (its --experts-dtype nf4 output) into this folder")
-            stack = stack_from_state([states.pop(k) for k in keys], tuple(param.shape[1:]))
+            shape = tuple(param.shape[1:])
+            stack = stack_from_state([states.pop(k) for k in keys], shape[::-1] if transposed else shape, transposed)
             experts.add_module(f"nf4_{kind}", stack.to(param.device))
             param.requires_grad_(False)
-            param.data = _placeholder(param)
+            param.data = _placeholder(param, dtype)  # the load's dtype (transformers may make missing ones another)
             stacks[kind] = param
             count += 1
         if stacks:
@@ -117,11 +124,11 @@ def attach_nf4_experts(model: nn.Module, residual: Path, file: str = NF4_EXPERTS
     return count
 
 
-def _placeholder(param: torch.Tensor) -> torch.Tensor:
-    """A zero-stride tensor of ``param``'s shape and dtype: 1 element of storage."""
+def _placeholder(param: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A zero-stride tensor of ``param``'s shape and dtype (or ``dtype``): 1 element of storage."""
     from qpissa.moe_meta import placeholder
 
-    return placeholder(param)
+    return placeholder(param, dtype=dtype)
 
 
 def _fill(experts: nn.Module, stacks: dict[str, nn.Parameter]):
@@ -165,12 +172,55 @@ def load_residual(residual: str | Path, **kwargs):
     level = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        with experts_stay_on_meta():  # no bf16 copy of the experts, not even for a moment
+        with experts_stay_on_meta(), _no_init_of_4bit(config):  # no bf16 copy of the experts, not even for a moment
             model = AutoModelForCausalLM.from_pretrained(residual, **kwargs)
     finally:
         logging.set_verbosity(level)
-    attach_nf4_experts(model, residual, config[CONFIG_KEY].get("file", NF4_EXPERTS_FILE))
+    dtype = kwargs.get("dtype")
+    attach_nf4_experts(model, residual, config[CONFIG_KEY].get("file", NF4_EXPERTS_FILE),
+                       dtype if isinstance(dtype, torch.dtype) else None)
     return model
+
+
+@contextmanager
+def _no_init_of_4bit(config: dict):
+    """transformers initializes the modules around the (missing) fused experts; a family whose ``_init_weights``
+    reaches an NF4 linear there (Llama-4: ``normal_`` on its uint8 bytes) would fail. Loaded 4-bit weights are
+    never re-initialized here. transformers' bitsandbytes path also swaps Llama-4's fused experts for a list of
+    per-expert linears (``MODULES_TO_PATCH_FOR_QUANTIZATION``) that no NF4 file here fills: the experts stay fused,
+    as :func:`attach_nf4_experts` expects."""
+    import transformers
+    from transformers.quantizers import base as quantizers
+
+    patched = dict(quantizers.MODULES_TO_PATCH_FOR_QUANTIZATION)
+    quantizers.MODULES_TO_PATCH_FOR_QUANTIZATION.clear()
+    try:
+        with _skip_4bit_init(transformers, config):
+            yield
+    finally:
+        quantizers.MODULES_TO_PATCH_FOR_QUANTIZATION.update(patched)
+
+
+@contextmanager
+def _skip_4bit_init(transformers, config: dict):
+
+    cls = getattr(transformers, (config.get("architectures") or [""])[0], None)
+    owner = next((c for c in getattr(cls, "__mro__", ()) if "_init_weights" in vars(c)), None)  # the family's base:
+    if owner is None:  # its sub-models (…TextModel) initialize through it too
+        yield
+        return
+    original = vars(owner)["_init_weights"]
+
+    def init(self, module):
+        if any(not p.is_floating_point() for p in module.parameters(recurse=False)):
+            return
+        original(self, module)
+
+    owner._init_weights = init
+    try:
+        yield
+    finally:
+        owner._init_weights = original
 
 
 def load(out: str | Path, adapter: str | Path | None = None, *, is_trainable: bool = False,
@@ -186,7 +236,7 @@ def load(out: str | Path, adapter: str | Path | None = None, *, is_trainable: bo
     if adapter is None and (out / "adapter" / "adapter_config.json").is_file() and residual != out:
         adapter = out / "adapter"
     if adapter is not None:
-        from peft import PeftModel
+        from qpissa.adapters import load_peft
 
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)
+        model = load_peft(model, adapter, is_trainable=is_trainable)
     return model

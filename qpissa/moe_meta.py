@@ -6,7 +6,7 @@ transformers 5 builds the model on the meta device and loads every checkpoint te
 (``_move_missing_keys_from_meta_to_device``: ``torch.empty_like`` in the load dtype) and then writes a random init
 over every byte (``_initialize_missing_keys``): the whole model in bf16 at once, ≈61 GB for Qwen3-30B-A3B, before
 :func:`qpissa.moe.attach_nf4_experts` frees it. :func:`experts_stay_on_meta` hooks that one step for the fused
-expert parameters named here: each becomes a zero-stride placeholder of its shape (one element of storage) marked
+expert parameters: each becomes a zero-stride placeholder of its shape (one element of storage) marked
 initialized, so transformers neither allocates nor initializes it, and the NF4 stacks are attached afterwards block
 by block. Peak while loading: the 4-bit bytes + one block's stacked NF4 states, measured in tests/test_moe_load.py.
 """
@@ -16,20 +16,18 @@ from contextlib import contextmanager
 
 import torch
 
-EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # transformers 5's fused 3-D expert parameters
 
 
-def placeholder(param: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """A zero-stride tensor of ``param``'s shape and dtype: 1 element of storage."""
-    return torch.zeros((), dtype=param.dtype, device=device or param.device).expand(param.shape)
+def placeholder(param: torch.Tensor, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A zero-stride tensor of ``param``'s shape and dtype (or ``dtype``): 1 element of storage."""
+    return torch.zeros((), dtype=dtype or param.dtype, device=device or param.device).expand(param.shape)
 
 
 def _is_expert(model: torch.nn.Module, key: str) -> bool:
-    module, _, name = key.rpartition(".")
-    if name not in EXPERT_PARAMETERS or not module.endswith("experts"):
-        return False
-    param = model.get_parameter(key)
-    return param.ndim == 3
+    """A missing 3-D parameter: in an NF4-experts residual only the fused experts (any family's names: Granite's
+    ``input_linear``, Llama-4's, gpt-oss') are absent from the shards; their bytes are in the experts file."""
+    return model.get_parameter(key).ndim == 3
 
 
 @contextmanager

@@ -73,8 +73,12 @@ def load_snippet(out_dir: str | Path) -> str:
                 f"model = load({str(out_dir)!r}, is_trainable=True)  # NF4 experts + linears, PEFT LoRA on top")
     auto = "AutoModelForCausalLM" if is_causal_lm(residual) else "AutoModel"
     quantized = "quantization_config" in json.loads((residual / "config.json").read_text())
+    peft = f"model = PeftModel.from_pretrained(model, {str(adapter)!r}, is_trainable=True)"
+    if (adapter / "adapter_config.json").is_file() and \
+            json.loads((adapter / "adapter_config.json").read_text()).get("target_parameters"):
+        peft = ("from qpissa.adapters import native_targets  # PEFT 0.21 rewrites MoE targets otherwise\n"
+                f"with native_targets():\n    {peft}")
     return (f"from transformers import {auto}\n"
             "from peft import PeftModel\n"
             f"model = {auto}.from_pretrained({str(residual)!r})"
-            f"{'  # 4-bit NF4, frozen' if quantized else ''}\n"
-            f"model = PeftModel.from_pretrained(model, {str(adapter)!r}, is_trainable=True)")
+            f"{'  # 4-bit NF4, frozen' if quantized else ''}\n" + peft)

@@ -1,5 +1,11 @@
-"""Tiny mixture-of-experts checkpoints built from transformers configs (Qwen3-MoE, Mixtral, OLMoE), bf16, with a
-decaying singular spectrum in every matrix (σ_k ∝ 1/k, as trained weights have; plain noise has a flat one)."""
+"""Tiny mixture-of-experts checkpoints built from transformers' own config classes, bf16, with a decaying singular
+spectrum in every matrix (σ_k ∝ 1/k, as trained weights have; plain noise has a flat one).
+
+:data:`FAMILIES` are the three the MoE path was built on; :data:`ALL_FAMILIES` every ``*ForCausalLM`` family of
+transformers 5 with routed experts that the per-family matrix runs (tests/test_moe_families.py). Sizes are set by
+attribute name on the family's default config (only the attributes it has), so one table serves every family:
+2 layers, hidden 64, 4 experts, top-2, one shared expert and a dense first layer where the family has them; every
+linear's output a multiple of 32 (bitsandbytes' CPU 4-bit kernel needs it)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +13,27 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("qwen3_moe", "mixtral", "olmoe")
+ALL_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_next", "llama4_text",
+                "gpt_oss", "granitemoe", "phimoe", "ernie4_5_moe", "dots1", "hunyuan_v1_moe", "minimax",
+                # more transformers 5 families with routed experts, read by the same roles without code of their own
+                "deepseek_v2", "glm4_moe_lite", "minimax_m2", "granitemoeshared", "flex_olmo", "afmoe", "cohere2_moe",
+                "exaone_moe", "mellum", "solar_open")
 EXPERTS, HIDDEN, INTER = 4, 64, 64
+SMALL = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             max_position_embeddings=64, tie_word_embeddings=False, intermediate_size=INTER,
+             intermediate_size_mlp=INTER, moe_intermediate_size=INTER, shared_expert_intermediate_size=INTER,
+             num_experts=EXPERTS, num_local_experts=EXPERTS, n_routed_experts=EXPERTS, moe_num_experts=EXPERTS,
+             num_experts_per_tok=2, moe_k=2, moe_topk=2, n_shared_experts=1, moe_num_shared_experts=1,
+             num_shared_expert=1, first_k_dense_replace=1, moe_layer_start_index=1, n_group=1, topk_group=1,
+             kv_lora_rank=48, q_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+             decoder_sparse_step=1, mlp_only_layers=[], interleave_moe_layer_step=1, linear_num_key_heads=2,
+             linear_num_value_heads=16, linear_key_head_dim=16, linear_value_head_dim=16,
+             pad_token_id=0, eos_token_id=1, bos_token_id=None)
+
+
+MLA = {"num_key_value_heads": 4, "qk_rope_head_dim": 32, "head_dim": 32, "kv_lora_rank": 64}  # as many k/v heads as q
+PER_FAMILY = {"deepseek_v3": MLA, "deepseek_v2": MLA, "glm4_moe_lite": MLA, "kimi_linear": MLA,
+              "zaya": {"num_experts_per_tok": 1}}  # ZAYA routes top-1
 
 
 def decaying(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -22,9 +48,27 @@ def decaying(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     return torch.stack(out).reshape(shape) if batch else out[0]
 
 
+def config(family: str, layers: int = 2, vocab: int = 96):
+    """The family's default transformers config with :data:`SMALL` sizes (and ``layers`` blocks) applied."""
+    from transformers import CONFIG_MAPPING
+
+    cfg = CONFIG_MAPPING[family]()
+    present = cfg.to_dict()
+    for key, value in (SMALL | PER_FAMILY.get(family, {}) | {"num_hidden_layers": layers, "vocab_size": vocab}).items():
+        if key in present:
+            setattr(cfg, key, value)
+    for key, value in present.items():  # per-layer kinds (layer_types, mlp_layer_types): every kind once if it fits
+        if key.endswith("layer_types") and isinstance(value, list) and value:
+            kinds = list(dict.fromkeys(value))
+            setattr(cfg, key, (kinds * layers)[:layers])
+    if getattr(cfg, "no_rope_layers", None):
+        cfg.no_rope_layers = cfg.no_rope_layers[:layers]
+    return cfg
+
+
 def build(family: str, dest: Path, layers: int = 2, seed: int = 0, tokenizer: Path | None = None) -> Path:
-    """Save a tiny ``family`` MoE with save_pretrained (transformers 5 writes one tensor per expert); with
-    ``tokenizer`` (a model dir), its tokenizer files are copied and the vocabulary sized to it (train, eval)."""
+    """Save a tiny ``family`` MoE with save_pretrained (transformers 5 writes its checkpoint layout: per expert or
+    fused); with ``tokenizer`` (a model dir), its tokenizer files are copied and the vocabulary sized to it."""
     import shutil
 
     import transformers
@@ -32,27 +76,14 @@ def build(family: str, dest: Path, layers: int = 2, seed: int = 0, tokenizer: Pa
     vocab = 96
     if tokenizer is not None:
         vocab = transformers.AutoTokenizer.from_pretrained(tokenizer).vocab_size
-    common = dict(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False)
-    if family == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(moe_intermediate_size=INTER, intermediate_size=INTER, num_experts=EXPERTS,
-                                          num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], **common)
-        cls = transformers.Qwen3MoeForCausalLM
-    elif family == "mixtral":
-        cfg = transformers.MixtralConfig(intermediate_size=INTER, num_local_experts=EXPERTS, num_experts_per_tok=2,
-                                         **common)
-        cls = transformers.MixtralForCausalLM
-    else:
-        cfg = transformers.OlmoeConfig(intermediate_size=INTER, num_experts=EXPERTS, num_experts_per_tok=2,
-                                       pad_token_id=0, eos_token_id=1, bos_token_id=None, **common)
-        cls = transformers.OlmoeForCausalLM
-    cfg.architectures = [cls.__name__]
+    cfg = config(family, layers, vocab)
     torch.manual_seed(seed)
-    model = cls(cfg)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    cfg.architectures = [type(model).__name__]
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim >= 2 and "embed" not in name and "lm_head" not in name and not name.endswith("gate.weight"):
+            if p.ndim >= 2 and "embed" not in name and "lm_head" not in name and min(p.shape[-2:]) >= 8:
                 p.copy_(decaying(tuple(p.shape), gen))
     model.to(torch.bfloat16).save_pretrained(dest)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):

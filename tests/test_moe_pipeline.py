@@ -102,7 +102,7 @@ def test_experts_are_calibrated_on_their_routed_tokens(moe_out, gsm8k_dir, tmp_p
     src = moe_out.parent / "src"
     data = load_calibration(src, gsm8k_dir / "train.jsonl", 4, 2, 32)
     tensors = scan_checkpoint(src)
-    targets = find_targets(src, tensors, None)[0] + find_experts(tensors)[0]
+    targets = find_targets(src, tensors, None)[0] + find_experts(tensors, None, src)[0]
     calibrator = BlockwiseCalibrator(src, tensors, targets, data)
     want = _routed_grams(src, data.calib, layer=1)
     for e, (tokens, h_gate_up, h_down) in want.items():

@@ -11,7 +11,7 @@ from qpissa.decompose.config import DecomposeConfig
 from qpissa.decompose.allocation import scale_alpha
 from qpissa.decompose.methods import QUANTIZED_METHODS, adapter_scale
 from qpissa.decompose.expert_rank import adapter_patterns, expert_rank
-from qpissa.decompose.experts import ExpertTarget, on_disk_names, peft_factors, target_parameters
+from qpissa.decompose.experts import ExpertTarget, peft_factors, target_parameters
 from qpissa.decompose.targets import Target
 from qpissa.adapters import adapter_config, adapter_key
 from qpissa.formats import (TensorInfo, copy_side_files, load_tensor, byte_size, save_tensors, write_index,
@@ -79,7 +79,6 @@ def assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets:
     experts = [t for t in targets if isinstance(t, ExpertTarget)]
     if experts and cfg.experts_dtype == "nf4" and cfg.method in QUANTIZED_METHODS:  # qpissa.moe.load reads them
         config[CONFIG_KEY] = {"file": NF4_EXPERTS_FILE, "parameters": target_parameters(experts),
-                                        "on_disk": on_disk_names(experts),
                                         "blocksize": cfg.blocksize,
                                         "double_quant": cfg.double_quant}
     write_json(residual_dir / "config.json", config)

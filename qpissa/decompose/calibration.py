@@ -31,6 +31,7 @@ import torch
 
 from qpissa.errors import UserError
 from qpissa.decompose.experts import find_experts, fused_expert_stack
+from qpissa.decompose.roles import checkpoint_map, roles_of
 from qpissa.formats import TensorInfo, load_tensor
 from qpissa.decompose.targets import Target
 
@@ -156,6 +157,9 @@ class _ExpertGramHooks:
 
     def _hook(self, name: str, experts: set[int]):
         def hook(mod, args, kwargs):
+            if len(args) < 2 and "top_k_index" not in kwargs:  # Llama-4: routing applied before the experts run
+                raise UserError(f"--calib-data: experts module {name} ({type(mod).__name__}) is not given the "
+                                "router's choice; leave out --calib-data or exclude the experts with --targets")
             hidden = args[0] if args else kwargs["hidden_states"]
             top_k = args[1] if len(args) > 1 else kwargs["top_k_index"]
             x_all = hidden.reshape(-1, hidden.shape[-1])  # (tokens, d)
@@ -220,7 +224,10 @@ class BlockwiseCalibrator:
         self.model_dir, self.data, self.device = Path(model_dir), data, torch.device(device)
         self.expert_tokens = expert_tokens  # fewer routed calibration tokens: no statistics for that expert
         self.by_name = {t.name: t for t in tensors}
-        self.checkpoint_experts = find_experts(list(tensors))[0]  # every expert, targets or not (fused at load)
+        if roles_of(self.model_dir).experts:  # the model's names too (Phi-MoE's router, Granite's fused experts)
+            self.by_name.update({new: self.by_name[old] for old, (new, expert, _) in
+                                 checkpoint_map(self.model_dir, list(self.by_name)).items() if expert is None})
+        self.checkpoint_experts = find_experts(list(tensors), None, self.model_dir)[0]  # every expert (fused at load)
         blocks = {BLOCK.match(t.module).group(1) if BLOCK.match(t.module) else None for t in targets}
         if None in blocks or len(blocks) != 1:
             odd = next((t.module for t in targets if not BLOCK.match(t.module)), sorted(map(str, blocks))[0])

@@ -112,7 +112,9 @@ def lines(cov: dict, experts: dict | None = None) -> list[str]:
     if experts:
         out.append(experts_line(experts))
     if cov.get("router_params"):
-        out.append(f"MoE routers ({cov['router_params']:,} weights) stay in their source dtype by design")
+        tensors = ((experts or {}).get("routers") or {}).get("tensors")
+        named = f": {', '.join(tensors)}" if tensors else ""
+        out.append(f"MoE routers and gates ({cov['router_params']:,} weights) stay in their source dtype by design{named}")
     warn = warning(cov)
     return out + ([warn] if warn else [])
 

@@ -33,7 +33,8 @@ from qpissa.decompose import output, sharding
 from qpissa.decompose.assemble import assemble, part_name
 from qpissa.decompose.calibration import block_index
 from qpissa.decompose.coverage import coverage
-from qpissa.decompose.experts import ExpertTarget, decompose_expert, find_experts, summary as experts_summary
+from qpissa.decompose.experts import (ExpertTarget, check_plain_residual, decompose_expert, find_experts,
+                                     summary as experts_summary)
 from qpissa.decompose import experts_batch
 from qpissa.decompose.expert_rank import expert_rank, expert_rank_config
 from qpissa.decompose.heap import HEAP_BLOCK_LIMIT, reuse_freed_heap, trim_heap
@@ -93,7 +94,8 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         manifest = output.prepare(model_dir, out_dir, cfg, wipe=d.is_main, lock=lock)
         tensors = (source := open_source(model_dir)).tensors  # FP8, MXFP4, 4-bit, …: read as its bf16 tensors
         targets, others, arch, task = find_targets(model_dir, tensors, cfg.targets)
-        expert_targets, routers = find_experts(tensors, cfg.targets)
+        expert_targets, routers = find_experts(tensors, cfg.targets, model_dir)
+        check_plain_residual(expert_targets if cfg.experts_dtype == "bfloat16" or cfg.method not in QUANTIZED_METHODS else [])
         targets = targets + expert_targets
         for t in targets:
             rank = expert_rank(cfg) if isinstance(t, ExpertTarget) else cfg.rank

@@ -21,6 +21,7 @@ import dataclasses
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -32,32 +33,28 @@ from qpissa.decompose.methods import CALIBRATED_METHODS
 from qpissa.decompose.targets import Target, matches
 from qpissa.decompose.tensor import Stats, decompose_tensor
 
-KINDS = ("gate_up_proj", "down_proj")  # transformers 5's fused expert parameters
-# on-disk per-expert name → (fused kind, which half of gate_up: 0 gate, 1 up)
-PER_EXPERT = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0),
-              "w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("down_proj", 0)}
-PER_EXPERT_RE = re.compile(r"(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight")
-FUSED_RE = re.compile(r"(?P<block>.+)\.experts\.(?P<proj>gate_up_proj|down_proj)")
-SUPPORTED = ("per-expert {block}.experts.{e}.gate_proj/up_proj/down_proj.weight (Qwen3-MoE, OLMoE), "
-             "{block}.experts.{e}.w1/w3/w2.weight (Mixtral), or fused 3-D {block}.experts.gate_up_proj [E, 2I, H] "
-             "and {block}.experts.down_proj [E, H, I] (transformers 5)")
+SUPPORTED = ("the experts' fused 3-D parameters as transformers 5 holds them (any name, either orientation), per "
+             "expert or fused on disk as transformers' conversion mapping for the family reads them")
 UNCALIBRATED = {"qpissa": "qpissa", "loftq": "loftq", "cloq": "loftq", "corda": "qpissa"}  # T=1 LoftQ = CLoQ with H=I
 
 
 @dataclass(frozen=True)
 class ExpertTarget(Target):
-    """One expert's matrix: ``gate_up`` (its gate and up tensors stacked) or ``down``; ``weight`` is the first source."""
+    """One expert's matrix (out×in as the math sees it) of one fused parameter ``kind``; ``weight`` is the first
+    source. Per-expert files: ``sources`` are its parts in concatenation order (gate, up); fused: the 3-D stack."""
 
     sources: tuple[TensorInfo, ...] = ()  # per-expert layout: (gate, up) or (down,); fused: the 3-D stack
     expert: int = 0
-    kind: str = "down_proj"
+    kind: str = "down_proj"  # the fused parameter's name in the model (gate_up_proj, down_proj, …)
     experts_module: str = ""  # the model's module holding the fused parameters, e.g. model.layers.0.mlp.experts
     fused: bool = False  # sources is one 3-D stack, this expert at index ``expert``
+    stored_t: bool = False  # the model stores this parameter [E, in, out] (gpt-oss): slices are transposed
 
     @property
     def shape(self) -> tuple[int, int]:
         if self.fused:
-            return tuple(self.sources[0].shape[1:])  # type: ignore[return-value]
+            a, b = self.sources[0].shape[1:]
+            return (b, a) if self.stored_t else (a, b)
         return sum(s.shape[0] for s in self.sources), self.sources[0].shape[1]
 
     @property
@@ -66,52 +63,64 @@ class ExpertTarget(Target):
         return f"{self.experts_module}.{self.expert}.{self.kind}.weight"
 
 
-def model_block(block: str) -> str:
-    """On-disk block prefix → the transformers 5 module path: Mixtral's ``block_sparse_moe`` is ``mlp`` there."""
-    return re.sub(r"(^|\.)block_sparse_moe$", r"\1mlp", block)
+def find_experts(tensors: list[TensorInfo], patterns: list[str] | None = None,
+                 model_dir: Path | None = None) -> tuple[list[ExpertTarget], list[str]]:
+    """Expert targets in (layer, kind, expert) order and the checkpoint names of the routers/gates (never targets),
+    from the model's module roles (:mod:`qpissa.decompose.roles`); an expert parameter whose checkpoint tensors do
+    not add up is an error naming them (never a silent skip). ``patterns`` (``--targets``) filter the experts."""
+    from qpissa.decompose.roles import checkpoint_map, roles_of
 
-
-def find_experts(tensors: list[TensorInfo], patterns: list[str] | None = None) -> tuple[list[ExpertTarget], list[str]]:
-    """Expert targets in (layer, kind, expert) order and the router weights; an ``experts`` tensor of another
-    layout is an error naming it (never a silent skip). ``patterns`` (``--targets``) filter the expert modules."""
-    per: dict[tuple[str, str, int], list[tuple[int, TensorInfo]]] = defaultdict(list)
-    fused: dict[tuple[str, str], TensorInfo] = {}
-    unknown = []
+    if model_dir is None:
+        model_dir = tensors[0].file.parent if tensors else Path(".")
+    roles = roles_of(model_dir)
+    if not roles.experts:
+        return [], []
+    mapped = checkpoint_map(model_dir, [t.name for t in tensors])
+    per: dict[tuple[str, int], list[tuple[int, TensorInfo]]] = defaultdict(list)
+    fused: dict[str, TensorInfo] = {}
+    routers, unknown = [], []
+    modules = tuple(f"{p.module}." for p in roles.experts.values())
     for t in tensors:
-        if ".experts." not in t.name:
+        name, expert, part = mapped[t.name]
+        if roles.is_router(name):
+            routers.append(t.name)
+        if name not in roles.experts:
+            if name.startswith(modules) and name not in roles.expert_biases:
+                unknown.append(t.name)  # under an experts module, yet no parameter the model has
             continue
-        if (m := PER_EXPERT_RE.fullmatch(t.name)) and len(t.shape) == 2:
-            kind, half = PER_EXPERT[m["proj"]]
-            per[(m["block"], kind, int(m["e"]))].append((half, t))
-        elif (m := FUSED_RE.fullmatch(t.name)) and len(t.shape) == 3:
-            fused[(m["block"], m["proj"])] = t
+        if expert is not None and len(t.shape) == 2:
+            per[(name, expert)].append((part, t))
+        elif expert is None and tuple(t.shape) == roles.experts[name].shape:
+            fused[name] = t
         else:
-            unknown.append(t.name)
+            raise UserError(f"unknown expert layout: tensor {t.name} {list(t.shape)} for the model's "
+                            f"{name} {list(roles.experts[name].shape)}; supported layouts: {SUPPORTED}")
     if unknown:
         raise UserError(f"unknown expert layout: tensors {', '.join(unknown[:4])}{' …' if len(unknown) > 4 else ''} "
-                        f"({len(unknown)} in all); supported layouts: {SUPPORTED}")
+                        f"({len(unknown)} in all) are no parameter of the model's experts; supported layouts: {SUPPORTED}")
     targets: list[ExpertTarget] = []
-    blocks = sorted({b for b, _, _ in per} | {b for b, _ in fused}, key=_natural)
-    for block in blocks:
-        module = f"{model_block(block)}.experts"
-        for kind in KINDS:
-            if (block, kind) in fused:
-                stack = fused[(block, kind)]
-                targets += [ExpertTarget(f"{module}.{e}.{kind}", stack, False, (stack,), e, kind, module, True)
-                            for e in range(stack.shape[0])]
-                continue
-            experts = sorted(e for b, k, e in per if b == block and k == kind)
-            for e in experts:
-                sources = tuple(t for _, t in sorted(per[(block, kind, e)], key=lambda p: p[0]))
-                want = 2 if kind == "gate_up_proj" else 1
-                if len(sources) != want or len({s.shape[1] for s in sources}) != 1:
-                    raise UserError(f"unknown expert layout at {block}.experts.{e} ({', '.join(s.name for s in sources)}): "
-                                    f"expected gate and up, or down, per expert; supported layouts: {SUPPORTED}")
-                targets.append(ExpertTarget(f"{module}.{e}.{kind}", sources[0], False, sources, e, kind, module))
+    for key in sorted(roles.experts, key=_natural):
+        param = roles.experts[key]
+        if key in fused:
+            stack = fused[key]
+            targets += [ExpertTarget(f"{param.module}.{e}.{param.name}", stack, False, (stack,), e, param.name,
+                                     param.module, True, param.transposed) for e in range(param.shape[0])]
+            continue
+        found = sorted(e for k, e in per if k == key)
+        if found != list(range(param.shape[0])):
+            names = [s.name for e in found for _, s in per[(key, e)]][:4]
+            raise UserError(f"unknown expert layout: the model's {key} {list(param.shape)} has no complete set of "
+                            f"checkpoint tensors ({', '.join(names) or 'none found'}); supported layouts: {SUPPORTED}")
+        for e in found:
+            sources = tuple(t for _, t in sorted(per[(key, e)], key=lambda p: p[0]))
+            if param.transposed or sum(s.shape[0] for s in sources) != param.shape[1] \
+                    or any(s.shape[1] != param.shape[2] for s in sources):
+                raise UserError(f"unknown expert layout at {', '.join(s.name for s in sources)}: they do not make "
+                                f"expert {e} of the model's {key} {list(param.shape)}; supported layouts: {SUPPORTED}")
+            targets.append(ExpertTarget(f"{param.module}.{e}.{param.name}", sources[0], False, sources, e,
+                                        param.name, param.module))
     if patterns:
         targets = [t for t in targets if matches(t.module, patterns) or matches(f"{t.experts_module}.{t.kind}", patterns)]
-    by_name = {t.name for t in tensors}
-    routers = [f"{b}.gate.weight" for b in blocks if f"{b}.gate.weight" in by_name]
     return targets, routers
 
 
@@ -122,20 +131,20 @@ def _natural(name: str) -> list:
 def load_expert(target: ExpertTarget) -> torch.Tensor:
     """This expert's matrix (out×in), reading only its rows: one slice of a fused stack, or its gate and up."""
     if target.fused:
-        return load_index(target.sources[0], target.expert)  # a packed (MXFP4/FP8) stack: that expert decoded
+        w = load_index(target.sources[0], target.expert)  # a packed (MXFP4/FP8) stack: that expert decoded
+        return w.T.contiguous() if target.stored_t else w
     parts = [load_tensor(s) for s in target.sources]
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # (2I, H): gate rows, then up rows
 
 
 def fused_expert_stack(param: str, experts: list[ExpertTarget]) -> torch.Tensor | None:
-    """transformers 5's fused parameter ``param`` (``….experts.gate_up_proj`` / ``down_proj``) built from a per-expert
+    """The model's fused parameter ``param`` (``….experts.gate_up_proj``, in its stored orientation) built from the
     checkpoint (calibration runs blocks of the real model); ``experts``: every expert of the checkpoint
     (:func:`find_experts` without ``--targets``); None when ``param`` is no such parameter."""
-    if not re.search(r"\.experts\.(gate_up_proj|down_proj)$", param):
+    found = sorted((t for t in experts if f"{t.experts_module}.{t.kind}" == param), key=lambda t: t.expert)
+    if not found:
         return None
-    module, kind = param.rsplit(".", 1)
-    found = sorted((t for t in experts if t.experts_module == module and t.kind == kind), key=lambda t: t.expert)
-    return torch.stack([load_expert(t) for t in found]) if found else None
+    return torch.stack([load_expert(t).T if t.stored_t else load_expert(t) for t in found])
 
 
 def expert_config(cfg: DecomposeConfig, calibrated: bool = False) -> DecomposeConfig:
@@ -170,19 +179,22 @@ def decompose_expert(target: ExpertTarget, cfg: DecomposeConfig, stats: Stats | 
 
 
 def _rows(target: ExpertTarget) -> list[int]:
-    if target.fused:
-        rows = target.shape[0]
-        return [rows // 2, rows // 2] if target.kind == "gate_up_proj" else [rows]
     return [s.shape[0] for s in target.sources]
 
 
 def residual_names(target: ExpertTarget) -> list[str]:
-    """Per-expert checkpoint names of a plain (bfloat16) residual: the source names, or Qwen3-MoE's for a fused input."""
-    if not target.fused:
-        return [s.name for s in target.sources]
-    block = target.sources[0].name.rsplit(".experts.", 1)[0]
-    projs = ("gate_proj", "up_proj") if target.kind == "gate_up_proj" else ("down_proj",)
-    return [f"{block}.experts.{target.expert}.{p}.weight" for p in projs]
+    """Checkpoint names of a plain (bfloat16) residual: the per-expert source names (a fused source is refused by
+    :func:`check_plain_residual`)."""
+    return [s.name for s in target.sources]
+
+
+def check_plain_residual(targets: list[ExpertTarget]) -> None:
+    """``--experts-dtype bfloat16`` writes the residual per expert under the source names; a fused source would need
+    the whole stack rewritten at once: one line instead."""
+    fused = sorted({t.sources[0].name for t in targets if t.fused})
+    if fused:
+        raise UserError(f"--experts-dtype bfloat16 needs per-expert tensors on disk; {', '.join(fused[:2])} hold "
+                        "all experts fused: use --experts-dtype nf4 (the default)")
 
 
 def peft_factors(targets: list[ExpertTarget], factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -212,19 +224,6 @@ def target_parameters(targets: list[ExpertTarget]) -> list[str]:
     return sorted({f"{layer_type(t.experts_module + '.x').rsplit('.', 1)[0]}.{t.kind}" for t in targets})
 
 
-def on_disk_names(targets: list[ExpertTarget]) -> dict[str, str]:
-    """How the source checkpoint names experts (merge writes the same): block suffix and gate/up/down names."""
-    names = {"block": "mlp", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-    for t in (t for t in targets if not t.fused):
-        m = [PER_EXPERT_RE.fullmatch(s.name) for s in t.sources]
-        names["block"] = m[0]["block"].rsplit(".", 1)[-1]
-        if t.kind == "gate_up_proj":
-            names["gate"], names["up"] = m[0]["proj"], m[1]["proj"]
-        else:
-            names["down"] = m[0]["proj"]
-    return names
-
-
 def summary(targets: list[ExpertTarget], routers: list[str], metrics: list[dict], cfg: DecomposeConfig) -> dict:
     """The report's ``experts`` section: layout, counts, residual dtype, fallbacks, routers."""
     fallback = sum(1 for m in metrics if (m.get("expert") or {}).get("fallback"))
@@ -235,4 +234,11 @@ def summary(targets: list[ExpertTarget], routers: list[str], metrics: list[dict]
             "residual": cfg.experts_dtype, "method": expert_config(cfg, calibrated=True).method,
             "calibrated": calibrated, "calibration_fallback": fallback,
             "fallback_method": expert_config(cfg).method, "min_routed_tokens": cfg.calib_expert_tokens,
-            "routers": {"count": len(routers), "dtype": "source (not targets)"}}
+            "routers": {"count": len(routers), "dtype": "source (not targets)", "tensors": _patterns(routers)}}
+
+
+def _patterns(names: list[str]) -> list[str]:
+    """Checkpoint names with layer and expert indices as ``*``, each once: the router/gate tensors the report lists."""
+    from qpissa.decompose.coverage import pattern
+
+    return list(dict.fromkeys(pattern(n) for n in names))

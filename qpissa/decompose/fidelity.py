@@ -28,10 +28,10 @@ def load_pair(model_dir: Path, out_dir: Path, device: str = "cpu") -> tuple[torc
     """(original, initialized = residual + adapter, is_causal_lm), both in eval mode on ``device``."""
     import json
 
-    from peft import PeftModel
     from transformers import AutoModel, AutoModelForCausalLM
 
     from qpissa.sources import quantization_of
+    from qpissa.adapters import load_peft
 
     arch = (json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or [""])[0]
     causal = arch.endswith("ForCausalLM")
@@ -43,7 +43,7 @@ def load_pair(model_dir: Path, out_dir: Path, device: str = "cpu") -> tuple[torc
     else:
         original = _fp32(auto.from_pretrained(str(model_dir), dtype=torch.float32, device_map=device))
     base = _fp32(auto.from_pretrained(str(Path(out_dir) / "residual"), dtype=torch.float32, device_map=device))
-    init = PeftModel.from_pretrained(base, str(Path(out_dir) / "adapter")).eval()
+    init = load_peft(base, Path(out_dir) / "adapter").eval()
     return original, init, causal
 
 

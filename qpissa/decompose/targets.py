@@ -17,6 +17,7 @@ import torch
 from qpissa.errors import UserError
 from qpissa.formats import TensorInfo, weight_key
 from qpissa.decompose.architectures import known_linear_modules
+from qpissa.decompose.roles import checkpoint_map, meta_model, roles_of
 
 BLOCK_INDEX = re.compile(r"(^|\.)\d+(\.|$)")
 
@@ -46,21 +47,9 @@ def linear_modules(model_dir: Path) -> tuple[dict[str, bool], str, str | None]:
         known = None  # unreadable or not a JSON object: the meta path below reports it
     if known is not None:
         return known
-    import transformers
-    from transformers import AutoConfig
     from transformers.pytorch_utils import Conv1D
 
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except Exception as err:  # noqa: BLE001 - any config failure is the user's file
-        raise UserError(f"{model_dir / 'config.json'}: cannot read model config ({err})") from None
-    arch = (config.architectures or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise UserError(f"{model_dir / 'config.json'}: unknown architecture {arch!r}; "
-                        "set 'architectures' to a transformers model class")
-    with torch.device("meta"):
-        model = cls(config)
+    model, arch = meta_model(str(model_dir))
     found = {name: isinstance(mod, Conv1D) for name, mod in model.named_modules()
              if isinstance(mod, (torch.nn.Linear, Conv1D))}
     task = "CAUSAL_LM" if arch.endswith("ForCausalLM") else None
@@ -101,9 +90,14 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
         check_patterns(patterns)
     linears, arch, task = linear_modules(model_dir)
     by_name = {t.name: t for t in tensors}
+    roles = roles_of(model_dir)
+    if roles.experts:  # an MoE model: checkpoint names as the model reads them (Phi-MoE's gate is its router)
+        mapped = checkpoint_map(model_dir, list(by_name))
+        by_name = {new: by_name[old] for old, (new, expert, _) in mapped.items() if expert is None}
     targets, others = [], []
     for module, conv in linears.items():
         chosen = matches(module, patterns) if patterns else bool(BLOCK_INDEX.search(module))
+        chosen = chosen and not roles.is_router(module)  # routers and gates: never targets (the report lists them)
         if not chosen:
             others.append(module)
             continue

@@ -60,14 +60,14 @@ def load_model(cfg: TrainConfig):
         if not (adapter / "adapter_config.json").exists() or not (adapter / "adapter_model.safetensors").exists():
             raise UserError(f"{adapter} is missing adapter_config.json/adapter_model.safetensors: rerun "
                             f"`qpissa decompose` into {root} (or --resume it)")
-        from peft import PeftModel
+        from qpissa.adapters import load_peft
 
         require_causal_lm(residual, "train")
         from qpissa.moe import load_residual  # plain from_pretrained, plus NF4 MoE experts when OUT has them
 
         base = load_residual(residual, device_map=device_map)
         _check_adapter_fits(base, adapter)
-        model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+        model = load_peft(base, adapter, is_trainable=True)
         tok_dir = residual
     else:
         from qpissa.hub import resolve_model

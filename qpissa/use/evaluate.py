@@ -146,9 +146,9 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: 
 
     model = load_residual(str(model_dir), dtype=getattr(torch, dtype), device_map=device)
     if adapter is not None:
-        from peft import PeftModel
+        from qpissa.adapters import load_peft
 
-        model = PeftModel.from_pretrained(model, str(adapter))
+        model = load_peft(model, adapter)
     model.eval()
     tok_dir = model_dir if (Path(model_dir) / "tokenizer_config.json").exists() else adapter
     if tok_dir is None or not (Path(tok_dir) / "tokenizer_config.json").exists():

@@ -107,7 +107,9 @@ def _merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
     config = json.loads((residual / "config.json").read_text())
     qcfg = config.get("quantization_config") or {}
     nf4_residual = bool(qcfg.get("load_in_4bit") and qcfg.get("bnb_4bit_quant_type") == "nf4")
-    infos = scan_checkpoint(residual) if not qcfg or nf4_residual else scan_source(residual)  # others: decoded
+    nf4_experts = (config.get(CONFIG_KEY) or {}).get("file")  # experts: ExpertMerge writes them
+    infos = [i for i in (scan_checkpoint(residual) if not qcfg or nf4_residual else scan_source(residual))  # others: decoded
+             if i.file.name != nf4_experts]
     by_name = {i.name: i for i in infos}
     experts = ExpertMerge(adapter, residual, config, by_name)  # takes the MoE expert factors out of ``adapter``
     if adapter.extra:

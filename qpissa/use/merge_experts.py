@@ -1,6 +1,11 @@
-"""Merging MoE experts: W_e = deq(Q_e) (or the plain residual) + s·B_e·A_e, written per expert under the names
-``save_pretrained`` uses (``mlp.experts.{e}.gate_proj.weight``…, Mixtral ``block_sparse_moe.experts.{e}.w1.weight``…),
-which transformers fuses at load.
+"""Merging MoE experts: W_e = deq(Q_e) (or the plain residual) + s·B_e·A_e, written in the layout the family's
+checkpoints use, so that plain transformers reads exactly those tensors (no extra, none missing).
+
+The merged value is built as the model holds it (one fused parameter [E, ·, ·] per experts module and kind, in the
+model's orientation), then transformers' own save-time conversion for the family
+(``transformers.core_model_loading.revert_weight_conversion``) names and splits it: per expert
+(``mlp.experts.{e}.gate_proj.weight``, Mixtral ``block_sparse_moe.experts.{e}.w1.weight``), renamed fused (Granite
+``block_sparse_moe.input_linear.weight``) or fused as is (Llama-4, gpt-oss). One experts module is in memory at a time.
 
 The adapter holds PEFT ``target_parameters`` factors per experts module: ``lora_A`` (E·r, in) expert-major and
 ``lora_B`` (out, r·E) expert-minor (see :func:`qpissa.decompose.experts.peft_factors`); ``gate_up_proj`` sits in
@@ -8,94 +13,97 @@ the inner wrapper (``experts.base_layer``), ``down_proj`` in the outer one.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
 from qpissa.adapters import Adapter, expert_parameter, module_scale, pattern_value
-from qpissa.decompose.experts import model_block
 from qpissa.formats import TensorInfo, load_tensor
 from qpissa.moe import CONFIG_KEY, read_nf4_states
-
-NAMES = re.compile(r"(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>\w+)\.weight")
 
 
 class ExpertMerge:
     """The expert part of a merge: which output tensors are experts, and each one's merged value."""
 
     def __init__(self, adapter: Adapter, residual: Path, config: dict, by_name: dict[str, TensorInfo]) -> None:
-        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, float, int]] = {}  # "{experts}:{kind}" → A, B, s, r
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, float, int]] = {}  # "{experts}.{kind}" → A, B, s, r
         for module in [m for m in adapter.factors if expert_parameter(m) is not None]:
             a, b = adapter.factors.pop(module)
             experts, kind = expert_parameter(module)
-            r = int(pattern_value(adapter.config.get("rank_pattern"), experts, adapter.config["r"]))
-            self.factors[f"{experts}:{kind}"] = (a, b, module_scale(adapter.config, experts), r)
+            r = int(pattern_value(adapter.config.get("rank_pattern"), f"{experts}.{kind}", adapter.config["r"]))
+            self.factors[f"{experts}.{kind}"] = (a, b, module_scale(adapter.config, f"{experts}.{kind}"), r)
         nf4 = config.get(CONFIG_KEY) or {}
-        on_disk = nf4.get("on_disk") or {"block": "mlp", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-        self.proj = {on_disk["gate"]: ("gate_up_proj", 0), on_disk["up"]: ("gate_up_proj", 1),
-                     on_disk["down"]: ("down_proj", 0)}
-        self.nf4_file = residual / nf4["file"] if nf4 else None
-        self.states: dict[str, dict[str, torch.Tensor]] = {}
-        self.new: dict[str, tuple[int, ...]] = {}  # NF4 experts: output names not in the residual shards → shape
-        if self.nf4_file is not None:
-            self.states = read_nf4_states(self.nf4_file)
-            for key, state in self.states.items():
-                experts, e, kind = key.rsplit(".", 2)
-                block = experts.removesuffix(".experts")
-                block = re.sub(r"(^|\.)mlp$", rf"\g<1>{on_disk['block']}", block)
-                shape = tuple(int(x) for x in _shape(state))
-                if kind == "gate_up_proj":
-                    half = (shape[0] // 2, shape[1])
-                    self.new[f"{block}.experts.{e}.{on_disk['gate']}.weight"] = half
-                    self.new[f"{block}.experts.{e}.{on_disk['up']}.weight"] = half
-                else:
-                    self.new[f"{block}.experts.{e}.{on_disk['down']}.weight"] = shape
         self.by_name = by_name
-        self._cache: tuple[str, torch.Tensor] | None = None
+        self.new: dict[str, tuple[int, ...]] = {}  # NF4 experts: output name → shape (not in the residual shards)
+        self.plain: dict[str, tuple[str, int, int]] = {}  # bf16 experts in the shards: name → (param, expert, row0)
+        self._owner: dict[str, str] = {}  # output name → the fused parameter it comes from
+        self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
+        if not nf4 and not self.factors:
+            return
+        from qpissa.decompose.roles import checkpoint_map, meta_model, roles_of
+
+        self.residual = residual
+        roles = roles_of(residual)
+        self.params = roles.experts
+        if nf4:
+            self.states = read_nf4_states(residual / nf4["file"])
+            for key, param in self.params.items():
+                shapes = self._revert(key, {key: torch.empty(param.shape, device="meta")})
+                for name, t in shapes.items():
+                    self.new[name], self._owner[name] = tuple(t.shape), key
+            return
+        mapped = checkpoint_map(residual, list(by_name))
+        rows: dict[tuple[str, int], list[tuple[int, str]]] = {}
+        for name, (model_name, expert, part) in mapped.items():
+            if model_name in self.params and model_name in self.factors and expert is not None:
+                rows.setdefault((model_name, expert), []).append((part, name))
+        for (key, e), parts in rows.items():
+            row0 = 0
+            for _, name in sorted(parts):
+                self.plain[name] = (key, e, row0)
+                row0 += by_name[name].shape[0]
+
+    def _revert(self, key: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's fused parameter(s) ``state`` under the checkpoint names transformers saves them with."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        from qpissa.decompose.roles import meta_model
+
+        return revert_weight_conversion(meta_model(str(self.residual))[0], state)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.new or (bool(self.factors) and self._parse(name) is not None)
+        return name in self.new or name in self.plain
 
-    def _parse(self, name: str) -> tuple[str, int, str, int] | None:
-        """(experts module in the model, expert, kind, half) of a per-expert checkpoint name, else None."""
-        m = NAMES.fullmatch(name)
-        if m is None or m["proj"] not in self.proj:
+    def _delta(self, key: str, e: int, device: str) -> torch.Tensor | None:
+        """s·B_e·A_e (out, in) of expert ``e`` of the fused parameter ``key``; None without factors."""
+        if key not in self.factors:
             return None
-        kind, half = self.proj[m["proj"]]
-        return f"{model_block(m['block'])}.experts", int(m["e"]), kind, half
+        a, b, s, r = self.factors[key]
+        n_experts = a.shape[0] // r  # lora_A (E·r, in)
+        return s * (b[:, e::n_experts].float().to(device) @ a[e * r:(e + 1) * r].float().to(device))
 
     def produce(self, name: str, device: str = "cpu") -> torch.Tensor:
-        """The merged fp32 weight of one per-expert output tensor."""
-        experts, e, kind, half = self._parse(name)  # type: ignore[misc]
-        if name in self.new:
-            w = self._dequantized(f"{experts}.{e}.{kind}", device)
-            if kind == "gate_up_proj":
-                w = w.chunk(2)[half]
-        else:
+        """The merged fp32 value of one output tensor."""
+        if name in self.plain:
+            key, e, row0 = self.plain[name]
             w = load_tensor(self.by_name[name]).float().to(device)
-        factors = self.factors.get(f"{experts}:{kind}")
-        if factors is None:
-            return w
-        a, b, s, r = factors
-        n_experts = a.shape[0] // r  # lora_A (E·r, in)
-        delta = s * (b[:, e::n_experts].float().to(device) @ a[e * r:(e + 1) * r].float().to(device))  # (out, in)
-        if kind == "gate_up_proj":
-            delta = delta.chunk(2)[half]
-        return w + delta
+            delta = self._delta(key, e, device)
+            return w if delta is None else w + delta[row0:row0 + w.shape[0]]
+        key = self._owner[name]
+        if self._cache is None or self._cache[0] != key:  # every output tensor of one fused parameter at once
+            self._cache = (key, self._revert(key, {key: self._merged(key, device)}))
+        return self._cache[1][name]
 
-    def _dequantized(self, key: str, device: str) -> torch.Tensor:
-        if self._cache is None or self._cache[0] != key:  # gate and up come from one NF4 matrix
-            from qpissa.moe import stack_from_state
+    def _merged(self, key: str, device: str) -> torch.Tensor:
+        """The fused parameter ``key`` = deq(NF4) + s·B·A per expert, in the model's orientation, fp32."""
+        from qpissa.moe import stack_from_state
 
-            state = self.states[key]
-            stack = stack_from_state([state], tuple(int(x) for x in _shape(state)))
-            self._cache = (key, stack.dequantize(torch.float32)[0].to(device))
-        return self._cache[1]
-
-
-def _shape(state: dict[str, torch.Tensor]) -> list[int]:
-    import json
-
-    qs = next(v for k, v in state.items() if k.startswith("quant_state."))
-    return json.loads(bytes(qs.tolist()).decode())["shape"]
+        param = self.params[key]
+        out = torch.empty(param.shape, dtype=torch.float32, device=device)
+        for e in range(param.shape[0]):
+            state = self.states[f"{param.module}.{e}.{param.name}"]
+            w = stack_from_state([state], param.matrix).dequantize(torch.float32)[0].to(device)  # (out, in)
+            delta = self._delta(key, e, device)
+            w = w if delta is None else w + delta
+            out[e] = w.T if param.transposed else w
+        return out

@@ -1,0 +1,228 @@
+"""What each weight of an MoE model is for, read from the model's modules on the meta device (no weights).
+
+A name list per family breaks on the next family (Granite's experts have no ``experts`` on disk, Phi-MoE's router is
+``gate`` on disk and ``router`` in memory, Hunyuan's router is a Linear ``gate.wg``, Qwen2-MoE has a [1, H]
+``shared_expert_gate``). Roles come from structure instead:
+
+- **routed experts**: a module holding 3-D parameters [E, ·, ·] (transformers 5 fuses every family's experts so);
+  ``is_transposed`` on it (gpt-oss) means [E, in, out], else [E, out, in] (as PEFT reads it: Llama-4's unflagged
+  [E, H, 2I] is taken as stored, by PEFT and here alike). Its 2-D [E, ·] parameters are
+  expert biases (gpt-oss): kept in the source dtype, never targets.
+- **MoE block**: the experts module's parent. Its child whose output feeds the block's first top-k (traced on meta
+  tensors, :func:`routing_children`) is the **router**, and any other child holding a single matrix a **gate**
+  (``shared_expert_gate`` [1, H]): never targets, never 4-bit, whatever their shape; the report lists them. Other
+  children with two or more linear layers are shared experts (MLPs: ordinary linear targets).
+- dense MLPs outside MoE blocks (DeepSeek-V3's first layers) are plain linear targets.
+
+Checkpoint names map to the model's names with transformers' own conversion mapping for the family
+(:func:`checkpoint_map`), so per-expert files (``experts.{e}.w1``), renamed fused files (Granite's
+``input_linear``) and fused files all land on the parameter they load into.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qpissa.errors import UserError
+
+
+@dataclass(frozen=True)
+class ExpertParam:
+    """One fused expert parameter of the model: ``module.name`` of shape [E, a, b]."""
+
+    module: str  # the experts module, e.g. model.layers.1.mlp.experts
+    name: str  # the parameter, e.g. gate_up_proj
+    shape: tuple[int, int, int]
+    transposed: bool  # stored [E, in, out] (the module's ``is_transposed``), else [E, out, in]
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}.{self.name}"
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        """(out, in) of one expert as the math sees it."""
+        _, a, b = self.shape
+        return (b, a) if self.transposed else (a, b)
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Roles of the model's weights, by their names in the loaded model."""
+
+    experts: dict[str, ExpertParam] = field(default_factory=dict)  # "module.param" → parameter
+    routers: tuple[str, ...] = ()  # router/gate modules (never targets)
+    expert_biases: tuple[str, ...] = ()  # "module.param" of [E, out] expert biases (source dtype)
+    shared: tuple[str, ...] = ()  # shared-expert modules inside MoE blocks (ordinary linear targets)
+
+    def is_router(self, module: str) -> bool:
+        """Whether ``module`` (a module or parameter name) is a router/gate or lies inside one."""
+        return any(module == r or module.startswith(r + ".") for r in self.routers)
+
+
+def _linears(module: torch.nn.Module) -> int:
+    from transformers.pytorch_utils import Conv1D
+
+    return sum(isinstance(m, (torch.nn.Linear, Conv1D)) for m in module.modules())
+
+
+class _Routed(Exception):
+    """Raised at the MoE block's first top-k: the routing is known, the experts need not run."""
+
+
+def routing_children(block: torch.nn.Module, hidden: int) -> set[str] | None:
+    """Names of ``block``'s children whose output feeds its first top-k (or that run it), by running the block on
+    meta tensors and following which module's output each tensor derives from; None when the block cannot run so."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_leaves
+
+    taint: dict[int, frozenset[str]] = {}
+    keep: list[torch.Tensor] = []  # tensors stay alive so their ids are not reused
+    active: list[str] = []
+    found: set[str] = set()
+
+    def mark(out, names: frozenset[str]) -> None:
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                taint[id(t)] = taint.get(id(t), frozenset()) | names
+                keep.append(t)
+
+    class Trace(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            sources = frozenset().union(*(taint.get(id(t), frozenset()) for t in tree_leaves((args, kwargs))
+                                          if isinstance(t, torch.Tensor)))
+            if getattr(func, "__name__", "") in ("topk", "argmax", "argsort", "sort"):
+                found.update(sources | set(active[:1]))
+                raise _Routed
+            out = func(*args, **kwargs)
+            mark(out, sources)
+            return out
+
+    def leave(name: str, out) -> None:  # returns None: the child's output stays as it is
+        active.pop()
+        mark(out, frozenset({name}))
+
+    hooks = []
+    for name, child in block.named_children():
+        hooks.append(child.register_forward_pre_hook(lambda m, a, name=name: active.append(name) and None))
+        hooks.append(child.register_forward_hook(lambda m, a, out, name=name: leave(name, out)))
+    try:
+        with Trace():
+            block(torch.zeros(1, 4, hidden, device="meta"))
+    except _Routed:
+        return found
+    except Exception:  # noqa: BLE001 - a block that does not run on meta tensors: the structural rule decides
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    return None
+
+
+def model_roles(model: torch.nn.Module) -> Roles:
+    """:class:`Roles` of a (meta-device) model; see the module docstring."""
+    experts: dict[str, ExpertParam] = {}
+    biases, routers, shared = [], [], []
+    modules = dict(model.named_modules())
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    for name, module in modules.items():
+        params = dict(module.named_parameters(recurse=False))
+        stacks = {p: t for p, t in params.items() if t.ndim == 3}
+        if not stacks or isinstance(module, torch.nn.modules.conv._ConvNd):  # a convolution's kernel is 3-D too
+            continue
+        transposed = bool(getattr(module, "is_transposed", False))
+        for p, t in stacks.items():
+            experts[f"{name}.{p}"] = ExpertParam(name, p, tuple(t.shape), transposed)
+        n_experts = next(iter(stacks.values())).shape[0]
+        biases += [f"{name}.{p}" for p, t in params.items() if t.ndim == 2 and t.shape[0] == n_experts]
+        block_name = name.rsplit(".", 1)[0] if "." in name else ""
+        block = modules[block_name]
+        routing = routing_children(block, hidden) if hidden else None
+        for child, sub in block.named_children():
+            full = f"{block_name}.{child}" if block_name else child
+            if full == name:
+                continue
+            matrices = any(p.ndim >= 2 for p in sub.parameters())
+            if routing is not None and child in routing and matrices:
+                routers.append(full)  # its output picks the experts: whatever its shape or layers
+            elif _linears(sub) >= 2:
+                shared.append(full)
+            elif matrices:
+                routers.append(full)  # a gate of one matrix (shared_expert_gate [1, H]) or a router not traced
+    return Roles(experts, tuple(routers), tuple(biases), tuple(shared))
+
+
+def meta_model(model_dir: str) -> tuple[torch.nn.Module, str]:
+    """The model of ``model_dir``'s config.json built on the meta device, and its architecture class name (cached
+    while config.json is unchanged: targets, experts and routers are read from one build)."""
+    try:
+        stamp = (Path(model_dir) / "config.json").stat().st_mtime_ns
+    except OSError:
+        stamp = 0
+    return _meta_model(str(Path(model_dir).resolve()), stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model(model_dir: str, _stamp: int) -> tuple[torch.nn.Module, str]:
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as err:  # noqa: BLE001 - any config failure is the user's file
+        raise UserError(f"{Path(model_dir) / 'config.json'}: cannot read model config ({err})") from None
+    arch = (config.architectures or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise UserError(f"{Path(model_dir) / 'config.json'}: unknown architecture {arch!r}; "
+                        "set 'architectures' to a transformers model class")
+    with torch.device("meta"):
+        return cls(config), arch
+
+
+def roles_of(model_dir: Path) -> Roles:
+    """:func:`model_roles` of ``model_dir``; an architecture without 3-D parameters (every dense family) is answered
+    from config.json alone when it names no MoE keys (no transformers import)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if isinstance(config, dict) and not any(re.search(r"expert", k) for k in config):
+        return Roles()
+    return model_roles(meta_model(str(model_dir))[0])
+
+
+def checkpoint_map(model_dir: Path, names: list[str]) -> dict[str, tuple[str, int | None, int]]:
+    """Checkpoint tensor name → (its name in the model, expert index or None, part) by transformers' conversion
+    mapping of the family: per-expert tensors merged into a fused parameter get their expert index and which part
+    of a concatenation they are (0 gate, 1 up); anything else maps by renaming alone (expert None, part 0).
+    A conversion of another kind than merging experts and concatenating along the output rows is refused."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming, rename_source_key
+
+    model = meta_model(str(model_dir))[0]
+    conversions = get_model_conversion_mapping(model, add_legacy=False)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    out: dict[str, tuple[str, int | None, int]] = {}
+    for name in names:
+        new, pattern = rename_source_key(name, renamings, converters)
+        if pattern is None:
+            out[name] = (new, None, 0)
+            continue
+        conv = next(c for c in converters if pattern in c.source_patterns)
+        ops = [(type(o), getattr(o, "dim", None)) for o in conv.operations]
+        if ops not in ([(MergeModulelist, 0)], [(MergeModulelist, 0), (Concatenate, 1)]):
+            raise UserError(f"{model_dir}: tensor {name} is converted by transformers with "
+                            f"{[type(o).__name__ for o in conv.operations]}; this expert layout is not supported")
+        m = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), name)
+        if m is None or not m.groups():
+            raise UserError(f"{model_dir}: cannot read the expert index of tensor {name} (pattern {pattern})")
+        out[name] = (new, int(m.group(1)), conv.source_patterns.index(pattern))
+    return out

@@ -1,0 +1,174 @@
+"""Every MoE family transformers 5 ships with routed experts: decompose → train 2 steps → merge → plain load.
+
+Per family (tests/moe_models.py builds each from transformers' own config class): the experts are NF4 targets, the
+routers and gates are no target and stay in the source dtype, shared experts and dense layers get ordinary LoRAs,
+expert biases (gpt-oss) stay beside the NF4 experts; the merged folder holds exactly the tensor names of the source
+checkpoint, plain ``from_pretrained`` reports no missing, unexpected or mismatched key, and its logits equal the
+trained model's through ``qpissa.moe.load``. One family with shared experts (qwen2_moe, with a [1, H] shared-expert
+gate) and one with a dense first layer (deepseek_v3) run in the fast tier; the rest of the matrix is slow."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from moe_models import ALL_FAMILIES, EXPERTS, build
+from safetensors import safe_open
+
+FAST = ("qwen2_moe", "deepseek_v3")
+RANK = 4
+
+
+def keys_of(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every tensor of a checkpoint folder (all shards): name → (dtype, shape), read from the files."""
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for k in f.keys():
+                s = f.get_slice(k)
+                out[k] = (s.get_dtype(), tuple(s.get_shape()))
+    return out
+
+
+def run_family(family: str, root: Path, tokenizer: Path, data: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qpissa.data import DataConfig
+    from qpissa.decompose import decompose
+    from qpissa.decompose.roles import model_roles
+    from qpissa.moe import load
+    from qpissa.train import TrainConfig, train
+    from qpissa.use.merge import MergeConfig, merge
+
+    src = build(family, root / "src", tokenizer=tokenizer)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+    roles = model_roles(meta)
+    report = decompose(src, root / "out", rank=RANK, progress=False)
+
+    # experts: every fused parameter of every MoE layer, each expert a target with NF4 bytes
+    assert roles.experts and report["experts"]["matrices"] == EXPERTS * len(roles.experts)
+    with safe_open(str(root / "out/residual/nf4-experts.safetensors"), "pt") as f:
+        nf4 = set(f.keys())
+    for key in roles.experts:
+        assert all(f"{key.rsplit('.', 1)[0]}.{e}.{key.rsplit('.', 1)[1]}.weight" in nf4 for e in range(EXPERTS))
+    # routers/gates: found, never targets, in the residual byte for byte in their source dtype
+    source, residual = keys_of(src), keys_of(root / "out/residual")
+    routers = report["experts"]["routers"]
+    assert routers["count"] > 0 and routers["count"] == len([k for k in source if _in(k, roles.routers, src)])
+    adapter_cfg = json.loads((root / "out/adapter/adapter_config.json").read_text())
+    assert not any(roles.is_router(m) for m in adapter_cfg["target_modules"])
+    for name in (k for k in source if _in(k, roles.routers, src)):
+        assert residual[name] == source[name], name
+    # expert biases (gpt-oss) stay beside the NF4 experts in the source dtype
+    for name in (k for k in source if k.endswith("_bias") and ".experts." in k):
+        assert residual[name] == source[name]
+    # shared experts and dense MLPs: ordinary LoRA targets, as every other linear inside the blocks but the routers
+    linears = {n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    assert set(adapter_cfg["target_modules"]) == {n for n in linears if not roles.is_router(n)}
+    for module in roles.shared:
+        assert any(m.startswith(module + ".") for m in adapter_cfg["target_modules"]), module
+    check_factors(load(root / "out", dtype=torch.bfloat16), root / "out/adapter")
+
+    train(TrainConfig(model=str(root / "out"), data=str(data), output=str(root / "run"), steps=2, batch_size=2,
+                      lr=1e-3, warmup_ratio=0.0, seed=0, progress=False, data_cfg=DataConfig(max_length=96)))
+    adapter = root / "run/adapter"
+    trained = load(root / "out", adapter, dtype=torch.bfloat16)
+    assert isinstance(trained, PeftModel)
+    check_factors(trained, adapter)
+    import bitsandbytes as bnb
+
+    for router in roles.routers:  # in memory too: no router or gate is 4-bit or carries a LoRA
+        module = trained.base_model.model.get_submodule(router)
+        assert not any(isinstance(m, bnb.nn.Linear4bit) or hasattr(m, "lora_A") for m in module.modules()), router
+    merge(root / "out/residual", adapter, root / "merged", MergeConfig(dtype="float32"))
+    merged_keys = keys_of(root / "merged")
+    assert merged_keys.keys() == source.keys()  # exactly the tensors transformers reads: no extra copy, none missing
+    assert all(merged_keys[k][1] == source[k][1] for k in source)
+    merged, info = AutoModelForCausalLM.from_pretrained(root / "merged", dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids = torch.tensor([[1, 5, 7, 9, 11, 3, 40, 2]])
+    with torch.no_grad():
+        a, b = merged(ids).logits, trained(ids).logits.float()
+    assert float((a - b).abs().max()) < 3e-2 * float(b.abs().max())  # bf16 tolerance (the trained model runs in bf16)
+
+
+def check_factors(model, adapter: Path) -> None:
+    """The adapter PEFT built is the one on disk: every written LoRA factor loaded in place, bit for bit, and no
+    LoRA the file does not have (PEFT 0.21 rewrites DeepSeek/Qwen2-MoE-style targets unless told not to)."""
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        written = {k: f.get_tensor(k) for k in f.keys()}
+    loaded = {k.replace(".default.", "."): v for k, v in model.state_dict().items() if "lora_" in k}
+    assert loaded.keys() == written.keys()
+    for k, v in written.items():
+        assert torch.equal(loaded[k].to(v.dtype), v), k
+
+
+def _in(name: str, modules: tuple[str, ...], src: Path) -> bool:
+    """Whether checkpoint tensor ``name`` belongs to one of the model's ``modules`` (names as the model reads them)."""
+    from qpissa.decompose.roles import checkpoint_map
+
+    model_name = checkpoint_map(src, [name])[name][0]
+    return any(model_name == m or model_name.startswith(m + ".") for m in modules)
+
+
+@pytest.mark.parametrize("family", FAST)
+def test_family_end_to_end(family, smollm2_dir, tiny_data, tmp_path):
+    run_family(family, tmp_path, smollm2_dir, tiny_data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [f for f in ALL_FAMILIES if f not in FAST])
+def test_every_family_end_to_end(family, smollm2_dir, tiny_data, tmp_path):
+    run_family(family, tmp_path, smollm2_dir, tiny_data)
+
+
+ROLES = {  # family → (router/gate children of its MoE block, shared-expert children): what the model card describes
+    "qwen3_moe": ({"gate"}, set()), "mixtral": ({"gate"}, set()), "olmoe": ({"gate"}, set()),
+    "deepseek_v3": ({"gate"}, {"shared_experts"}), "glm4_moe": ({"gate"}, {"shared_experts"}),
+    "qwen2_moe": ({"gate", "shared_expert_gate"}, {"shared_expert"}),
+    "qwen3_next": ({"gate", "shared_expert_gate"}, {"shared_expert"}),
+    "llama4_text": ({"router"}, {"shared_expert"}), "gpt_oss": ({"router"}, set()), "granitemoe": ({"router"}, set()),
+    "phimoe": ({"router"}, set()), "ernie4_5_moe": ({"gate"}, {"shared_experts"}),
+    "dots1": ({"gate"}, {"shared_experts"}), "hunyuan_v1_moe": ({"gate"}, {"shared_mlp"}),
+    "minimax": ({"gate"}, set()),
+    "zaya": ({"gate"}, set()),  # its router is an MLP of two linears: told by role (feeds top-k), not by shape
+}
+
+
+def test_roles_of_every_family():
+    """Routers/gates and shared experts found from the modules alone, per family; gpt-oss declares its experts
+    [E, in, out] (``is_transposed``, as PEFT reads it); gpt-oss's expert biases are kept apart."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_models import config
+    from qpissa.decompose.roles import model_roles
+
+    for family, (routers, shared) in ROLES.items():
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config(family))
+        roles = model_roles(model)
+        assert {r.rsplit(".", 1)[1] for r in roles.routers} == routers, family
+        assert {s.rsplit(".", 1)[1] for s in roles.shared} == shared, family
+        assert {p.name for p in roles.experts.values()} == {"gate_up_proj", "down_proj"}, family
+        assert all(p.transposed == (family == "gpt_oss") for p in roles.experts.values()), family  # is_transposed
+        want_biases = {"gate_up_proj_bias", "down_proj_bias"} if family == "gpt_oss" else set()
+        assert {b.rsplit(".", 1)[1] for b in roles.expert_biases} == want_biases, family
+
+
+@pytest.mark.slow
+def test_plain_peft_snippet_loads_every_lora(tmp_path):
+    """--experts-dtype bfloat16 on DeepSeek-V3 (dense first layer, shared experts): the snippet decompose prints
+    (plain transformers + PEFT inside ``native_targets``) loads every written LoRA factor in place."""
+    from qpissa.decompose import decompose
+    from qpissa.usage import load_snippet
+
+    src, out = build("deepseek_v3", tmp_path / "src"), tmp_path / "out"
+    decompose(src, out, rank=RANK, experts_dtype="bfloat16", progress=False)
+    snippet = load_snippet(out)
+    assert "native_targets" in snippet and "qpissa.moe" not in snippet
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - the text decompose prints
+    check_factors(scope["model"], out / "adapter")
