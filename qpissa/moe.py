@@ -179,7 +179,20 @@ def load_residual(residual: str | Path, **kwargs):
     dtype = kwargs.get("dtype")
     attach_nf4_experts(model, residual, config[CONFIG_KEY].get("file", NF4_EXPERTS_FILE),
                        dtype if isinstance(dtype, torch.dtype) else None)
+    if isinstance(dtype, torch.dtype):
+        _cast_unquantized(model, dtype)
     return model
+
+
+def _cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
+    """Some families (gpt-oss, Llama-4, Phi-MoE, MiniMax) leave transformers' 4-bit load with their unquantized
+    weights (embeddings, norms, routers) in the checkpoint's dtype whatever ``dtype`` asked, and then fail on mixed
+    dtypes: cast those. NF4 bytes and the experts' 1-element placeholders are left as they are."""
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if (param.is_floating_point() and param.dtype != dtype and type(param).__name__ != "Params4bit"
+                    and 0 not in param.stride()):
+                param.data = param.data.to(dtype)
 
 
 @contextmanager

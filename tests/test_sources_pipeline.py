@@ -116,12 +116,6 @@ def test_plan_prints_source_line_for_70b_bnb_config(tmp_path):
     assert src["decompose_peak_bytes"] > 0
 
 
-GPT_OSS_XFAIL = pytest.mark.xfail(
-    raises=__import__("qpissa.errors", fromlist=["UserError"]).UserError, strict=False,
-    reason="gpt_oss decompose (experts with biases, the [E, H, 2I] orientation, the router by role) lands with "
-           "issue 27's branch; this test only needs the MXFP4 reading, which tests/test_sources.py checks")
-
-
 def test_mxfp4_gpt_oss_matches_transformers_dequantize_loader(tmp_path):
     """Every tensor of an MXFP4 gpt-oss reads as transformers' ``Mxfp4Config(dequantize=True)`` loads it."""
     from transformers import AutoModelForCausalLM, Mxfp4Config
@@ -142,7 +136,6 @@ def test_mxfp4_gpt_oss_matches_transformers_dequantize_loader(tmp_path):
 
 
 @pytest.mark.slow
-@GPT_OSS_XFAIL
 def test_gpt_oss_mxfp4_decompose_train_merge_plain_load(smollm2_dir, tiny_data, tmp_path):
     """MXFP4 gpt-oss → decompose (experts NF4 in the residual) → train → merge → plain from_pretrained, whose
     logits equal the trained model's (residual + RUN/adapter as qpissa.moe.load builds it)."""
