@@ -121,7 +121,10 @@ def _open(path: Path, arch: Arch, tensors: list[tuple[str, tuple[int, ...], Any]
 def export_gguf(model_or_run: str | Path, output: str | Path, cfg: ExportConfig = ExportConfig(),
                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write the GGUF file(s) of a merged checkpoint, a training run or a decompose output; returns the summary."""
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("the gguf package is not installed: pip install 'qpissa[gguf]' (or pip install gguf)") from None
 
     from qpissa.use.evaluate import resolve_model
 
