@@ -37,7 +37,7 @@ def build_tokenizer(dest: Path, vocab: int = 360) -> Path:
 
 
 def build(family: str, dest: Path, seed: int = 0, intermediate: int = 128) -> Path:
-    """Save a tiny ``family`` ∈ {llama, qwen2, qwen3} (random weights, std 0.08: peaked enough for greedy ties to be
+    """Save a tiny ``family`` ∈ {llama, qwen2, qwen3, gemma3_text} (random weights, std 0.08: peaked enough for greedy ties to be
     rare) with the tokenizer above."""
     import transformers
 
@@ -49,9 +49,12 @@ def build(family: str, dest: Path, seed: int = 0, intermediate: int = 128) -> Pa
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }[family]
     if family == "qwen3":  # transformers' GGUF loader takes Qwen3's head_dim from its default (128), not the file
         common.update(num_attention_heads=2, num_key_value_heads=1, head_dim=128)
+    if family == "gemma3_text":
+        common.update(sliding_window=32, tie_word_embeddings=True, query_pre_attn_scalar=16)  # llama.cpp: 1/√head_dim
     torch.manual_seed(seed)
     model = cls(cfg(**common))
     with torch.no_grad():

@@ -74,6 +74,18 @@ def test_merged_run_loads_back_in_transformers(tiny, tmp_path, fam):
     assert (tmp_path / "m.Modelfile").read_text().splitlines()[1:] == ["FROM ./m.gguf"]
 
 
+@pytest.mark.parametrize("fam", ["qwen2", "gemma3_text"])
+def test_plain_model_loads_back(tmp_path, fam):
+    """Qwen2 (q/k/v biases) and Gemma 3 (norms stored +1, tied embedding) read back as the checkpoint."""
+    model_dir = gm.build(fam, tmp_path / fam)
+    summary = export_gguf(model_dir, tmp_path / "p.gguf")
+    assert not summary["merged_adapter"] and summary["notes"] == []
+    ref, got = _reference(model_dir), _loaded(tmp_path / "p.gguf")
+    assert set(ref) == set(got)
+    for k in ref:
+        assert torch.allclose(got[k], ref[k], rtol=1e-3, atol=1e-5), k
+
+
 def test_tokenizer_and_chat_template_in_metadata(tiny, tmp_path):
     from transformers import AutoTokenizer
 

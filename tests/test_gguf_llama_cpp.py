@@ -80,6 +80,17 @@ def test_smollm2_f16_greedy_matches_transformers(smollm2_dir, tmp_path):
         "input_ids"]
 
 
+def test_gemma3_f16_greedy_matches_transformers(tmp_path):
+    """Gemma 3 (norms +1, embedding scaled by √hidden, sliding-window layers) in llama.cpp = transformers."""
+    model_dir = gm.build("gemma3_text", tmp_path / "gemma3")
+    export_gguf(model_dir, tmp_path / "g.gguf")
+    model, tok = _hf(model_dir)
+    llm = _llama(tmp_path / "g.gguf")
+    for text in PROMPTS[:2]:
+        ids = tok(text)["input_ids"]
+        assert _greedy_llama_cpp(llm, ids, 10) == _greedy_hf(model, ids, 10), text
+
+
 @pytest.fixture(scope="module")
 def qwen_run(tmp_path_factory) -> dict[str, Path]:
     """A tiny Qwen2 model decomposed with QPiSSA (NF4 residual, r=8 on q/k/v/o/gate/up/down) and its adapter moved

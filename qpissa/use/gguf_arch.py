@@ -135,6 +135,16 @@ def write_hparams(writer: Any, arch: Arch) -> None:
         writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
 
 
+def notes(arch: Arch) -> list[str]:
+    """What llama.cpp will run differently from transformers for this config (said in the summary)."""
+    c = arch.config
+    scalar = c.get("query_pre_attn_scalar")
+    if arch.name == "gemma3" and scalar not in (None, arch.head_dim) and int(c["num_hidden_layers"]) != 62:
+        return [f"query_pre_attn_scalar {scalar} ≠ head_dim {arch.head_dim}: llama.cpp scales attention by "
+                "1/√head_dim (its only exception is Gemma 3 27B), so outputs will differ from transformers"]
+    return []
+
+
 def extra_tensors(arch: Arch) -> dict[str, np.ndarray]:
     """Tensors llama.cpp needs that the checkpoint does not hold (Llama 3.1's ``rope_freqs``), fp32."""
     rope = rope_parameters(arch.config)

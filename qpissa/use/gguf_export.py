@@ -26,7 +26,7 @@ from qpissa.choices import check_choices
 from qpissa.errors import UserError
 from qpissa.formats import is_within
 from qpissa.hub import REVISION_HELP
-from qpissa.use.gguf_arch import Arch, extra_tensors, resolve, write_hparams
+from qpissa.use.gguf_arch import Arch, extra_tensors, notes as arch_notes, resolve, write_hparams
 from qpissa.use.gguf_source import TensorSource
 from qpissa.use.gguf_vocab import write_vocab
 
@@ -161,7 +161,7 @@ def export_gguf(model_or_run: str | Path, output: str | Path, cfg: ExportConfig 
     extras = extra_tensors(arch)
     plan += [_Planned("", k, v.shape, T.F32) for k, v in extras.items()]
     merge = cfg.split == "none"
-    notes: list[str] = []
+    notes: list[str] = arch_notes(arch)
 
     def meta(writer: Any) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
