@@ -149,10 +149,10 @@ def export_gguf(model_or_run: str | Path, output: str | Path, cfg: ExportConfig 
     for name in source.names:
         gname = arch.gguf_name(name)
         if gname is None:
-            if name == "lm_head.weight":
+            if name == "lm_head.weight" and name not in source.modules:
                 continue  # tied to the embedding
-            raise UserError(f"{base}: tensor {name} has no {arch.name} GGUF name; this checkpoint's layout is not "
-                            "one llama.cpp loads")
+            raise UserError(f"{base}: tensor {name} has no {arch.name} GGUF name (an adapter on a tied lm_head, or "
+                            "a layout llama.cpp does not load); nothing written")
         shape = source.shape(name)
         qtype, fell_back = _qtype_for(gname, shape, cfg.quant)
         if fell_back:
