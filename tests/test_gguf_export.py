@@ -136,9 +136,15 @@ def test_split_adapter_files(tiny, tmp_path):
 
 def test_quant_fallback_counted(tmp_path):
     """q4_0 on a model whose MLP rows (intermediate 80) are not a multiple of 32: down_proj stays f16, counted."""
+    from typer.testing import CliRunner
+
+    from qpissa.cli.entry import app
+
     model_dir = gm.build("qwen2", tmp_path / "odd", intermediate=80)
-    summary = export_gguf(model_dir, tmp_path / "o.gguf", ExportConfig(quant="q4_0"))
-    assert summary["f16_fallback"] == 2 and all(n.endswith("ffn_down.weight") for n in summary["f16_fallback_tensors"])
+    res = CliRunner().invoke(app, ["export", str(model_dir), "--format", "gguf", "-o", str(tmp_path / "o.gguf"),
+                                   "--quant", "q4_0"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "kept f16" in res.output and "blk.0.ffn_down.weight, blk.1.ffn_down.weight" in res.output
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "o.gguf").tensors}
     assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q4_0"
     assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
