@@ -36,6 +36,27 @@ def build_tokenizer(dest: Path, vocab: int = 360) -> Path:
     return dest
 
 
+def build_sentencepiece_tokenizer(dest: Path, vocab: int = 380) -> Path:
+    """A Llama-2-style tokenizer.json (SentencePiece BPE: "▁" for spaces, a dummy prefix, byte fallback <0xNN>, BOS
+    prepended) trained on the fixture questions; replaces the tokenizer files in ``dest``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    rows = [json.loads(line) for line in (FIXTURES / "gsm8k" / "train.jsonl").read_text().splitlines()]
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator([r["question"] for r in rows], trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
+                                                                               initial_alphabet=[]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    for f in [*dest.glob("tokenizer*"), dest / "chat_template.jinja"]:
+        f.unlink(missing_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(dest)
+    return dest
+
+
 def build(family: str, dest: Path, seed: int = 0, intermediate: int = 128) -> Path:
     """Save a tiny ``family`` ∈ {llama, qwen2, qwen3, gemma3_text} (random weights, std 0.08: peaked enough for greedy ties to be
     rare) with the tokenizer above."""

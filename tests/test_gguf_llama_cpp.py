@@ -91,6 +91,21 @@ def test_gemma3_f16_greedy_matches_transformers(tmp_path):
         assert _greedy_llama_cpp(llm, ids, 10) == _greedy_hf(model, ids, 10), text
 
 
+def test_sentencepiece_tokenizer_tokenizes_as_transformers(tmp_path):
+    """A SentencePiece-BPE tokenizer.json (Llama 2 / Mistral style, byte fallback) → llama.cpp's `llama` vocab: the
+    same ids as transformers, BOS included, on text with digits, accents, CJK and double spaces."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    model_dir = gm.build_sentencepiece_tokenizer(gm.build("llama", tmp_path / "spm"))
+    export_gguf(model_dir, tmp_path / "s.gguf")
+    tok, llm = AutoTokenizer.from_pretrained(model_dir), _llama(tmp_path / "s.gguf")
+    rows = [json.loads(x) for x in (gm.FIXTURES / "gsm8k" / "test.jsonl").read_text().splitlines()[:20]]
+    for text in [r["question"] for r in rows] + ["ünïcødé 漢字 test", "  two  spaces"]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text)["input_ids"], text
+
+
 @pytest.fixture(scope="module")
 def qwen_run(tmp_path_factory) -> dict[str, Path]:
     """A tiny Qwen2 model decomposed with QPiSSA (NF4 residual, r=8 on q/k/v/o/gate/up/down) and its adapter moved
