@@ -86,6 +86,26 @@ def test_plain_model_loads_back(tmp_path, fam):
         assert torch.allclose(got[k], ref[k], rtol=1e-3, atol=1e-5), k
 
 
+def test_moe_experts_stacked(tmp_path):
+    """Qwen3-MoE experts (one matrix each on disk) become one (E, m, n) tensor per layer and projection, in expert
+    order; the expert counts are in the metadata; a config llama.cpp routes differently is noted."""
+    from safetensors.torch import load_file
+
+    import moe_models
+
+    model_dir = moe_models.build("qwen3_moe", tmp_path / "moe", tokenizer=gm.build_tokenizer(tmp_path / "tok"))
+    summary = export_gguf(model_dir, tmp_path / "m.gguf")
+    assert summary["architecture"] == "qwen3moe" and "norm_topk_prob" in summary["notes"][0]
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["qwen3moe.expert_count"].contents() == moe_models.EXPERTS
+    assert reader.fields["qwen3moe.expert_used_count"].contents() == 2
+    t = next(x for x in reader.tensors if x.name == "blk.1.ffn_down_exps.weight")
+    ref = load_file(str(model_dir / "model.safetensors"))
+    want = torch.stack([ref[f"model.layers.1.mlp.experts.{e}.down_proj.weight"].float()
+                        for e in range(moe_models.EXPERTS)])  # (E, H, I)
+    np.testing.assert_allclose(np.asarray(t.data, dtype=np.float32), want.numpy(), rtol=1e-3, atol=1e-6)
+
+
 def test_tokenizer_and_chat_template_in_metadata(tiny, tmp_path):
     from transformers import AutoTokenizer
 

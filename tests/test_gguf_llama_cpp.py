@@ -91,6 +91,27 @@ def test_gemma3_f16_greedy_matches_transformers(tmp_path):
         assert _greedy_llama_cpp(llm, ids, 10) == _greedy_hf(model, ids, 10), text
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_moe_f16_greedy_matches_transformers(tmp_path, family):
+    """Qwen3-MoE and Mixtral (experts stored one matrix each, stacked into llama.cpp's ffn_*_exps)."""
+    import json
+
+    import moe_models
+
+    tokenizer = gm.build_tokenizer(tmp_path / "tok")
+    model_dir = moe_models.build(family, tmp_path / family, tokenizer=tokenizer)
+    if family == "qwen3_moe":  # llama.cpp's qwen3moe always renormalizes the top-k weights (real Qwen3-MoE configs do)
+        cfg = json.loads((model_dir / "config.json").read_text())
+        (model_dir / "config.json").write_text(json.dumps({**cfg, "norm_topk_prob": True}))
+    summary = export_gguf(model_dir, tmp_path / "moe.gguf")
+    assert summary["notes"] == []
+    model, tok = _hf(model_dir)
+    llm = _llama(tmp_path / "moe.gguf")
+    for text in PROMPTS[:2]:
+        ids = tok(text)["input_ids"]
+        assert _greedy_llama_cpp(llm, ids, 10) == _greedy_hf(model, ids, 10), text
+
+
 def test_sentencepiece_tokenizer_tokenizes_as_transformers(tmp_path):
     """A SentencePiece-BPE tokenizer.json (Llama 2 / Mistral style, byte fallback) → llama.cpp's `llama` vocab: the
     same ids as transformers, BOS included, on text with digits, accents, CJK and double spaces."""

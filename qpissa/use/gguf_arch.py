@@ -21,7 +21,8 @@ import numpy as np
 from qpissa.errors import UserError
 
 # HF model_type → llama.cpp architecture name (the gguf package's MODEL_ARCH_NAMES values)
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
+                 "qwen3_moe": "qwen3moe", "mixtral": "llama"}
 _INTERLEAVED_ROPE = {"llama"}  # llama.cpp archs with GGML's normal (pairwise) RoPE
 
 
@@ -108,6 +109,11 @@ def write_hparams(writer: Any, arch: Arch) -> None:
     writer.add_embedding_length(int(c["hidden_size"]))
     writer.add_block_count(int(c["num_hidden_layers"]))
     writer.add_feed_forward_length(int(c["intermediate_size"]))
+    if c.get("num_local_experts") or c.get("num_experts"):  # MoE: Mixtral, Qwen3-MoE
+        writer.add_expert_count(int(c.get("num_local_experts") or c["num_experts"]))
+        writer.add_expert_used_count(int(c["num_experts_per_tok"]))
+        if c.get("moe_intermediate_size"):
+            writer.add_expert_feed_forward_length(int(c["moe_intermediate_size"]))
     writer.add_head_count(int(c["num_attention_heads"]))
     writer.add_head_count_kv(int(c.get("num_key_value_heads") or c["num_attention_heads"]))
     writer.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
@@ -138,6 +144,11 @@ def write_hparams(writer: Any, arch: Arch) -> None:
 def notes(arch: Arch) -> list[str]:
     """What llama.cpp will run differently from transformers for this config (said in the summary)."""
     c = arch.config
+    if arch.name == "qwen3moe" and not c.get("norm_topk_prob"):
+        return ["norm_topk_prob is false: llama.cpp's qwen3moe always renormalizes the top-k router weights, so "
+                "outputs will differ from transformers"]
+    if arch.name == "qwen3moe" and (c.get("mlp_only_layers") or int(c.get("decoder_sparse_step", 1)) != 1):
+        raise UserError("Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step) has no GGUF mapping here")
     scalar = c.get("query_pre_attn_scalar")
     if arch.name == "gemma3" and scalar not in (None, arch.head_dim) and int(c["num_hidden_layers"]) != 62:
         return [f"query_pre_attn_scalar {scalar} ≠ head_dim {arch.head_dim}: llama.cpp scales attention by "

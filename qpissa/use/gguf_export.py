@@ -203,6 +203,9 @@ def _write_lora(path: Path, source: TensorSource, arch: Arch, names: dict[str, s
 
     T = gguf.GGMLQuantizationType
     pairs = {}
+    if any(n in source.modules for members in source.experts.values() for n in members):
+        raise UserError(f"{source.adapter.path}: an adapter on MoE experts cannot be a GGUF LoRA (llama.cpp applies "
+                        "LoRA to 2-D weights); export it merged (--split none)")
     for name in source.modules:
         if name not in names:
             raise UserError(f"adapter module {source.modules[name]}: its weight {name} is not in the GGUF model "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from qpissa.errors import UserError
 from qpissa.formats import TensorInfo, load_tensor, scan_checkpoint, weight_key
 from qpissa.moe import CONFIG_KEY
 from qpissa.use.merge import _COMPANIONS, QS_KEY, _read_nf4
+
+_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<index>\d+)\.(?P<proj>\w+)\.weight$")
 
 
 class TensorSource:
@@ -36,6 +39,18 @@ class TensorSource:
         self.quantized = {n for n in self.by_name if n + QS_KEY in self.by_name}
         companions = {f"{n}.{s}" for n in self.quantized for s in _COMPANIONS}
         self.names = [n for n in self.by_name if n not in companions]
+        # MoE experts stored one matrix per expert (…experts.{e}.gate_proj.weight): llama.cpp wants them stacked,
+        # one (E, m, n) tensor …experts.gate_proj.weight per layer and projection
+        self.experts: dict[str, list[str]] = {}
+        for n in self.names:
+            m = _EXPERT.match(n)
+            if m:
+                self.experts.setdefault(f"{m['prefix']}.{m['proj']}.weight", []).append(n)
+        for key, members in self.experts.items():
+            members.sort(key=lambda n: int(_EXPERT.match(n)["index"]))
+        stacked = {n for members in self.experts.values() for n in members}
+        first = {members[0]: key for key, members in self.experts.items()}
+        self.names = [first.get(n, n) for n in self.names if n not in stacked or n in first]
         self.adapter: Adapter | None = read_adapter(adapter_dir) if adapter_dir is not None else None
         self.modules: dict[str, str] = {}  # checkpoint weight key → adapter module
         if self.adapter is not None:
@@ -51,6 +66,8 @@ class TensorSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's real shape (an NF4 weight's comes from its quantization state, not its packed bytes)."""
+        if name in self.experts:
+            return (len(self.experts[name]), *self.shape(self.experts[name][0]))
         if name in self.quantized:
             from bitsandbytes.functional import unpack_tensor_to_dict
 
@@ -59,6 +76,8 @@ class TensorSource:
 
     def weight(self, name: str) -> torch.Tensor:
         """The stored tensor in fp32; an NF4 residual dequantized as bitsandbytes' Linear4bit uses it."""
+        if name in self.experts:
+            return torch.stack([self.weight(n) for n in self.experts[name]])  # (E, m, n)
         info: TensorInfo = self.by_name[name]
         if name in self.quantized:
             return _read_nf4(info, self.by_name).float()
@@ -76,6 +95,8 @@ class TensorSource:
 
     def merged(self, name: str) -> torch.Tensor:
         """deq(R) + s·B·A for an adapted weight, the stored tensor otherwise (fp32)."""
+        if name in self.experts:
+            return torch.stack([self.merged(n) for n in self.experts[name]])  # (E, m, n)
         w = self.weight(name)
         factors = self.lora(name)
         if factors is not None:
