@@ -1,4 +1,4 @@
-"""CLI commands that use a decomposition or a trained run: ``convert``, ``merge``, ``eval``.
+"""CLI commands that use a decomposition or a trained run: ``convert``, ``merge``, ``export``, ``eval``.
 
 Each parses options, calls one library function (:mod:`qpissa.use.convert`, :mod:`qpissa.use.merge`,
 :mod:`qpissa.use.evaluate`) and prints a rich table; user errors become one stderr line (exit 2).
@@ -19,6 +19,7 @@ from qpissa.hub import REVISION_HELP
 from qpissa.use.classify_eval import ClassificationConfig
 from qpissa.use.convert import ConvertConfig
 from qpissa.use.evaluate import Gsm8kConfig, PerplexityConfig
+from qpissa.use.gguf_export import ExportConfig
 from qpissa.use.merge import MergeConfig
 
 console = Console()  # results (tables) on stdout
@@ -74,6 +75,33 @@ def merge_cmd(
     console.print(_table("merged model", {k: v for k, v in report.items() if k not in ("modules", "warning")}))
     if report.get("warning"):
         log.print(f"[bold yellow]warning:[/] {report['warning']}")
+
+
+@app.command("export")
+@with_options(options=Options(ExportConfig, list_choices=False))
+def export_cmd(
+    model: Path = typer.Argument(..., help="merged model dir or Hub id, training run (RUN) or decompose output (OUT)"),
+    output: Path = typer.Option(..., "--output", "-o", help="FILE.gguf (with --split adapter also FILE-lora.gguf); "
+                                                           "FILE.Modelfile beside it"),
+    options: dict = None,  # type: ignore[assignment]  (ExportConfig's fields, see with_options)
+) -> None:
+    """GGUF for llama.cpp / Ollama: the merged model, or the QPiSSA split (residual at --quant + f16 LoRA)."""
+    from rich.progress import Progress
+
+    from qpissa.use.gguf_export import export_gguf
+
+    with Progress(console=log, transient=True) as bar:
+        task = bar.add_task("exporting", total=None)
+        summary = export_gguf(model, output, ExportConfig(**options),
+                              progress=lambda name: bar.update(task, description=f"writing {name}"))
+    rows = {k: v for k, v in summary.items() if k not in ("files", "bytes", "notes", "f16_fallback_tensors")}
+    rows.update({f"{k} ({summary['bytes'][k] / 2**20:.1f} MiB)": v for k, v in summary["files"].items()})
+    console.print(_table("GGUF export", rows))
+    if summary["f16_fallback"]:
+        log.print(f"[yellow]{summary['f16_fallback']} tensor(s) kept f16 (row length not a multiple of the "
+                  f"{options['quant']} block): {', '.join(summary['f16_fallback_tensors'][:5])}")
+    for note in summary["notes"]:
+        log.print(f"[yellow]note:[/] {note}", markup=True, highlight=False)
 
 
 @app.command("eval")
