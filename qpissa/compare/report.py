@@ -21,7 +21,7 @@ from qpissa.compare.stats import Estimate, estimate, paired
 
 LAST_STEPS = 10  # train loss: mean over the last this many steps (single-batch losses are noisy)
 COLUMNS = ("method", "seed", "lr", "status", "steps", "init_frobenius", "init_reduction_vs_qlora", "init_kl",
-           "init_eval_loss", "eval_loss", "train_loss_first", "train_loss_last", "accuracy", "margin", "tokens_per_s",
+           "init_eval_loss", "eval_loss", "train_loss_first", "train_loss_last", "accuracy", "tokens_per_s",
            "peak_memory_mb", "train_s")
 BASELINE = "qlora"
 
@@ -83,11 +83,12 @@ def collect(study: Path) -> list[dict[str, Any]]:
             "train_loss_last": (sum(m["loss"] for m in steps[-LAST_STEPS:]) / len(steps[-LAST_STEPS:])
                                 if steps else None),
             "accuracy": gsm8k.get("accuracy"),
-            "margin": preference[-1]["eval_rewards_margin"] if preference and "adapter" in summary else None,
             "tokens_per_s": summary["tokens"] / summary["elapsed_s"] if summary.get("elapsed_s") else None,
             "peak_memory_mb": max((m.get("memory_mb", 0.0) for m in steps), default=None),
             "train_s": summary.get("elapsed_s"),
             "eval_curve": [[s, v] for s, v in evals if s > 0]}
+        if preference:  # the held-out reward margin (its own column: studies without it keep their files)
+            row["margin"] = preference[-1]["eval_rewards_margin"] if "adapter" in summary else None
         if classified or preference:  # the held-out task metric by step (train logs eval_<metric>)
             key = "eval_rewards_accuracy" if preference else f"eval_{classified['metric']}"
             row["task_curve"] = [[m["step"], m[key]] for m in metrics if key in m]
@@ -102,7 +103,7 @@ def collect(study: Path) -> list[dict[str, Any]]:
 def _by(rows: list[dict[str, Any]], key: str, method: str, lr: float) -> dict[int, float]:
     """seed → value of ``key`` over the complete runs of (method, lr)."""
     return {r["seed"]: r[key] for r in rows
-            if r["method"] == method and r["lr"] == lr and r["status"] == "complete" and r[key] is not None}
+            if r["method"] == method and r["lr"] == lr and r["status"] == "complete" and r.get(key) is not None}
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -112,13 +113,14 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for method, lr in groups:
         g = {"method": method, "lr": lr, "seeds": len(_by(rows, "eval_loss", method, lr))}
-        for key in ("eval_loss", "train_loss_last", "accuracy", "margin", "tokens_per_s", "peak_memory_mb"):
+        margin = ("margin",) if any("margin" in r for r in rows) else ()  # --objective dpo|simpo
+        for key in ("eval_loss", "train_loss_last", "accuracy", *margin, "tokens_per_s", "peak_memory_mb"):
             g[key] = estimate(list(_by(rows, key, method, lr).values()))
         first = next(r for r in rows if r["method"] == method and r["lr"] == lr)
         for key in ("init_eval_loss", "init_reduction_vs_qlora", "init_frobenius", "init_kl"):
             g[key] = first[key]
         if base is not None and method != base:
-            for key in ("eval_loss", "accuracy", "margin"):
+            for key in ("eval_loss", "accuracy", *margin):
                 g[f"{key}_vs_{base}"] = paired(_by(rows, key, method, lr), _by(rows, key, base, lr))
         out.append(g)
     return out
@@ -183,9 +185,10 @@ def summary_markdown(study: Path, rows: list[dict[str, Any]], groups: list[dict[
 def _csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
+    columns = COLUMNS + (("margin",) if any("margin" in r for r in rows) else ())
+    writer.writerow(columns)
     for r in rows:
-        writer.writerow(["" if r[c] is None else r[c] for c in COLUMNS])
+        writer.writerow(["" if r.get(c) is None else r[c] for c in columns])
     return buf.getvalue()
 
 
