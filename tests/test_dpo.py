@@ -122,6 +122,11 @@ def test_pairs_follow_trl_tokenization_and_truncation(smollm2_dir: Path) -> None
     (cut,) = build_pairs([row], tok, NAMES, max_length=len(pair.prompt) + 3, max_prompt_length=4)
     assert cut.prompt == pair.prompt[-4:]  # the prompt keeps its end first ...
     assert cut.chosen == pair.chosen[:len(pair.prompt) + 3 - 4]  # ... then prompt + completion its start
+    short = row | {"prompt": "Hi"}  # row 0 fits, row 1's prompt does not
+    with pytest.raises(UserError, match=r"^pairs\.jsonl row 1: field 'prompt' is \d+ tokens but --max-length is 5;"):
+        build_pairs([short, row], tok, NAMES, max_length=5, source="pairs.jsonl")
+    assert len(build_pairs([row, row], tok, NAMES, max_length=5, skip_long_prompts=True,
+                           max_prompt_length=2)) == 2  # the kept prompt end fits
     chat = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
             "rejected": [{"role": "assistant", "content": "5"}]}
     (turns,) = build_pairs([chat], tok, NAMES, max_length=64)

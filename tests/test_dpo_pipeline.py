@@ -61,9 +61,10 @@ def test_moe_output_trains_expert_adapters(smollm2_dir: Path, pairs, tmp_path: P
 @pytest.mark.slow
 def test_compare_objective_dpo(smollm2_dir: Path, pairs, tmp_path: Path) -> None:
     study = tmp_path / "study"
-    cmd = [sys.executable, "-m", "qpissa", "compare", str(smollm2_dir), "--objective", "dpo", "--data", str(pairs["train"]), "--eval-data",
-           str(pairs["eval"]), "--methods", "qlora,qpissa:2", "--seeds", "0,1", "--steps", "2", "--lr", "1e-3",
-           "--eval-every", "2", "--eval-examples", "4", "--batch-size", "2", "--max-length", "64", "--targets",
+    cmd = [sys.executable, "-m", "qpissa", "compare", str(smollm2_dir), "--objective", "dpo", "--data",
+           str(pairs["train"]), "--eval-data", str(pairs["eval"]), "--methods", "qlora,qpissa:2", "--seeds", "0,1",
+           "--steps", "2", "--lr", "1e-3", "--eval-every", "2", "--eval-examples", "4", "--batch-size", "2",
+           "--max-length", "64", "--targets",
            r"model\.layers\.0\.self_attn\.(q|v)_proj", "--device", "cpu", "--no-progress", "-o", str(study)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,7 +7,8 @@ With log π(y) = Σ_completion-tokens log p_θ(y_t | x, y_<t) (the prompt is con
       sigmoid   loss = −log σ(β·Δ)                     (log 2 at step 0, where π = π_ref)
       ipo       loss = (Δ̄ − 1/(2β))²  (Azar et al. 2023; Δ̄ uses per-token means of the log-ratios, as TRL)
       rewards   r(y) = β·(log π(y) − log π_ref(y))    (0 at step 0)
-  SimPO (Meng et al. 2024)     loss = −log σ(β·(log π(c)/|c| − log π(r)/|r|) − γ); rewards r(y) = β·log π(y)/|y|
+  SimPO (Meng et al. 2024)     loss = −log σ(β·(log π(c)/|c| − log π(r)/|r|) − γ)
+      rewards   r(y) = β·log π(y)/|y|  (no reference)
 
 Reference-free SimPO was chosen over ORPO because it is a pure pairwise loss on the same two forwards (ORPO adds
 an SFT term whose units — tokens — differ from the pairs DPO averages over) and needs nothing from the start, so it
