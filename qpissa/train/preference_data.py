@@ -8,12 +8,14 @@ naming the file, row and field); rows are tokenized as :mod:`qpissa.preference` 
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
+from qpissa import distributed
 from qpissa.data import load_records
 from qpissa.errors import UserError
 from qpissa.preference import build_pairs, check_record
@@ -44,6 +46,12 @@ def prepare_preference(cfg: TrainConfig) -> tuple[TrainConfig, Any, Any, Prefere
                         str(cfg.data))
     held = (build_pairs(eval_records, tokenizer, names, dc.max_length, cfg.max_prompt_length, dc.skip_long_prompts,
                         str(cfg.eval_data)) if eval_records else [])
+    for source, kept in ((cfg.data, pairs), (cfg.eval_data, held)):
+        same = sum(p.chosen == p.rejected for p in kept)
+        if same and distributed.detect().is_main:  # truncation cut both before they differ: Δ ≡ 0, no signal
+            print(f"{source}: {same} of {len(kept)} pairs have identical completions after truncation to "
+                  f"--max-length {dc.max_length} (no signal; their rewards tie); raise --max-length or lower "
+                  "--max-prompt-length", file=sys.stderr)
     if check_record(records[0], names, str(cfg.data)) == "chat":  # eval/generate prompt as trained
         cfg = replace(cfg, data_cfg=replace(dc, template="chat"))
     task = PreferenceTask(pairs, held, tokenizer.pad_token_id, cfg.batch_size, cfg.precision, cfg.objective,
