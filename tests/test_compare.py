@@ -212,7 +212,7 @@ def test_committed_study_regenerates_from_its_stored_runs(tmp_path):
 
     from qpissa.compare.report import write_outputs
 
-    for name in ("main", "lr", "minilm-pairs", "alloc", "lr-bal", "alloc-cal"):
+    for name in ("main", "lr", "minilm-pairs", "alloc", "lr-bal", "alloc-cal", "dpo"):
         committed = Path(__file__).resolve().parents[1] / "docs" / "study" / name
         study = tmp_path / name
         shutil.copytree(committed, study)

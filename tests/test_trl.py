@@ -77,3 +77,41 @@ def test_trl_sft_trains_only_the_adapter(smollm2_decomposed, tiny_data: Path, tm
     assert all(v.dtype == torch.float32 for v in final.values())
     moved = [float((final[k] - init[k].float()).abs().max()) for k in init]
     assert min(moved) > 0, moved  # every factor trained
+
+
+DPO_EXAMPLE = EXAMPLE.parent / "trl_dpo.py"
+
+
+@pytest.mark.slow
+def test_trl_dpo_reference_is_the_starting_adapter(smollm2_decomposed, tmp_path: Path) -> None:
+    """examples/trl_dpo.py: at TRL's first evaluation (before any step) the DPO loss is log 2 and the rewards 0 — its
+    frozen "ref" adapter is the starting QPiSSA adapter, not the residual — then training moves the margin; the saved
+    adapter holds only the trained factors, fp32, under OUT/adapter's names, and the ref copy never moved."""
+    pytest.importorskip("trl")
+    import math
+
+    from safetensors.torch import load_file
+    from test_dpo import arithmetic_pairs, write_jsonl
+
+    out = smollm2_decomposed["qpissa"]["out"]
+    train_data = write_jsonl(tmp_path / "train.jsonl", arithmetic_pairs(8))
+    eval_data = write_jsonl(tmp_path / "eval.jsonl", arithmetic_pairs(4, offset=20))
+    spec = importlib.util.spec_from_file_location("trl_dpo_example", DPO_EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    trainer = example.main([str(out), "--data", str(train_data), "--eval-data", str(eval_data), "--eval-steps", "4",
+                            "--steps", "4", "--batch-size", "2", "--max-length", "64", "--lr", "1e-3",
+                            "-o", str(tmp_path / "run")])
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(evals) == 2
+    assert evals[0]["eval_loss"] == pytest.approx(math.log(2), abs=2e-3), evals[0]  # bf16 autocast noise only
+    assert abs(evals[0]["eval_rewards/chosen"]) < 1e-2 and evals[-1]["eval_rewards/margins"] > 0.05, evals
+
+    model = trainer.model
+    assert set(model.peft_config) == {"default", "ref"}
+    init = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    ref = {k.replace(".ref.", "."): v for k, v in model.state_dict().items() if ".ref." in k}
+    assert len(ref) == len(init) and all(torch.equal(ref[k].cpu().float(), init[k].float()) for k in init)
+    final = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert final.keys() == init.keys() and all(v.dtype == torch.float32 for v in final.values())
+    assert min(float((final[k] - init[k].float()).abs().max()) for k in init) > 0

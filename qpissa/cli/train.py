@@ -54,7 +54,8 @@ def train_command(
     table = Table(title=f"qpissa train → {cfg.output}")
     table.add_column("what")
     table.add_column("value", justify="right")
-    for key in ("steps", "train_loss", "eval_loss", "tokens", "elapsed_s", "checkpoint", "adapter"):
+    preference = ("eval_rewards_accuracy", "eval_rewards_margin") if cfg.objective != "sft" else ()
+    for key in ("steps", "train_loss", "eval_loss", *preference, "tokens", "elapsed_s", "checkpoint", "adapter"):
         value = summary.get(key)
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)

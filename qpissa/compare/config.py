@@ -131,6 +131,7 @@ class CompareConfig:
     data: str = field(default="", metadata={"help": "training data (as in train)"})
     eval_data: str = field(default="", metadata={"help": "held-out data: loss during training, and --task gsm8k"})
     data_config: str | None = same_as(TrainConfig, "data_config")
+    data_limit: int | None = same_as(TrainConfig, "data_limit")
     output: str = field(default="", metadata={"help": "study directory STUDY"})
     methods: str = field(default="qlora,loftq,qpissa,cloq", metadata={
         "help": "comma-separated: lora, full (every weight, fp32), a decompose method (qlora, loftq, qpissa, pissa, "
@@ -165,6 +166,11 @@ class CompareConfig:
         "help": "none | gsm8k (after training: answer accuracy on --eval-data, greedy) | classification (train a "
                 "sequence-classification head, e.g. on an encoder, and score it on --eval-data: accuracy, or GLUE's "
                 "metric for --data-config)"})
+    objective: Literal["sft", "dpo", "simpo"] = same_as(TrainConfig, "objective")
+    beta: float | None = same_as(TrainConfig, "beta")
+    dpo_loss: Literal["sigmoid", "ipo"] = same_as(TrainConfig, "dpo_loss")
+    reference: Literal["precompute", "adapter"] = same_as(TrainConfig, "reference")
+    max_prompt_length: int | None = same_as(TrainConfig, "max_prompt_length")
     text_field: str | None = same_as(TrainConfig, "text_field")
     text_pair_field: str | None = same_as(TrainConfig, "text_pair_field")
     label_field: str = same_as(TrainConfig, "label_field")
@@ -189,6 +195,12 @@ class CompareConfig:
             raise UserError(f"--steps must be at least 1, got {self.steps}")
         if self.eval_every < 0 or self.eval_examples < 1:
             raise UserError("--eval-every must be ≥ 0 and --eval-examples ≥ 1")
+        if self.objective != "sft" and self.task != "none":
+            raise UserError(f"--objective {self.objective} scores held-out preference pairs (accuracy, margin); "
+                            "it takes --task none")
+        if self.objective != "sft" and not self.calib_data and any(s.calibrated for s in self.specs()):
+            raise UserError(f"--objective {self.objective}: calibrated methods read prompt/response text; pass "
+                            "--calib-data (e.g. the SFT data the pairs came from, with its --template)")
         self.specs(), self.seed_list(), self.lrs()  # parse now: a bad list is one line before any work
 
     def specs(self) -> list[MethodSpec]:

@@ -68,6 +68,10 @@ def collect(study: Path) -> list[dict[str, Any]]:
         if classified:  # the task's headline metric (accuracy, or GLUE's: matthews, pearson, f1) in that column
             gsm8k = {"accuracy": classified["value"]}
             metric = metric or classified["metric"]
+        preference = [m for m in metrics if "eval_rewards_accuracy" in m]  # --objective dpo|simpo
+        if preference:  # held-out preference accuracy and reward margin, as a classification's metric
+            gsm8k = {"accuracy": preference[-1]["eval_rewards_accuracy"]} if "adapter" in summary else {}
+            metric = "preference accuracy"
         row: dict[str, Any] = {
             "method": cell.spec.label, "seed": cell.seed, "lr": cell.lr,
             "status": "complete" if "adapter" in summary else ("running" if steps else "missing"),
@@ -83,9 +87,11 @@ def collect(study: Path) -> list[dict[str, Any]]:
             "peak_memory_mb": max((m.get("memory_mb", 0.0) for m in steps), default=None),
             "train_s": summary.get("elapsed_s"),
             "eval_curve": [[s, v] for s, v in evals if s > 0]}
-        if classified:  # the held-out task metric by step (train logs eval_<metric>)
-            row["task_curve"] = [[m["step"], m[f"eval_{classified['metric']}"]] for m in metrics
-                                 if f"eval_{classified['metric']}" in m]
+        if preference:  # the held-out reward margin (its own column: studies without it keep their files)
+            row["margin"] = preference[-1]["eval_rewards_margin"] if "adapter" in summary else None
+        if classified or preference:  # the held-out task metric by step (train logs eval_<metric>)
+            key = "eval_rewards_accuracy" if preference else f"eval_{classified['metric']}"
+            row["task_curve"] = [[m["step"], m[key]] for m in metrics if key in m]
         rows.append(row)
     for row, cell in zip(rows, cells(cfg)):
         row["init_eval_loss"] = init_loss.get(cell.spec.key)
@@ -97,7 +103,7 @@ def collect(study: Path) -> list[dict[str, Any]]:
 def _by(rows: list[dict[str, Any]], key: str, method: str, lr: float) -> dict[int, float]:
     """seed → value of ``key`` over the complete runs of (method, lr)."""
     return {r["seed"]: r[key] for r in rows
-            if r["method"] == method and r["lr"] == lr and r["status"] == "complete" and r[key] is not None}
+            if r["method"] == method and r["lr"] == lr and r["status"] == "complete" and r.get(key) is not None}
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -107,13 +113,14 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for method, lr in groups:
         g = {"method": method, "lr": lr, "seeds": len(_by(rows, "eval_loss", method, lr))}
-        for key in ("eval_loss", "train_loss_last", "accuracy", "tokens_per_s", "peak_memory_mb"):
+        margin = ("margin",) if any("margin" in r for r in rows) else ()  # --objective dpo|simpo
+        for key in ("eval_loss", "train_loss_last", "accuracy", *margin, "tokens_per_s", "peak_memory_mb"):
             g[key] = estimate(list(_by(rows, key, method, lr).values()))
         first = next(r for r in rows if r["method"] == method and r["lr"] == lr)
         for key in ("init_eval_loss", "init_reduction_vs_qlora", "init_frobenius", "init_kl"):
             g[key] = first[key]
         if base is not None and method != base:
-            for key in ("eval_loss", "accuracy"):
+            for key in ("eval_loss", "accuracy", *margin):
                 g[f"{key}_vs_{base}"] = paired(_by(rows, key, method, lr), _by(rows, key, base, lr))
         out.append(g)
     return out
@@ -149,6 +156,8 @@ def summary_markdown(study: Path, rows: list[dict[str, Any]], groups: list[dict[
             "init held-out loss", "held-out loss", "Δ vs QLoRA", "train loss (last 10)"]
     metric = rows[0].get("metric", "accuracy") if rows else "accuracy"
     head += [metric, f"Δ {'acc' if metric == 'accuracy' else metric} vs QLoRA"] if acc else []
+    margin = any(g.get("margin") for g in groups)  # --objective dpo|simpo: held-out reward margin
+    head += ["reward margin", "Δ margin vs QLoRA"] if margin else []
     head += ["tokens/s", "peak MiB"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
@@ -157,6 +166,7 @@ def summary_markdown(study: Path, rows: list[dict[str, Any]], groups: list[dict[
                  *([_fmt(g["init_kl"], 5)] if kl else []), _fmt(g["init_eval_loss"]), _fmt(g["eval_loss"]),
                  _fmt(g.get(f"eval_loss_vs_{BASELINE}")), _fmt(g["train_loss_last"])]
         cells += [_fmt(g["accuracy"], 3), _fmt(g.get(f"accuracy_vs_{BASELINE}"), 3)] if acc else []
+        cells += [_fmt(g["margin"], 3), _fmt(g.get(f"margin_vs_{BASELINE}"), 3)] if margin else []
         cells += [_fmt(g["tokens_per_s"], 0), _fmt(g["peak_memory_mb"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     if len(lrs) > 1:
@@ -175,9 +185,10 @@ def summary_markdown(study: Path, rows: list[dict[str, Any]], groups: list[dict[
 def _csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
+    columns = COLUMNS + (("margin",) if any("margin" in r for r in rows) else ())
+    writer.writerow(columns)
     for r in rows:
-        writer.writerow(["" if r[c] is None else r[c] for c in COLUMNS])
+        writer.writerow(["" if r.get(c) is None else r[c] for c in columns])
     return buf.getvalue()
 
 

@@ -72,7 +72,8 @@ def _run(study: Path, cfg: CompareConfig, run_cfg: CompareConfig) -> dict[str, A
             done += 1
             _say(f"[{done}/{total}] decompose {spec.label}")
             _decompose(study, spec, cfg)
-        if cfg.eval_every > 0 and cfg.task != "classification" and not (study / REFERENCE_FILE).exists():
+        if (cfg.eval_every > 0 and cfg.task != "classification" and cfg.objective == "sft"
+                and not (study / REFERENCE_FILE).exists()):
             _say(f"[{done}/{total}] held-out loss of the original model")
             write_json(study / REFERENCE_FILE, _reference(cfg))
         first = {c.spec: c for c in reversed(grid)}  # a method's init is the same in every cell: measure it once
@@ -216,7 +217,8 @@ def _train(study: Path, cell: Cell, cfg: CompareConfig, eval_at_start: bool) -> 
         model=cfg.model if baseline else str(decompose_dir(study, cell.spec)),
         method=cell.spec.name if baseline else "from-out", task="classification" if cfg.task == "classification"
         else "causal-lm", text_field=cfg.text_field, text_pair_field=cfg.text_pair_field, label_field=cfg.label_field,
-        num_labels=cfg.num_labels, data_config=cfg.data_config, data=cfg.data, eval_data=cfg.eval_data, output=str(run), steps=cfg.steps, batch_size=cfg.batch_size,
+        num_labels=cfg.num_labels, objective=cfg.objective, beta=cfg.beta, dpo_loss=cfg.dpo_loss,
+        reference=cfg.reference, max_prompt_length=cfg.max_prompt_length, data_config=cfg.data_config, data=cfg.data, data_limit=cfg.data_limit, eval_data=cfg.eval_data, output=str(run), steps=cfg.steps, batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum, lr=cell.lr, schedule=cfg.schedule, warmup_ratio=cfg.warmup_ratio,
         lora_rank=cfg.rank, data_cfg=DataConfig(template=cfg.template, max_length=cfg.max_length,
                                                 skip_long_prompts=cfg.skip_long_prompts),

@@ -34,6 +34,24 @@ class TrainConfig:
     label_field: str = field(default="label", metadata={"help": "classification: the label column"})
     num_labels: int | None = field(default=None, metadata={
         "help": "classification: number of classes (default: from the data); 1 = regression (MSE)"})
+    objective: Literal["sft", "dpo", "simpo"] = field(default="sft", metadata={
+        "help": "causal-lm: sft (next-token CE on the response), dpo (preference pairs vs the starting policy as "
+                "reference) or simpo (reference-free, length-normalized); dpo/simpo read prompt/chosen/rejected rows "
+                "(text or chat turns), see docs/dpo.md"})
+    beta: float | None = field(default=None, metadata={
+        "help": "dpo/simpo: β, the reward scale (default 0.1 for dpo, 2.0 for simpo)"})
+    dpo_loss: Literal["sigmoid", "ipo"] = field(default="sigmoid", metadata={
+        "help": "dpo: sigmoid (−log σ(βΔ), Rafailov et al.) or ipo ((Δ̄ − 1/2β)², Azar et al.; per-token means)"})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "simpo: the target reward margin γ"})
+    reference: Literal["precompute", "adapter"] = field(default="precompute", metadata={
+        "help": "dpo: the reference (the starting policy) as log-probs computed once before training "
+                "(RUN/reference_logps.safetensors) or as a frozen copy of the starting adapter (no pass over the data, "
+                "twice the adapter memory)"})
+    prompt_field: str = field(default="prompt", metadata={"help": "dpo/simpo: the prompt column"})
+    chosen_field: str = field(default="chosen", metadata={"help": "dpo/simpo: the preferred completion column"})
+    rejected_field: str = field(default="rejected", metadata={"help": "dpo/simpo: the dispreferred completion column"})
+    max_prompt_length: int | None = field(default=None, metadata={
+        "help": "dpo/simpo: keep only the last N prompt tokens (before --max-length cuts the completions' ends)"})
     method: Literal["from-out", "lora", "full"] = field(default="from-out", metadata={
         "help": "from-out: train OUT/adapter on OUT/residual; lora/full: baselines on the original checkpoint (a quantized release is dequantized)"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out data for eval loss (file, dir or Hub id)"})
@@ -103,5 +121,13 @@ class TrainConfig:
                        if self.optim != "adamw" else "")
                 raise UserError(f"--fsdp does not support {bad[0]}{why}; use --optim adamw and --method from-out|lora "
                                 "without --sorsa-gamma/--kernels")
+        if self.objective != "sft":
+            if self.task != "causal-lm" or self.sorsa_gamma > 0 or self.data_cfg.packing:
+                raise UserError(f"--objective {self.objective} trains a causal LM on pairs: it does not take "
+                                "--task classification, --sorsa-gamma or --packing")
+            if self.beta is None:
+                self.beta = 2.0 if self.objective == "simpo" else 0.1
+            if not self.beta > 0:
+                raise UserError(f"--beta {self.beta}: pass a positive number (0.1 is DPO's usual value)")
         if self.data_limit is not None and self.data_limit < 1:
             raise UserError(f"--data-limit {self.data_limit}: pass a positive number of rows")

@@ -33,3 +33,19 @@ def all_reduce_sum(params: list[torch.nn.Parameter], loss_sum: float, d: Dist) -
     total = torch.tensor([loss_sum], dtype=torch.float64, device=params[0].device)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return float(total)
+
+
+def reduce_values(values: dict[str, float], d: Dist) -> dict[str, float]:
+    """Σ over ranks of per-step metrics each rank weighted by its share of the global batch (e.g. DPO rewards)."""
+    if not d.enabled or not values:
+        return values
+    import torch.distributed as dist
+
+    from qpissa.distributed import rank_device
+
+    keys = sorted(values)
+    total = torch.tensor([values[k] for k in keys], dtype=torch.float64,
+                         device=rank_device("cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl"
+                                            else "cpu", d))
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, total.tolist()))

@@ -54,12 +54,12 @@ from qpissa.train import fsdp
 from qpissa.train import fsdp_checkpoint as fsdp_ckpt
 from qpissa.train import trackers
 from qpissa.train.config import TrainConfig, TrainingDiverged
-from qpissa.train.gradsync import all_reduce_sum, sync_from_rank0
+from qpissa.train.gradsync import all_reduce_sum, reduce_values, sync_from_rank0
 from qpissa.train.metrics import evaluate_loss, memory_mb, plot_losses
 from qpissa.train.model import load_model
 from qpissa.train.optim import lr_factor, make_optimizer
 from qpissa.train.sorsa import adapter_pairs, sorsa_step
-from qpissa.train.task import CausalTask, ClassificationTask
+from qpissa.train.task import CausalTask, ClassificationTask, Task
 
 __all__ = ["TrainConfig", "TrainingDiverged", "evaluate_loss", "fit", "load_model", "train"]
 
@@ -95,6 +95,11 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
         cfg, model, tokenizer, task = prepare_classification(cfg)
         return fit(cfg, model, tokenizer, [], [], task=task)
+    if cfg.objective != "sft":  # dpo / simpo: preference pairs on the same loop (qpissa.train.preference_data)
+        from qpissa.train.preference_data import prepare_preference
+
+        cfg, model, tokenizer, task = prepare_preference(cfg)
+        return fit(cfg, model, tokenizer, [], [], task=task)
     kind_dir = Path(cfg.model) / "residual" if cfg.method == "from-out" else Path(cfg.model)
     if (kind_dir / "config.json").exists():
         require_causal_lm(kind_dir, "train")  # an encoder: one line before any data or weights are read
@@ -116,7 +121,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_examples: list[Example],
-        task: CausalTask | ClassificationTask | None = None) -> dict[str, Any]:
+        task: Task | None = None) -> dict[str, Any]:
     """The loop proper, on an already loaded model and tokenized examples (see :func:`train`); ``task`` (default:
     the causal LM on ``examples``) supplies the batches, the loss units and the held-out metrics."""
     task = task or CausalTask(examples, eval_examples, tokenizer.pad_token_id, cfg.batch_size, cfg.precision)
@@ -133,7 +138,8 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
     if not cfg.fsdp:  # FSDP shards hold rank 0's values already (every rank loaded the same files)
         sync_from_rank0(params, d)
     per_step = cfg.batch_size * d.world_size * cfg.grad_accum  # examples per optimizer step (global)
-    total = cfg.steps or max(1, int(cfg.epochs * len(examples) // per_step))
+    size = len(task) if hasattr(task, "__len__") else len(examples)  # preference pairs, or examples
+    total = cfg.steps or max(1, int(cfg.epochs * size // per_step))
     warmup = int(round(cfg.warmup_ratio * total))
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(t, total, warmup, cfg.schedule))
@@ -146,6 +152,8 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
 
     state = ckpt_lib.TrainState()
     config_dict = {**asdict(cfg), **task.config_extra}  # classification: the label map eval reads back
+    if hasattr(task, "prepare"):  # dpo: the reference (the STARTING policy) before a checkpoint is loaded
+        task.prepare(model, run, device, d.is_main)
     if existing:
         state = (fsdp_ckpt.load_checkpoint(existing[-1][1], model, optimizer, scheduler) if cfg.fsdp else
                  ckpt_lib.load_checkpoint(existing[-1][1], model, optimizer, scheduler, full))
@@ -203,20 +211,23 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
             t0 = time.perf_counter()
             micro = [next(stream) for _ in range(cfg.grad_accum)]
             n_step = sum(task.units(b) for b, _ in micro)  # the step's loss units: response tokens or rows
-            loss_sum = 0.0
+            loss_sum, stats = 0.0, {}
+            forward = getattr(task, "forward", None)  # dpo/simpo: the pair loss; else the model's own loss
             for batch, _ in micro:
                 batch = {k: v[shard].to(device) for k, v in batch.items()}  # (B, T) of this rank's rows
                 n = task.units(batch)
                 if n == 0 and not cfg.fsdp:
                     continue  # no response token in this rank's rows: nothing to add (CE would be 0/0)
                 with torch.autocast(**autocast):
-                    out = model(**batch)  # out.loss: mean CE over this micro-batch's units
+                    out = forward(model, batch) if forward else model(**batch)  # out.loss: mean over its units
                 # unit-weighted over the whole step; under FSDP every rank runs backward (its collectives)
                 loss = out.loss.float() * (n / n_step) if n else out.logits.sum() * 0.0
                 if not torch.isfinite(loss):
                     diverged(f"loss became {float(out.loss.detach())}")
                 loss.backward()
                 loss_sum += float(loss.detach())
+                for k, v in getattr(out, "stats", {}).items():  # rewards: unit-weighted like the loss
+                    stats[k] = stats.get(k, 0.0) + v * (n / n_step)
                 del out, loss  # free the (B, T, V) logits before the next forward
             if cfg.fsdp:  # FSDP reduce-scattered the gradient sums; clip over all shards
                 loss_sum, grad_norm = fsdp.reduce_loss(loss_sum, d), fsdp.clip_grad_norm(params, cfg.max_grad_norm)
@@ -243,6 +254,7 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
                    "memory_mb": memory_mb(cfg.device), "epoch": state.pos.epoch}
             if sorsa_value is not None:
                 row["sorsa_reg"] = sorsa_value
+            row.update(reduce_values(stats, d))
             if (d.is_main or cfg.fsdp) and task.has_eval() and ((cfg.eval_every and state.step % cfg.eval_every == 0)
                                                                 or state.step == total):
                 row.update(task.evaluate(model, device))

@@ -57,13 +57,24 @@ def plot_losses(run: Path, rows: list[dict[str, Any]]) -> None:
 
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    preference = any("rewards_margin" in r or "eval_rewards_margin" in r for r in rows)  # --objective dpo|simpo
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(11 if preference else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    if preference:  # the reward margin (train, held-out) and the held-out preference accuracy beside the loss
+        right = axes[0][1]
+        for key, style in (("rewards_margin", "-"), ("eval_rewards_margin", "o-"), ("eval_rewards_accuracy", "s--")):
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                right.plot(*zip(*points), style, label=key.replace("_", " "), lw=1)
+        right.set_xlabel("optimizer step")
+        right.legend()
+        right.grid(alpha=0.3)
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (response tokens)")
+    ax.set_ylabel("preference loss (mean over pairs)" if preference else "cross-entropy (response tokens)")
     ax.legend()
     ax.grid(alpha=0.3)
     with atomic_path(run / "loss.png") as tmp:

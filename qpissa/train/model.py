@@ -45,6 +45,20 @@ def _check_adapter_fits(model, adapter_dir: Path) -> None:
                                 "come from different models")
 
 
+def start_dirs(root: Path) -> tuple[Path, Path]:
+    """(residual, starting adapter) of a decompose OUT, or of a finished ``--method from-out`` run RUN (its
+    RUN/adapter on the OUT/residual it trained on: e.g. DPO after SFT)."""
+    saved = root / "config.json"
+    if not (root / "residual").is_dir() and (root / "adapter" / "adapter_config.json").is_file() and saved.is_file():
+        try:
+            run = json.loads(saved.read_text())
+        except json.JSONDecodeError:
+            run = {}
+        if run.get("method") == "from-out" and run.get("model"):
+            return Path(run["model"]) / "residual", root / "adapter"
+    return root / "residual", root / "adapter"
+
+
 def load_model(cfg: TrainConfig):
     """Build (model, tokenizer, description) for cfg.method; only trainable params require grad."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,10 +67,10 @@ def load_model(cfg: TrainConfig):
     # --fsdp: load into CPU memory; qpissa.train.fsdp.shard moves each block's shard to the device
     device_map = {"": "cpu" if cfg.fsdp else distributed.rank_device(cfg.device, distributed.detect())}
     if cfg.method == "from-out":
-        residual, adapter = root / "residual", root / "adapter"
+        residual, adapter = start_dirs(root)
         if not (residual / "config.json").exists():
-            raise UserError(f"{residual}/config.json not found: pass the output directory of `qpissa decompose`, "
-                            "or --method lora|full with an HF checkpoint")
+            raise UserError(f"{residual}/config.json not found: pass the output directory of `qpissa decompose` "
+                            "(or a finished train run on one), or --method lora|full with an HF checkpoint")
         if not (adapter / "adapter_config.json").exists() or not (adapter / "adapter_model.safetensors").exists():
             raise UserError(f"{adapter} is missing adapter_config.json/adapter_model.safetensors: rerun "
                             f"`qpissa decompose` into {root} (or --resume it)")

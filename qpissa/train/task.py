@@ -8,11 +8,27 @@ step's units and the step's gradient is the mean over the whole global batch, an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Protocol, Sequence
 
 import torch
 
 from qpissa.data import DataPosition, Example, batches, shuffled_batches
+
+
+class Task(Protocol):
+    """What :func:`qpissa.train.loop.fit` asks of a task (:class:`CausalTask`, :class:`ClassificationTask`,
+    :class:`qpissa.train.preference.PreferenceTask`, which also has ``forward``, ``prepare`` and ``__len__``)."""
+
+    name: Any
+    config_extra: Any
+
+    def stream(self, batch_size: int, seed: int, pos: DataPosition) -> Iterator[tuple[dict[str, torch.Tensor], DataPosition]]: ...
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int: ...
+
+    def has_eval(self) -> bool: ...
+
+    def evaluate(self, model, device: str) -> dict[str, float]: ...
 
 
 @dataclass
