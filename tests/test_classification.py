@@ -304,3 +304,24 @@ def test_compare_with_a_head_reports_the_task_metric(minilm_dir: Path, tmp_path:
     assert (study / "runs" / "full" / "seed0-lr0.0002" / "model" / "config.json").exists()  # full: a checkpoint
     table = (study / "summary.md").read_text()
     assert "| accuracy | Δ acc vs QLoRA |" in table
+
+
+def test_epochs_count_the_rows_without_steps(minilm_out: Path, tmp_path: Path) -> None:
+    """Without --steps, one epoch of 24 rows at batch 8 is 3 optimizer steps (the loop once took its length from the
+    causal-LM examples, empty here, and trained a single step)."""
+    from qpissa.classify import encode
+    from qpissa.data import DataConfig, load_records
+    from qpissa.train.classifier_model import load_classifier
+    from qpissa.train.config import TrainConfig
+    from qpissa.train.loop import fit
+    from qpissa.train.task import ClassificationTask
+
+    cfg = TrainConfig(model=str(minilm_out), data=str(PAIRS / "train.jsonl"), output=str(tmp_path / "run"),
+                      task="classification", text_field="question", text_pair_field="step", epochs=1.0, batch_size=8,
+                      lr=1e-3, data_cfg=DataConfig(max_length=64), device="cpu", progress=False)
+    records = load_records(cfg.data, limit=24)
+    labels = infer_labels(records, "label", None, cfg.data)
+    model, tok = load_classifier(cfg, labels)
+    rows = encode(records, tok, "question", "step", "label", labels, 64, cfg.data)
+    summary = fit(cfg, model, tok, [], [], task=ClassificationTask(rows, [], tok, labels, cfg.batch_size))
+    assert summary["steps"] == 3

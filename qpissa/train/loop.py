@@ -138,8 +138,7 @@ def fit(cfg: TrainConfig, model, tokenizer, examples: list[Example], eval_exampl
     if not cfg.fsdp:  # FSDP shards hold rank 0's values already (every rank loaded the same files)
         sync_from_rank0(params, d)
     per_step = cfg.batch_size * d.world_size * cfg.grad_accum  # examples per optimizer step (global)
-    size = len(task) if hasattr(task, "__len__") else len(examples)  # preference pairs, or examples
-    total = cfg.steps or max(1, int(cfg.epochs * size // per_step))
+    total = cfg.steps or max(1, int(cfg.epochs * len(task) // per_step))  # examples, rows or pairs
     warmup = int(round(cfg.warmup_ratio * total))
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(t, total, warmup, cfg.schedule))

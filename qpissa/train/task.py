@@ -26,6 +26,8 @@ class Task(Protocol):
 
     def units(self, batch: dict[str, torch.Tensor]) -> int: ...
 
+    def __len__(self) -> int: ...  # training rows: --epochs counts steps from it
+
     def has_eval(self) -> bool: ...
 
     def evaluate(self, model, device: str) -> dict[str, float]: ...
@@ -46,6 +48,9 @@ class CausalTask:
     def config_extra(self) -> dict[str, Any]:
         """What RUN/config.json records besides the options: nothing for a causal LM."""
         return {}
+
+    def __len__(self) -> int:
+        return len(self.examples)
 
     def stream(self, batch_size: int, seed: int, pos: DataPosition) -> Iterator[tuple[dict[str, torch.Tensor], DataPosition]]:
         return batches(self.examples, batch_size, seed, self.pad_id, pos)
@@ -81,6 +86,9 @@ class ClassificationTask:
     def config_extra(self) -> dict[str, Any]:
         """The label map ``qpissa eval --task classification`` reads back from RUN/config.json."""
         return {"id2label": self.labels.id2label, "labels_from_strings": self.labels.from_strings}
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
     def stream(self, batch_size: int, seed: int, pos: DataPosition) -> Iterator[tuple[dict[str, torch.Tensor], DataPosition]]:
         from qpissa.classify import collate as collate_rows
