@@ -18,7 +18,7 @@ from qpissa.adapters import Adapter, module_scale, read_adapter
 from qpissa.errors import UserError
 from qpissa.formats import TensorInfo, load_tensor, scan_checkpoint, weight_key
 from qpissa.moe import CONFIG_KEY
-from qpissa.use.merge import _COMPANIONS, QS_KEY, _read_nf4
+from qpissa.use.merge import NF4_COMPANIONS, QS_KEY, read_nf4
 
 _EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<index>\d+)\.(?P<proj>\w+)\.weight$")
 
@@ -37,7 +37,7 @@ class TensorSource:
                             "bitsandbytes NF4; export a bf16 or NF4 checkpoint")
         self.by_name = {i.name: i for i in scan_checkpoint(model_dir)}
         self.quantized = {n for n in self.by_name if n + QS_KEY in self.by_name}
-        companions = {f"{n}.{s}" for n in self.quantized for s in _COMPANIONS}
+        companions = {f"{n}.{s}" for n in self.quantized for s in NF4_COMPANIONS}
         self.names = [n for n in self.by_name if n not in companions]
         # MoE experts stored one matrix per expert (…experts.{e}.gate_proj.weight): llama.cpp wants them stacked,
         # one (E, m, n) tensor …experts.gate_proj.weight per layer and projection
@@ -80,7 +80,7 @@ class TensorSource:
             return torch.stack([self.weight(n) for n in self.experts[name]])  # (E, m, n)
         info: TensorInfo = self.by_name[name]
         if name in self.quantized:
-            return _read_nf4(info, self.by_name).float()
+            return read_nf4(info, self.by_name).float()
         return load_tensor(info).float()
 
     def lora(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float, int] | None:

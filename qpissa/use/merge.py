@@ -42,7 +42,7 @@ from qpissa.quant import NF4Spec, NF4Tensor, dequantize_nf4, quantization_config
 MergeDType = Literal["bfloat16", "float16", "float32"]
 Quantize = Literal["none", "nf4"]
 QS_KEY = ".quant_state.bitsandbytes__nf4"
-_COMPANIONS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
+NF4_COMPANIONS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 
 
 @dataclass
@@ -59,11 +59,11 @@ class MergeConfig:
         check_choices(self)
 
 
-def _read_nf4(weight: TensorInfo, by_name: dict[str, TensorInfo], device: str = "cpu") -> torch.Tensor:
+def read_nf4(weight: TensorInfo, by_name: dict[str, TensorInfo], device: str = "cpu") -> torch.Tensor:
     """Dequantize one serialized bitsandbytes NF4 weight (packed bytes + companions) to fp32 (m×n) on ``device``."""
     from bitsandbytes.functional import QuantState
 
-    parts = {s: load_tensor(by_name[f"{weight.name}.{s}"]) for s in _COMPANIONS if f"{weight.name}.{s}" in by_name}
+    parts = {s: load_tensor(by_name[f"{weight.name}.{s}"]) for s in NF4_COMPANIONS if f"{weight.name}.{s}" in by_name}
     state = QuantState.from_dict(parts, device=torch.device(device))
     return dequantize_nf4(NF4Tensor(load_tensor(weight).to(device), state))  # (m, n)
 
@@ -119,7 +119,7 @@ def _merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
     fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
     deltas = {_weight_key(m, by_name): m for m in adapter.factors}
     dtype = getattr(torch, cfg.dtype)
-    companion = {f"{n}.{s}" for n in by_name if n + QS_KEY in by_name for s in _COMPANIONS}
+    companion = {f"{n}.{s}" for n in by_name if n + QS_KEY in by_name for s in NF4_COMPANIONS}
     quantized_in = {n for n in by_name if n + QS_KEY in by_name}
     requant = set(deltas) if cfg.quantize == "nf4" else set()  # untouched NF4 tensors are copied byte for byte
 
@@ -132,10 +132,10 @@ def _merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
             return {name: experts.produce(name, device).to(dtype).cpu()}
         info = by_name[name]
         if cfg.quantize == "nf4" and name in quantized_in and name not in deltas:  # untouched NF4: copy its bytes
-            keys = [name] + [k for k in (f"{name}.{s}" for s in _COMPANIONS) if k in by_name]
+            keys = [name] + [k for k in (f"{name}.{s}" for s in NF4_COMPANIONS) if k in by_name]
             return {k: load_tensor(by_name[k]) for k in keys}
         if name in quantized_in:
-            w = _read_nf4(info, by_name, device)  # (m, n) fp32
+            w = read_nf4(info, by_name, device)  # (m, n) fp32
         else:
             w = load_tensor(info)
         if name in deltas or name in requant:
