@@ -20,6 +20,7 @@ from qpissa.lock import LOCK_NAME, OutputLock
 from qpissa.decompose.config import DecomposeConfig
 from qpissa.decompose.experts import ExpertTarget
 from qpissa.decompose.methods import QUANTIZED_METHODS
+from qpissa.decompose.sharding import known_parts
 from qpissa.decompose.targets import Target
 
 OUTPUTS = ("residual", "adapter", ".parts", "manifest.json", "report.json", "report.csv", "report.md",
@@ -98,14 +99,15 @@ def check_space(out_dir: Path, expected: int) -> None:
 
 
 def kept(out_dir: Path, total: int | None = None) -> str | None:
-    """What ``--resume`` reuses of an interrupted run: its journaled tensors (None: nothing yet)."""
+    """What ``--resume`` reuses of an interrupted run: its journaled tensors, in manifest.json or (under torchrun)
+    the ranks' fragments (None: nothing yet)."""
     try:
         manifest = json.loads((out_dir / "manifest.json").read_text())
     except (OSError, ValueError):
-        return None
-    done = [e for e in manifest.get("tensors", {}).values() if (out_dir / ".parts" / e.get("part", "?")).exists()]
+        manifest = {}
     if manifest.get("status") == "complete":
         return "the finished decomposition"
+    done = [e for e in known_parts(out_dir).values() if (out_dir / ".parts" / e.get("part", "?")).exists()]
     if not done and "curves" not in manifest:
         return None
     curves = f", {len(manifest['curves'])} error curves" if manifest.get("curves") else ""
