@@ -32,13 +32,18 @@ def expert_wrapper(experts_module: str, kind: str) -> str:
     return f"{experts_module}.base_layer" if kind == "gate_up_proj" else experts_module
 
 
-def expert_parameter(module: str) -> tuple[str, str] | None:
+def expert_parameter(module: str, target_parameters: list[str] | None = None) -> tuple[str, str] | None:
     """The inverse of :func:`expert_wrapper`: (experts module, fused parameter) of an adapter module, or None when
-    ``module`` is not an MoE experts wrapper."""
+    ``module`` is not an MoE experts wrapper. An experts module of one parameter (JetMoE's ``mlp.input_linear``
+    holding ``weight``) is its own wrapper: found by the adapter config's block-relative ``target_parameters``."""
     if module.endswith(".experts.base_layer"):
         return module.removesuffix(".base_layer"), "gate_up_proj"
     if module.endswith(".experts"):
         return module, "down_proj"
+    for target in target_parameters or ():
+        owner, kind = target.rsplit(".", 1)
+        if module == owner or module.endswith("." + owner):
+            return module, kind
     return None
 
 

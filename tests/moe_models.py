@@ -17,7 +17,8 @@ ALL_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwe
                 "gpt_oss", "granitemoe", "phimoe", "ernie4_5_moe", "dots1", "hunyuan_v1_moe", "minimax",
                 # more transformers 5 families with routed experts, read by the same roles without code of their own
                 "deepseek_v2", "glm4_moe_lite", "minimax_m2", "granitemoeshared", "flex_olmo", "afmoe", "cohere2_moe",
-                "exaone_moe", "mellum", "solar_open")
+                "exaone_moe", "mellum", "solar_open", "aria_text", "beam", "flint", "granitemoe_swa", "kolibri1",
+                "mimo_v2_flash", "minimax_m3_vl_text", "jetmoe")
 EXPERTS, HIDDEN, INTER = 4, 64, 64
 SMALL = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              max_position_embeddings=64, tie_word_embeddings=False, intermediate_size=INTER,

@@ -125,17 +125,23 @@ def routing_children(block: torch.nn.Module, hidden: int) -> set[str] | None:
     return None
 
 
+def _stacks(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's own 3-D parameters (a convolution's kernel is 3-D too: none)."""
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        return {}
+    return {p: t for p, t in module.named_parameters(recurse=False) if t.ndim == 3}
+
+
 def model_roles(model: torch.nn.Module) -> Roles:
     """:class:`Roles` of a (meta-device) model; see the module docstring."""
     experts: dict[str, ExpertParam] = {}
     biases, routers, shared = [], [], []
     modules = dict(model.named_modules())
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    for name, module in modules.items():
-        params = dict(module.named_parameters(recurse=False))
-        stacks = {p: t for p, t in params.items() if t.ndim == 3}
-        if not stacks or isinstance(module, torch.nn.modules.conv._ConvNd):  # a convolution's kernel is 3-D too
-            continue
+    holders = dict.fromkeys(name for name, module in modules.items() if _stacks(module))  # JetMoE: two experts modules per block
+    for name in holders:
+        module = modules[name]
+        params, stacks = dict(module.named_parameters(recurse=False)), _stacks(module)
         transposed = bool(getattr(module, "is_transposed", False))
         for p, t in stacks.items():
             experts[f"{name}.{p}"] = ExpertParam(name, p, tuple(t.shape), transposed)
@@ -146,7 +152,7 @@ def model_roles(model: torch.nn.Module) -> Roles:
         routing = routing_children(block, hidden) if hidden else None
         for child, sub in block.named_children():
             full = f"{block_name}.{child}" if block_name else child
-            if full == name:
+            if full in holders or full in routers or full in shared:  # another experts module, or seen already
                 continue
             matrices = any(p.ndim >= 2 for p in sub.parameters())
             if routing is not None and child in routing and matrices:
