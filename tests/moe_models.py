@@ -18,7 +18,7 @@ ALL_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwe
                 # more transformers 5 families with routed experts, read by the same roles without code of their own
                 "deepseek_v2", "glm4_moe_lite", "minimax_m2", "granitemoeshared", "flex_olmo", "afmoe", "cohere2_moe",
                 "exaone_moe", "mellum", "solar_open", "aria_text", "beam", "flint", "granitemoe_swa", "kolibri1",
-                "mimo_v2_flash", "minimax_m3_vl_text", "jetmoe")
+                "mimo_v2_flash", "minimax_m3_vl_text", "jetmoe", "hy_v3", "minicpm5_moe", "nemotron_h")
 EXPERTS, HIDDEN, INTER = 4, 64, 64
 SMALL = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              max_position_embeddings=64, tie_word_embeddings=False, intermediate_size=INTER,
@@ -34,7 +34,10 @@ SMALL = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num
 
 MLA = {"num_key_value_heads": 4, "qk_rope_head_dim": 32, "head_dim": 32, "kv_lora_rank": 64}  # as many k/v heads as q
 PER_FAMILY = {"deepseek_v3": MLA, "deepseek_v2": MLA, "glm4_moe_lite": MLA, "kimi_linear": MLA,
-              "zaya": {"num_experts_per_tok": 1}}  # ZAYA routes top-1
+              "zaya": {"num_experts_per_tok": 1},  # ZAYA routes top-1
+              "nemotron_h": {"layers_block_type": ["linear_attention", "full_attention", "moe"], "mamba_num_heads": 16, "mamba_head_dim": 8,
+                             "ssm_state_size": 8, "n_groups": 1, "chunk_size": 16, "moe_shared_expert_intermediate_size": INTER},
+              }
 
 
 def decaying(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:

@@ -164,6 +164,14 @@ def model_roles(model: torch.nn.Module) -> Roles:
     return Roles(experts, tuple(routers), tuple(biases), tuple(shared))
 
 
+def expert_order(model_dir: Path) -> dict[str, list[str]]:
+    """Experts module → its fused parameters in registration order (PEFT nests their LoRA wrappers so)."""
+    order: dict[str, list[str]] = {}
+    for param in roles_of(model_dir).experts.values():
+        order.setdefault(param.module, []).append(param.name)
+    return order
+
+
 def meta_model(model_dir: str) -> tuple[torch.nn.Module, str]:
     """The model of ``model_dir``'s config.json built on the meta device, and its architecture class name (cached
     while config.json is unchanged: targets, experts and routers are read from one build)."""
@@ -208,7 +216,8 @@ def checkpoint_map(model_dir: Path, names: list[str]) -> dict[str, tuple[str, in
     """Checkpoint tensor name → (its name in the model, expert index or None, part) by transformers' conversion
     mapping of the family: per-expert tensors merged into a fused parameter get their expert index and which part
     of a concatenation they are (0 gate, 1 up); anything else maps by renaming alone (expert None, part 0).
-    A conversion of another kind than merging experts and concatenating along the output rows is refused."""
+    A tensor that a conversion of another kind makes (split, concatenated or transposed) keeps its checkpoint name:
+    no model name collides with it, so it is never read as a target, a router or an expert."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming, rename_source_key
 
@@ -225,9 +234,10 @@ def checkpoint_map(model_dir: Path, names: list[str]) -> dict[str, tuple[str, in
         conv = next(c for c in converters if pattern in c.source_patterns)
         ops = [(type(o), getattr(o, "dim", None)) for o in conv.operations]
         if ops not in ([(MergeModulelist, 0)], [(MergeModulelist, 0), (Concatenate, 1)]):
-            raise UserError(f"{model_dir}: tensor {name} is converted by transformers with "
-                            f"{[type(o).__name__ for o in conv.operations]}; this expert layout is not supported")
-        m = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), name)
+            out[name] = (name, None, 0)  # split q/k/v, concatenated convolutions, transposed kernels: no target
+            continue  # reads it (a target that needs it is refused by its lookup); it is copied as it is
+        m = (re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), name)
+             or re.search(pattern.replace("*", r"(\d+)"), name))  # a pattern written as a regex (``\.experts.*.w1``)
         if m is None or not m.groups():
             raise UserError(f"{model_dir}: cannot read the expert index of tensor {name} (pattern {pattern})")
         out[name] = (new, int(m.group(1)), conv.source_patterns.index(pattern))
