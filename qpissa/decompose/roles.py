@@ -148,11 +148,13 @@ def model_roles(model: torch.nn.Module) -> Roles:
         n_experts = next(iter(stacks.values())).shape[0]
         biases += [f"{name}.{p}" for p, t in params.items() if t.ndim == 2 and t.shape[0] == n_experts]
         block_name = name.rsplit(".", 1)[0] if "." in name else ""
+        while block_name and len(list(modules[block_name].children())) == 1:  # a wrapper (DBRX's experts.mlp): the
+            block_name = block_name.rsplit(".", 1)[0] if "." in block_name else ""  # block is the one with the router
         block = modules[block_name]
         routing = routing_children(block, hidden) if hidden else None
         for child, sub in block.named_children():
             full = f"{block_name}.{child}" if block_name else child
-            if full in holders or full in routers or full in shared:  # another experts module, or seen already
+            if full in holders or name.startswith(full + ".") or full in routers or full in shared:  # experts, seen
                 continue
             matrices = any(p.ndim >= 2 for p in sub.parameters())
             if routing is not None and child in routing and matrices:
@@ -207,9 +209,19 @@ def roles_of(model_dir: Path) -> Roles:
         config = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
         config = {}
-    if isinstance(config, dict) and not any(re.search(r"expert", k) for k in config):
+    if isinstance(config, dict) and not any(re.search(r"expert", k) for k in config) \
+            and not any(isinstance(v, dict) and any("expert" in k for k in v) for v in config.values()):
         return Roles()
-    return model_roles(meta_model(str(model_dir))[0])
+    model = meta_model(str(model_dir))[0]
+    roles = model_roles(model)
+    if not roles.experts:  # experts that are no [E, ·, ·] parameter (DBRX's [E·I, H]): refused, never left bf16
+        modules = dict(model.named_modules())
+        for name, param in model.named_parameters():
+            owner = modules[name.rsplit(".", 1)[0]] if "." in name else model
+            if ".experts." in f".{name}" and param.ndim >= 2 and not isinstance(owner, torch.nn.Linear):
+                raise UserError(f"{model_dir}: the experts are held as {name} {list(param.shape)}, not as one "
+                                "[experts, out, in] parameter per kind; this expert layout is not supported")
+    return roles
 
 
 def checkpoint_map(model_dir: Path, names: list[str]) -> dict[str, tuple[str, int | None, int]]:
