@@ -22,6 +22,10 @@ ALL_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwe
                 "kimi_linear", "qwen3_5_moe_text", "longcat_flash", "jamba", "granitemoehybrid")
 REFUSED = {  # family → why decompose refuses it in one line, writing nothing (tests/test_moe_families.py)
     "dbrx": "experts are held as .*experts.mlp.w1 \\[256, 64\\], not as one \\[experts, out, in\\] parameter",
+    # transformers makes these targets on load from another tensor (a fused q/k/v split, a transposed kernel):
+    "lara_mini": "target module .*linear_attn.in_proj_qkv has no tensor",
+    "param2moe": "target module .*self_attn.q_proj has no tensor", "sarvam_moe": "target module .*self_attn.q_proj has no tensor",
+    "ergo": "target module .*shared_experts.up_proj has no tensor",
 }
 EXPERTS, HIDDEN, INTER = 4, 64, 64
 SMALL = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

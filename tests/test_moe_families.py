@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from moe_models import ALL_FAMILIES, EXPERTS, build
+from moe_models import ALL_FAMILIES, EXPERTS, REFUSED, build
 from safetensors import safe_open
 
 FAST = ("qwen2_moe", "deepseek_v3")
@@ -124,6 +124,19 @@ def test_family_end_to_end(family, smollm2_dir, tiny_data, tmp_path):
 @pytest.mark.parametrize("family", [f for f in ALL_FAMILIES if f not in FAST])
 def test_every_family_end_to_end(family, smollm2_dir, tiny_data, tmp_path):
     run_family(family, tmp_path, smollm2_dir, tiny_data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_refused_family(family, tmp_path):
+    """A family whose experts qpissa cannot take is refused in one line naming the tensor: nothing written."""
+    from qpissa.decompose import decompose
+    from qpissa.errors import UserError
+
+    src = build(family, tmp_path / "src")
+    with pytest.raises(UserError, match=REFUSED[family]) as err:
+        decompose(src, tmp_path / "out", rank=RANK, progress=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
 
 
 ROLES = {  # family → (router/gate children of its MoE block, shared-expert children): what the model card describes
