@@ -11,7 +11,10 @@ A name list per family breaks on the next family (Granite's experts have no ``ex
 - **MoE block**: the experts module's parent. Its child whose output feeds the block's first top-k (traced on meta
   tensors, :func:`routing_children`) is the **router**, and any other child holding a single matrix a **gate**
   (``shared_expert_gate`` [1, H]): never targets, never 4-bit, whatever their shape; the report lists them. Other
-  children with two or more linear layers are shared experts (MLPs: ordinary linear targets).
+  children with two or more linear layers are shared experts (MLPs: ordinary linear targets); another experts
+  module beside it (JetMoE's ``input_linear`` and ``output_linear``) is experts too, no router.
+- experts held otherwise (DBRX's [E·I, H] parameters under ``experts``): refused in one line (:func:`roles_of`),
+  never left in bf16 beside a targeted router.
 - dense MLPs outside MoE blocks (DeepSeek-V3's first layers) are plain linear targets.
 
 Checkpoint names map to the model's names with transformers' own conversion mapping for the family
@@ -148,13 +151,11 @@ def model_roles(model: torch.nn.Module) -> Roles:
         n_experts = next(iter(stacks.values())).shape[0]
         biases += [f"{name}.{p}" for p, t in params.items() if t.ndim == 2 and t.shape[0] == n_experts]
         block_name = name.rsplit(".", 1)[0] if "." in name else ""
-        while block_name and len(list(modules[block_name].children())) == 1:  # a wrapper (DBRX's experts.mlp): the
-            block_name = block_name.rsplit(".", 1)[0] if "." in block_name else ""  # block is the one with the router
         block = modules[block_name]
         routing = routing_children(block, hidden) if hidden else None
         for child, sub in block.named_children():
             full = f"{block_name}.{child}" if block_name else child
-            if full in holders or name.startswith(full + ".") or full in routers or full in shared:  # experts, seen
+            if full in holders or full in routers or full in shared:  # another experts module, or seen already
                 continue
             matrices = any(p.ndim >= 2 for p in sub.parameters())
             if routing is not None and child in routing and matrices:
