@@ -50,11 +50,12 @@ def run_family(family: str, root: Path, tokenizer: Path, data: Path) -> None:
     report = decompose(src, root / "out", rank=RANK, progress=False)
 
     # experts: every fused parameter of every MoE layer, each expert a target with NF4 bytes
-    assert roles.experts and report["experts"]["matrices"] == EXPERTS * len(roles.experts)
+    assert roles.experts and report["experts"]["matrices"] == sum(p.shape[0] for p in roles.experts.values())
+    assert all(p.shape[0] in (EXPERTS, 1) for p in roles.experts.values())  # 1: a shared expert held as a stack
     with safe_open(str(root / "out/residual/nf4-experts.safetensors"), "pt") as f:
         nf4 = set(f.keys())
-    for key in roles.experts:
-        assert all(f"{key.rsplit('.', 1)[0]}.{e}.{key.rsplit('.', 1)[1]}.weight" in nf4 for e in range(EXPERTS))
+    for key, param in roles.experts.items():
+        assert all(f"{key.rsplit('.', 1)[0]}.{e}.{key.rsplit('.', 1)[1]}.weight" in nf4 for e in range(param.shape[0]))
     # routers/gates: found, never targets, in the residual byte for byte in their source dtype
     source, residual = keys_of(src), keys_of(root / "out/residual")
     routers = report["experts"]["routers"]
