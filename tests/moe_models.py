@@ -24,7 +24,8 @@ REFUSED = {  # family → why decompose refuses it in one line, writing nothing 
     "dbrx": "experts are held as .*experts.mlp.w1 \\[256, 64\\], not as one \\[experts, out, in\\] parameter",
     # transformers makes these targets on load from another tensor (a fused q/k/v split, a transposed kernel):
     "lara_mini": "target module .*linear_attn.in_proj_qkv has no tensor",
-    "param2moe": "target module .*self_attn.q_proj has no tensor", "sarvam_moe": "target module .*self_attn.q_proj has no tensor",
+    "param2moe": "target module .*self_attn.q_proj has no tensor",
+    "sarvam_moe": "target module .*self_attn.q_proj has no tensor",
     "ergo": "target module .*shared_experts.up_proj has no tensor",
 }
 EXPERTS, HIDDEN, INTER = 4, 64, 64
@@ -54,9 +55,11 @@ PER_FAMILY = {"deepseek_v3": MLA, "deepseek_v2": MLA, "glm4_moe_lite": MLA, "kim
                                    "shared_intermediate_size": INTER},
               "dbrx": {"d_model": HIDDEN, "n_heads": 4, "n_layers": 2, "max_seq_len": 64,
                        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0},
-                       "ffn_config": {"hidden_size": HIDDEN, "ffn_hidden_size": INTER, "moe_num_experts": EXPERTS, "moe_top_k": 2}},
-              "nemotron_h": {"layers_block_type": ["linear_attention", "full_attention", "moe"], "mamba_num_heads": 16, "mamba_head_dim": 8,
-                             "ssm_state_size": 8, "n_groups": 1, "chunk_size": 16, "moe_shared_expert_intermediate_size": INTER},
+                       "ffn_config": {"hidden_size": HIDDEN, "ffn_hidden_size": INTER, "moe_num_experts": EXPERTS,
+                                      "moe_top_k": 2}},
+              "nemotron_h": {"layers_block_type": ["linear_attention", "full_attention", "moe"], "mamba_num_heads": 16,
+                             "mamba_head_dim": 8, "ssm_state_size": 8, "n_groups": 1, "chunk_size": 16,
+                             "moe_shared_expert_intermediate_size": INTER},
               }
 
 

@@ -141,7 +141,7 @@ def model_roles(model: torch.nn.Module) -> Roles:
     biases, routers, shared = [], [], []
     modules = dict(model.named_modules())
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    holders = dict.fromkeys(name for name, module in modules.items() if _stacks(module))  # JetMoE: two experts modules per block
+    holders = dict.fromkeys(n for n, m in modules.items() if _stacks(m))  # JetMoE: two experts modules a block
     for name in holders:
         module = modules[name]
         params, stacks = dict(module.named_parameters(recurse=False)), _stacks(module)
