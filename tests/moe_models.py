@@ -19,7 +19,7 @@ ALL_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwe
                 "deepseek_v2", "glm4_moe_lite", "minimax_m2", "granitemoeshared", "flex_olmo", "afmoe", "cohere2_moe",
                 "exaone_moe", "mellum", "solar_open", "aria_text", "beam", "flint", "granitemoe_swa", "kolibri1",
                 "mimo_v2_flash", "minimax_m3_vl_text", "jetmoe", "hy_v3", "minicpm5_moe", "nemotron_h",
-                "kimi_linear", "qwen3_5_moe_text", "longcat_flash", "jamba", "granitemoehybrid", "zaya", "inkling_text")
+                "kimi_linear", "qwen3_5_moe_text", "longcat_flash", "jamba", "granitemoehybrid", "zaya", "inkling_text", "axk1", "sarvam_mla")
 REFUSED = {  # family → why decompose refuses it in one line, writing nothing (tests/test_moe_families.py)
     "dbrx": "experts are held as .*experts.mlp.w1 \\[256, 64\\], not as one \\[experts, out, in\\] parameter",
     # transformers makes these targets on load from another tensor (a fused q/k/v split, a transposed kernel):
@@ -42,7 +42,7 @@ SMALL = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num
 
 
 MLA = {"num_key_value_heads": 4, "qk_rope_head_dim": 32, "head_dim": 32, "kv_lora_rank": 64}  # as many k/v heads as q
-PER_FAMILY = {"deepseek_v3": MLA, "deepseek_v2": MLA, "glm4_moe_lite": MLA, "kimi_linear": MLA,
+PER_FAMILY = {"deepseek_v3": MLA, "deepseek_v2": MLA, "glm4_moe_lite": MLA, "axk1": MLA, "sarvam_mla": MLA,
               "zaya": {"num_experts_per_tok": 1, "num_key_value_heads": 4},  # ZAYA routes top-1
               "kimi_linear": MLA | {"num_experts_per_token": 2, "num_expert_group": 1, "topk_group": 1},
               "qwen3_5_moe_text": {"linear_num_value_heads": 32},  # in_proj_a/b: one row per value head, 32 rows
