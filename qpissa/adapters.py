@@ -25,21 +25,36 @@ def adapter_key(module: str, which: str) -> str:
     return f"base_model.model.{module}.{which}.weight"
 
 
-def expert_wrapper(experts_module: str, kind: str) -> str:
-    """Where PEFT 0.21 keeps the LoRA of an MoE experts module's fused parameter ``kind`` (``target_parameters``):
-    for two parameters of one module it nests the wrappers, ``gate_up_proj`` inside (``….experts.base_layer``),
-    ``down_proj`` outside (``….experts``)."""
-    return f"{experts_module}.base_layer" if kind == "gate_up_proj" else experts_module
+def expert_wrapper(experts_module: str, kind: str, kinds: list[str] | None = None) -> str:
+    """Where PEFT 0.21 keeps the LoRA of an MoE experts module's fused parameter ``kind`` (``target_parameters``).
+    For several targeted parameters of one module it nests the wrappers in the module's parameter order
+    (``kinds``, as registered): the first innermost. ``gate_up_proj`` sits in ``….experts.base_layer``,
+    ``down_proj`` in ``….experts``; Nemotron-H's ``up_proj``/``down_proj`` likewise; one parameter (JetMoE) in
+    the module itself. Without ``kinds``: ``gate_up_proj`` and ``down_proj``."""
+    kinds = kinds or (["gate_up_proj", "down_proj"] if kind in ("gate_up_proj", "down_proj") else [kind])
+    return experts_module + ".base_layer" * (len(kinds) - 1 - kinds.index(kind))
 
 
-def expert_parameter(module: str) -> tuple[str, str] | None:
+def expert_parameter(module: str, target_parameters: list[str] | None = None,
+                     order: dict[str, list[str]] | None = None) -> tuple[str, str] | None:
     """The inverse of :func:`expert_wrapper`: (experts module, fused parameter) of an adapter module, or None when
-    ``module`` is not an MoE experts wrapper."""
-    if module.endswith(".experts.base_layer"):
-        return module.removesuffix(".base_layer"), "gate_up_proj"
-    if module.endswith(".experts"):
-        return module, "down_proj"
-    return None
+    ``module`` is not an MoE experts wrapper. The experts module's targeted parameters come from the adapter
+    config's block-relative ``target_parameters``, their nesting order from ``order`` (experts module → its
+    parameters as registered; :attr:`qpissa.decompose.roles.Roles.experts`), else gate_up_proj/up_proj first."""
+    owner, depth = module, 0
+    while owner.endswith(".base_layer"):
+        owner, depth = owner.removesuffix(".base_layer"), depth + 1
+    kinds = [t.rsplit(".", 1)[1] for t in target_parameters or ()
+             if owner == t.rsplit(".", 1)[0] or owner.endswith("." + t.rsplit(".", 1)[0])]
+    if not kinds and owner.endswith(".experts"):  # an adapter config without target_parameters: the usual pair
+        kinds = ["gate_up_proj", "down_proj"]
+    if order and owner in order:
+        kinds = [k for k in order[owner] if k in kinds]
+    else:
+        kinds = sorted(kinds, key=lambda k: (k != "gate_up_proj" and k != "up_proj", k))
+    if depth >= len(kinds):
+        return None
+    return owner, kinds[len(kinds) - 1 - depth]
 
 
 def adapter_config(*, base_model: str, rank: int, alpha: float, rslora: bool, target_modules: list[str],

@@ -118,9 +118,12 @@ def attach_nf4_experts(model: nn.Module, residual: Path, file: str = NF4_EXPERTS
             param.data = _placeholder(param, dtype)  # the load's dtype (transformers may make missing ones another)
             stacks[kind] = param
             count += 1
-        if stacks:
-            block.register_forward_pre_hook(_fill(experts, stacks))
-            block.register_forward_hook(_drop(stacks))
+        if stacks:  # the block's hooks, and the experts module's own for blocks that call it outside its forward
+            running: list[bool] = []  # (JetMoE's attention calls its experts' ``map``/``reduce``, not the block)
+            block.register_forward_pre_hook(_fill(experts, stacks, running, block=True))
+            block.register_forward_hook(_drop(stacks, running, block=True))
+            experts.register_forward_pre_hook(_fill(experts, stacks, running))
+            experts.register_forward_hook(_drop(stacks, running))
     return count
 
 
@@ -131,15 +134,25 @@ def _placeholder(param: torch.Tensor, dtype: torch.dtype | None = None) -> torch
     return placeholder(param, dtype=dtype)
 
 
-def _fill(experts: nn.Module, stacks: dict[str, nn.Parameter]):
+def _fill(experts: nn.Module, stacks: dict[str, nn.Parameter], running: list[bool], block: bool = False):
+    """Dequantize the stacks into the parameters (once: the experts' hook inside a running block finds them full)."""
     def hook(_module, _args):
+        if block:
+            running.append(True)
+        elif running:
+            return
         for kind, param in stacks.items():
             param.data = getattr(experts, f"nf4_{kind}").dequantize(param.dtype)
     return hook
 
 
-def _drop(stacks: dict[str, nn.Parameter]):
+def _drop(stacks: dict[str, nn.Parameter], running: list[bool], block: bool = False):
+    """Back to placeholders when the block ends (or the experts module, called outside a running block)."""
     def hook(_module, _args, _output):
+        if block:
+            running.pop()
+        elif running:
+            return
         for param in stacks.values():
             param.data = _placeholder(param)
     return hook

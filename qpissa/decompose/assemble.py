@@ -12,6 +12,7 @@ from qpissa.decompose.allocation import scale_alpha
 from qpissa.decompose.methods import QUANTIZED_METHODS, adapter_scale
 from qpissa.decompose.expert_rank import adapter_patterns, expert_rank
 from qpissa.decompose.experts import ExpertTarget, peft_factors, target_parameters
+from qpissa.decompose.roles import expert_order
 from qpissa.decompose.targets import Target
 from qpissa.adapters import adapter_config, adapter_key
 from qpissa.formats import (TensorInfo, copy_side_files, load_tensor, byte_size, save_tensors, write_index,
@@ -91,7 +92,7 @@ def assemble(model_dir: Path, out_dir: Path, tensors: list[TensorInfo], targets:
         else:
             adapter[adapter_key(t.module, "lora_A")], adapter[adapter_key(t.module, "lora_B")] = a, b
     tuned = experts if expert_rank(cfg) else []  # --expert-rank 0: NF4 experts with no adapter
-    adapter.update(peft_factors(tuned, expert_factors))
+    adapter.update(peft_factors(tuned, expert_factors, expert_order(model_dir) if tuned else None))
     save_tensors(adapter_dir / "adapter_model.safetensors", adapter)
     alpha = float(cfg.rank if cfg.alpha is None else cfg.alpha)
     patterns = {}

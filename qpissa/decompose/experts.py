@@ -197,12 +197,14 @@ def check_plain_residual(targets: list[ExpertTarget]) -> None:
                         "all experts fused: use --experts-dtype nf4 (the default)")
 
 
-def peft_factors(targets: list[ExpertTarget], factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def peft_factors(targets: list[ExpertTarget], factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 order: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
     """PEFT ``target_parameters`` tensors per experts module and kind from per-expert (A_e r×in, B_e out×r).
 
     PEFT 0.21's ParamWrapper reads ``lora_A`` (r·E, in) as (E, r, in), expert-major, and ``lora_B`` (out, r·E) as
     (out, r, E), expert-minor (its ``get_delta_weight``); for two parameters of one module it nests the wrappers,
-    ``gate_up_proj`` inside (``experts.base_layer.lora_*``), ``down_proj`` outside (``experts.lora_*``)."""
+    ``gate_up_proj`` inside (``experts.base_layer.lora_*``), ``down_proj`` outside (``experts.lora_*``): in the
+    module's parameter order (``order``: experts module → its parameters as registered)."""
     groups: dict[tuple[str, str], list[ExpertTarget]] = defaultdict(list)
     for t in targets:
         groups[(t.experts_module, t.kind)].append(t)
@@ -211,7 +213,8 @@ def peft_factors(targets: list[ExpertTarget], factors: dict[str, tuple[torch.Ten
         members.sort(key=lambda t: t.expert)
         a = torch.cat([factors[t.module][0] for t in members])  # (E·r, in)
         b = torch.stack([factors[t.module][1] for t in members], dim=-1)  # (out, r, E)
-        where = expert_wrapper(module, kind)
+        kinds, registered = {k for m, k in groups if m == module}, (order or {}).get(module)
+        where = expert_wrapper(module, kind, [k for k in registered if k in kinds] if registered else None)
         out[f"base_model.model.{where}.lora_A.weight"] = a.contiguous()
         out[f"base_model.model.{where}.lora_B.weight"] = b.reshape(b.shape[0], -1).contiguous()
     return out

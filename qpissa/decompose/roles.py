@@ -11,7 +11,10 @@ A name list per family breaks on the next family (Granite's experts have no ``ex
 - **MoE block**: the experts module's parent. Its child whose output feeds the block's first top-k (traced on meta
   tensors, :func:`routing_children`) is the **router**, and any other child holding a single matrix a **gate**
   (``shared_expert_gate`` [1, H]): never targets, never 4-bit, whatever their shape; the report lists them. Other
-  children with two or more linear layers are shared experts (MLPs: ordinary linear targets).
+  children with two or more linear layers are shared experts (MLPs: ordinary linear targets); another experts
+  module beside it (JetMoE's ``input_linear`` and ``output_linear``) is experts too, no router.
+- experts held otherwise (DBRX's [E·I, H] parameters under ``experts``): refused in one line (:func:`roles_of`),
+  never left in bf16 beside a targeted router.
 - dense MLPs outside MoE blocks (DeepSeek-V3's first layers) are plain linear targets.
 
 Checkpoint names map to the model's names with transformers' own conversion mapping for the family
@@ -125,17 +128,23 @@ def routing_children(block: torch.nn.Module, hidden: int) -> set[str] | None:
     return None
 
 
+def _stacks(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's own 3-D parameters (a convolution's kernel is 3-D too: none)."""
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        return {}
+    return {p: t for p, t in module.named_parameters(recurse=False) if t.ndim == 3}
+
+
 def model_roles(model: torch.nn.Module) -> Roles:
     """:class:`Roles` of a (meta-device) model; see the module docstring."""
     experts: dict[str, ExpertParam] = {}
     biases, routers, shared = [], [], []
     modules = dict(model.named_modules())
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    for name, module in modules.items():
-        params = dict(module.named_parameters(recurse=False))
-        stacks = {p: t for p, t in params.items() if t.ndim == 3}
-        if not stacks or isinstance(module, torch.nn.modules.conv._ConvNd):  # a convolution's kernel is 3-D too
-            continue
+    holders = dict.fromkeys(n for n, m in modules.items() if _stacks(m))  # JetMoE: two experts modules a block
+    for name in holders:
+        module = modules[name]
+        params, stacks = dict(module.named_parameters(recurse=False)), _stacks(module)
         transposed = bool(getattr(module, "is_transposed", False))
         for p, t in stacks.items():
             experts[f"{name}.{p}"] = ExpertParam(name, p, tuple(t.shape), transposed)
@@ -146,7 +155,7 @@ def model_roles(model: torch.nn.Module) -> Roles:
         routing = routing_children(block, hidden) if hidden else None
         for child, sub in block.named_children():
             full = f"{block_name}.{child}" if block_name else child
-            if full == name:
+            if full in holders or full in routers or full in shared:  # another experts module, or seen already
                 continue
             matrices = any(p.ndim >= 2 for p in sub.parameters())
             if routing is not None and child in routing and matrices:
@@ -156,6 +165,14 @@ def model_roles(model: torch.nn.Module) -> Roles:
             elif matrices:
                 routers.append(full)  # a gate of one matrix (shared_expert_gate [1, H]) or a router not traced
     return Roles(experts, tuple(routers), tuple(biases), tuple(shared))
+
+
+def expert_order(model_dir: Path) -> dict[str, list[str]]:
+    """Experts module → its fused parameters in registration order (PEFT nests their LoRA wrappers so)."""
+    order: dict[str, list[str]] = {}
+    for param in roles_of(model_dir).experts.values():
+        order.setdefault(param.module, []).append(param.name)
+    return order
 
 
 def meta_model(model_dir: str) -> tuple[torch.nn.Module, str]:
@@ -193,16 +210,27 @@ def roles_of(model_dir: Path) -> Roles:
         config = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
         config = {}
-    if isinstance(config, dict) and not any(re.search(r"expert", k) for k in config):
+    if isinstance(config, dict) and not any(re.search(r"expert", k) for k in config) \
+            and not any(isinstance(v, dict) and any("expert" in k for k in v) for v in config.values()):
         return Roles()
-    return model_roles(meta_model(str(model_dir))[0])
+    model = meta_model(str(model_dir))[0]
+    roles = model_roles(model)
+    if not roles.experts:  # experts that are no [E, ·, ·] parameter (DBRX's [E·I, H]): refused, never left bf16
+        modules = dict(model.named_modules())
+        for name, param in model.named_parameters():
+            owner = modules[name.rsplit(".", 1)[0]] if "." in name else model
+            if ".experts." in f".{name}" and param.ndim >= 2 and not isinstance(owner, torch.nn.Linear):
+                raise UserError(f"{model_dir}: the experts are held as {name} {list(param.shape)}, not as one "
+                                "[experts, out, in] parameter per kind; this expert layout is not supported")
+    return roles
 
 
 def checkpoint_map(model_dir: Path, names: list[str]) -> dict[str, tuple[str, int | None, int]]:
     """Checkpoint tensor name → (its name in the model, expert index or None, part) by transformers' conversion
     mapping of the family: per-expert tensors merged into a fused parameter get their expert index and which part
     of a concatenation they are (0 gate, 1 up); anything else maps by renaming alone (expert None, part 0).
-    A conversion of another kind than merging experts and concatenating along the output rows is refused."""
+    A tensor that a conversion of another kind makes (split, concatenated or transposed) keeps its checkpoint name:
+    no model name collides with it, so it is never read as a target, a router or an expert."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming, rename_source_key
 
@@ -219,9 +247,10 @@ def checkpoint_map(model_dir: Path, names: list[str]) -> dict[str, tuple[str, in
         conv = next(c for c in converters if pattern in c.source_patterns)
         ops = [(type(o), getattr(o, "dim", None)) for o in conv.operations]
         if ops not in ([(MergeModulelist, 0)], [(MergeModulelist, 0), (Concatenate, 1)]):
-            raise UserError(f"{model_dir}: tensor {name} is converted by transformers with "
-                            f"{[type(o).__name__ for o in conv.operations]}; this expert layout is not supported")
-        m = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), name)
+            out[name] = (name, None, 0)  # split q/k/v, concatenated convolutions, transposed kernels: no target
+            continue  # reads it (a target that needs it is refused by its lookup); it is copied as it is
+        m = (re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), name)
+             or re.search(pattern.replace("*", r"(\d+)"), name))  # a pattern written as a regex (``\.experts.*.w1``)
         if m is None or not m.groups():
             raise UserError(f"{model_dir}: cannot read the expert index of tensor {name} (pattern {pattern})")
         out[name] = (new, int(m.group(1)), conv.source_patterns.index(pattern))

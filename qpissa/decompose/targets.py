@@ -84,6 +84,31 @@ def check_patterns(patterns: list[str]) -> None:
             raise UserError(f"--targets {pat!r}: not a valid regular expression ({err}); fix or remove it") from None
 
 
+def model_type_of(model_dir: Path) -> str | None:
+    """config.json's ``model_type`` (None when unreadable: the meta-model path reports that)."""
+    try:
+        return json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def peft_accepts(model_type: str | None, module: str) -> bool:
+    """Whether PEFT takes a LoRA on ``module``: it refuses a Mamba mixer's ``out_proj``/``conv1d`` in Mamba-based
+    model types (Nemotron-H), so a default target there would make every load fail. Asked of PEFT itself."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
+    except ImportError:  # another PEFT: its own load says what it refuses
+        return True
+    stub = torch.nn.Module()
+    stub.config = type("Config", (), {"model_type": model_type})()
+    try:
+        _check_lora_target_modules_mamba(LoraConfig(), stub, module.rsplit(".", 1)[-1])
+    except ValueError:
+        return False
+    return True
+
+
 def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str] | None) -> tuple[list[Target], list[str], str, str | None]:
     """Resolve targets; returns (targets, non-target linear module names, arch, task type)."""
     if patterns:
@@ -95,9 +120,15 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
         mapped = checkpoint_map(model_dir, list(by_name))
         by_name = {new: by_name[old] for old, (new, expert, _) in mapped.items() if expert is None}
     targets, others = [], []
+    model_type = model_type_of(model_dir)
     for module, conv in linears.items():
         chosen = matches(module, patterns) if patterns else bool(BLOCK_INDEX.search(module))
         chosen = chosen and not roles.is_router(module)  # routers and gates: never targets (the report lists them)
+        if chosen and not peft_accepts(model_type, module):
+            if patterns:
+                raise UserError(f"--targets: PEFT refuses a LoRA on {module} in this architecture (a Mamba mixer's "
+                                "out_proj/conv1d); leave it out of --targets")
+            chosen = False  # the default leaves it out, as a non-target
         if not chosen:
             others.append(module)
             continue

@@ -31,8 +31,11 @@ def _check_adapter_fits(model, adapter_dir: Path) -> None:
                 continue
             name = key.split(".lora_")[0].removeprefix("base_model.model.")
             shape = f.get_slice(key).get_shape()
-            mod = modules.get(name.removesuffix(".base_layer"))
-            if mod is not None and not hasattr(mod, "in_features") and name.rsplit(".", 1)[-1] in ("experts", "base_layer"):
+            owner = name
+            while owner.endswith(".base_layer"):  # PEFT nests one wrapper per targeted parameter of a module
+                owner = owner.removesuffix(".base_layer")
+            mod = modules.get(owner)
+            if mod is not None and not hasattr(mod, "in_features") and any(p.ndim == 3 for p in mod.parameters()):
                 continue  # MoE experts: PEFT target_parameters on the fused 3-D parameters
             if mod is None:
                 raise UserError(f"{adapter_dir}: adapter tensor {key} targets module {name}, which the residual "

@@ -137,7 +137,7 @@ def convert_pissa_to_lora(trained_dir: str | Path, init_dir: str | Path, out_dir
     tensors: dict[str, torch.Tensor] = {}
     for module, pair in trained.factors.items():
         dtype = pair[0].dtype if cfg.dtype == "same" else getattr(torch, cfg.dtype)
-        if expert_parameter(module) is not None:  # MoE experts (PEFT target_parameters)
+        if expert_parameter(module, trained.config.get("target_parameters")) is not None:  # MoE experts (PEFT target_parameters)
             rank = int(pattern_value(trained.config.get("rank_pattern"), module, trained.config["r"]))
             a_new, b_new = convert_expert_factors(pair, init.factors[module], rank, dtype)
         else:

@@ -17,6 +17,7 @@ to also report what training changed, ‖s·(B·A − B₀·A₀)‖_F, which is
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -75,13 +76,32 @@ def _nf4_spec_of(weight: TensorInfo, by_name: dict[str, TensorInfo]) -> NF4Spec:
     return NF4Spec(blocksize=int(meta["blocksize"]), double_quant=f"{weight.name}.nested_absmax" in by_name)
 
 
-def _weight_key(module: str, by_name: dict[str, TensorInfo]) -> str:
-    """Checkpoint key of ``module.weight`` (see :func:`qpissa.formats.weight_key`), or one line saying why not."""
+def _weight_key(module: str, by_name: dict[str, TensorInfo], renamed: Callable[[], dict[str, str]]) -> str:
+    """Checkpoint key of ``module.weight`` (see :func:`qpissa.formats.weight_key`), else of the tensor transformers
+    renames to it (Hunyuan-V3's ``shared_experts`` on disk), or one line saying why not."""
     key = weight_key(module, by_name)
+    if key is None:
+        key = renamed().get(weight_key(module, renamed()) or "")
     if key is None:
         raise UserError(f"adapter module {module}: no unique weight {module}.weight in the residual checkpoint; "
                         "is ADAPTER for this RESIDUAL?")
     return key
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_names(residual: Path, names: tuple[str, ...]) -> dict[str, str]:
+    from qpissa.decompose.roles import checkpoint_map
+
+    return {new: old for old, (new, expert, _) in checkpoint_map(residual, list(names)).items()
+            if expert is None and new != old}
+
+
+def _model_names(residual: Path, by_name: dict[str, TensorInfo]) -> dict[str, str]:
+    """Model name → checkpoint name of the tensors the family's conversion mapping renames (read once a merge)."""
+    try:
+        return _cached_names(residual, tuple(by_name))
+    except (UserError, ImportError, ValueError, KeyError, AttributeError):  # no model class for it: no renaming known
+        return {}
 
 
 def merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
@@ -117,7 +137,7 @@ def _merge(residual_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
                         "cannot be merged; only LoRA factors are supported")
     init = read_adapter(cfg.init_adapter).factors if cfg.init_adapter else {}
     fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
-    deltas = {_weight_key(m, by_name): m for m in adapter.factors}
+    deltas = {_weight_key(m, by_name, functools.partial(_model_names, residual, by_name)): m for m in adapter.factors}
     dtype = getattr(torch, cfg.dtype)
     companion = {f"{n}.{s}" for n in by_name if n + QS_KEY in by_name for s in NF4_COMPANIONS}
     quantized_in = {n for n in by_name if n + QS_KEY in by_name}

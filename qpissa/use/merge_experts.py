@@ -27,9 +27,13 @@ class ExpertMerge:
 
     def __init__(self, adapter: Adapter, residual: Path, config: dict, by_name: dict[str, TensorInfo]) -> None:
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, float, int]] = {}  # "{experts}.{kind}" → A, B, s, r
-        for module in [m for m in adapter.factors if expert_parameter(m) is not None]:
+        from qpissa.decompose.roles import expert_order
+
+        fused = adapter.config.get("target_parameters")
+        order = expert_order(residual) if fused else None  # PEFT nests one module's wrappers in this order
+        for module in [m for m in adapter.factors if expert_parameter(m, fused, order) is not None]:
             a, b = adapter.factors.pop(module)
-            experts, kind = expert_parameter(module)
+            experts, kind = expert_parameter(module, fused, order)
             r = int(pattern_value(adapter.config.get("rank_pattern"), f"{experts}.{kind}", adapter.config["r"]))
             self.factors[f"{experts}.{kind}"] = (a, b, module_scale(adapter.config, f"{experts}.{kind}"), r)
         nf4 = config.get(CONFIG_KEY) or {}
