@@ -94,7 +94,11 @@ def model_type_of(model_dir: Path) -> str | None:
 
 def peft_accepts(model_type: str | None, module: str) -> bool:
     """Whether PEFT takes a LoRA on ``module``: it refuses a Mamba mixer's ``out_proj``/``conv1d`` in Mamba-based
-    model types (Nemotron-H), so a default target there would make every load fail. Asked of PEFT itself."""
+    model types (Nemotron-H), so a default target there would make every load fail. Asked of PEFT itself, for
+    those two names only: any other module is taken without importing PEFT (and transformers), as decompose of a
+    dense model never needs them."""
+    if module.rsplit(".", 1)[-1] not in ("out_proj", "conv1d"):
+        return True
     try:
         from peft import LoraConfig
         from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
