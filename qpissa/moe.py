@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from qpissa.errors import UserError
+from qpissa.moe_meta import placeholder
 from qpissa.quant import absmax_fp32
 
 CONFIG_KEY = "qpissa_nf4_experts"  # written by decompose into OUT/residual/config.json
@@ -115,7 +116,7 @@ def attach_nf4_experts(model: nn.Module, residual: Path, file: str = NF4_EXPERTS
             stack = stack_from_state([states.pop(k) for k in keys], shape[::-1] if transposed else shape, transposed)
             experts.add_module(f"nf4_{kind}", stack.to(param.device))
             param.requires_grad_(False)
-            param.data = _placeholder(param, dtype)  # the load's dtype (transformers may make missing ones another)
+            param.data = placeholder(param, dtype=dtype)  # the load's dtype (transformers may make missing ones another)
             stacks[kind] = param
             count += 1
         if stacks:  # the block's hooks, and the experts module's own for blocks that call it outside its forward
@@ -125,13 +126,6 @@ def attach_nf4_experts(model: nn.Module, residual: Path, file: str = NF4_EXPERTS
             experts.register_forward_pre_hook(_fill(experts, stacks, running))
             experts.register_forward_hook(_drop(stacks, running))
     return count
-
-
-def _placeholder(param: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A zero-stride tensor of ``param``'s shape and dtype (or ``dtype``): 1 element of storage."""
-    from qpissa.moe_meta import placeholder
-
-    return placeholder(param, dtype=dtype)
 
 
 def _fill(experts: nn.Module, stacks: dict[str, nn.Parameter], running: list[bool], block: bool = False):
@@ -154,7 +148,7 @@ def _drop(stacks: dict[str, nn.Parameter], running: list[bool], block: bool = Fa
         elif running:
             return
         for param in stacks.values():
-            param.data = _placeholder(param)
+            param.data = placeholder(param)
     return hook
 
 

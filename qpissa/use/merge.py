@@ -36,9 +36,10 @@ from qpissa.hub import REVISION_HELP, resolve_model
 from qpissa.formats import (TensorInfo, byte_size, copy_side_files, entry_of, is_within, load_tensor, weight_key,
                             scan_checkpoint, write_index, write_safetensors)
 from qpissa.sources import scan_source
+from qpissa.sources.bnb import dequantize_4bit
 from qpissa.moe import CONFIG_KEY
 from qpissa.use.merge_experts import ExpertMerge
-from qpissa.quant import NF4Spec, NF4Tensor, dequantize_nf4, quantization_config, quantize_nf4
+from qpissa.quant import NF4Spec, dequantize_nf4, quantization_config, quantize_nf4
 
 MergeDType = Literal["bfloat16", "float16", "float32"]
 Quantize = Literal["none", "nf4"]
@@ -62,11 +63,9 @@ class MergeConfig:
 
 def read_nf4(weight: TensorInfo, by_name: dict[str, TensorInfo], device: str = "cpu") -> torch.Tensor:
     """Dequantize one serialized bitsandbytes NF4 weight (packed bytes + companions) to fp32 (m×n) on ``device``."""
-    from bitsandbytes.functional import QuantState
-
-    parts = {s: load_tensor(by_name[f"{weight.name}.{s}"]) for s in NF4_COMPANIONS if f"{weight.name}.{s}" in by_name}
-    state = QuantState.from_dict(parts, device=torch.device(device))
-    return dequantize_nf4(NF4Tensor(load_tensor(weight).to(device), state))  # (m, n)
+    keys = tuple(s for s in NF4_COMPANIONS if f"{weight.name}.{s}" in by_name)
+    return dequantize_4bit(load_tensor(weight).to(device), *(load_tensor(by_name[f"{weight.name}.{s}"]) for s in keys),
+                           keys=keys)  # (m, n)
 
 
 def _nf4_spec_of(weight: TensorInfo, by_name: dict[str, TensorInfo]) -> NF4Spec:
