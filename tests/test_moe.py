@@ -346,3 +346,41 @@ def test_convert_keeps_dense_and_shared_expert_loras(family, tmp_path):
         b = load(out, trained, dtype=torch.float32)(ids).logits
         c = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
     assert float((a - b).norm()) < 0.05 * float((b - c).norm()), (float((a - b).norm()), float((b - c).norm()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe", "llama4_text"])
+def test_lora_baseline_trains_experts_not_routers(family, smollm2_dir, tiny_data, tmp_path):
+    """``train --method lora`` on an MoE: QPiSSA's targets (dense, shared-expert and attention linears, every
+    expert's fused parameters), no router or gate (Llama-4's router and Qwen2-MoE's shared-expert gate are
+    ``nn.Linear``: PEFT's all-linear would train them), and PEFT 0.21's DeepSeek rewrite skipped; the saved adapter
+    loads back with every LoRA."""
+    import bitsandbytes  # noqa: F401  (train imports it; keeps the import order of the other tests)
+    from safetensors import safe_open
+
+    from qpissa.data import DataConfig
+    from qpissa.decompose.roles import roles_of
+    from qpissa.decompose.targets import moe_lora_targets
+    from qpissa.train import TrainConfig, train
+
+    src = build(family, tmp_path / "src", tokenizer=smollm2_dir)
+    train(TrainConfig(model=str(src), method="lora", lora_rank=4, data=str(tiny_data), output=str(tmp_path / "run"),
+                      steps=1, batch_size=2, lr=1e-3, warmup_ratio=0.0, seed=0, progress=False,
+                      data_cfg=DataConfig(max_length=96)))
+    roles, (modules, params) = roles_of(src), moe_lora_targets(src)
+    saved = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == modules and sorted(saved["target_parameters"]) == params
+    with safe_open(str(tmp_path / "run/adapter/adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert not any(roles.is_router(k.removeprefix("base_model.model.").split(".lora_")[0]) for k in keys)
+    for module in modules:  # every dense / shared-expert / attention linear carries its LoRA
+        assert f"base_model.model.{module}.lora_A.weight" in keys, module
+    experts = [k for k in keys if ".experts." in k or k.split(".lora_")[0].endswith(".experts")]
+    assert len(experts) == 2 * len(roles.experts), experts  # A and B per fused parameter of every MoE layer
+    from transformers import AutoModelForCausalLM
+
+    from qpissa.adapters import load_peft
+
+    loaded = load_peft(AutoModelForCausalLM.from_pretrained(src), tmp_path / "run/adapter")
+    state = {k.replace(".default", "") for k in loaded.state_dict() if ".lora_" in k}
+    assert state == set(keys)  # every saved LoRA in place, none added (PEFT's rewrite would resize or move them)

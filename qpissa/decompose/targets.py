@@ -147,3 +147,21 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
         raise UserError(f"{model_dir}: no linear layer matches {what}; "
                         f"examples of names here: {', '.join(list(linears)[:4])}")
     return targets, others, arch, task
+
+
+def moe_lora_targets(model_dir: Path) -> tuple[list[str], list[str]] | None:
+    """(target_modules, target_parameters) of a plain LoRA on an MoE model, the targets decompose gives QPiSSA:
+    every linear inside the blocks but routers/gates (and what PEFT refuses), plus the experts' fused parameters by
+    their name inside a block. None for a dense model (PEFT's ``all-linear`` is then the same set). Why: PEFT's
+    ``all-linear`` puts a LoRA on routers that are ``nn.Linear`` (Llama-4, Hunyuan, Qwen2-MoE's shared-expert gate)
+    and none on the experts, so the LoRA baseline would train what every other method leaves untouched."""
+    from qpissa.decompose.report import layer_type
+
+    roles = roles_of(model_dir)
+    if not roles.experts:
+        return None
+    linears, _, _ = linear_modules(model_dir)
+    kind = model_type_of(model_dir)
+    modules = sorted(m for m in linears if BLOCK_INDEX.search(m) and not roles.is_router(m) and peft_accepts(kind, m))
+    params = sorted({f"{layer_type(p.module + '.x').rsplit('.', 1)[0]}.{p.name}" for p in roles.experts.values()})
+    return modules, params
