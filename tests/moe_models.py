@@ -81,7 +81,8 @@ def config(family: str, layers: int = 2, vocab: int = 96):
 
     cfg = CONFIG_MAPPING[family]()
     present = cfg.to_dict()
-    for key, value in (SMALL | PER_FAMILY.get(family, {}) | {"num_hidden_layers": layers, "vocab_size": vocab}).items():
+    for key, value in (SMALL | PER_FAMILY.get(family, {}) | {"num_hidden_layers": layers, "vocab_size": vocab,
+                                                          "unpadded_vocab_size": vocab}).items():
         sub = getattr(cfg, key, None)
         if isinstance(value, dict) and hasattr(sub, "to_dict"):  # a nested config (DBRX's attn_config, ffn_config)
             for k, v in value.items():

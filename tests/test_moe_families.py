@@ -68,7 +68,7 @@ def run_family(family: str, root: Path, tokenizer: Path, data: Path) -> None:
     for name in (k for k in source if k.endswith("_bias") and ".experts." in k):
         assert residual[name] == source[name]
     # shared experts and dense MLPs: ordinary LoRA targets, as every other linear inside the blocks but the routers
-    linears = {n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    linears = four_bit_linears(meta)
     kind = model_type_of(src)  # PEFT refuses Mamba out_proj/conv1d LoRAs (Nemotron-H): no default target either
     assert set(adapter_cfg["target_modules"]) == {n for n in linears if not roles.is_router(n) and peft_accepts(kind, n)}
     for module in roles.shared:
@@ -96,6 +96,18 @@ def run_family(family: str, root: Path, tokenizer: Path, data: Path) -> None:
     with torch.no_grad():
         a, b = merged(ids).logits, trained(ids).logits.float()
     assert float((a - b).abs().max()) < 3e-2 * float(b.abs().max())  # bf16 tolerance (the trained model runs in bf16)
+
+
+def four_bit_linears(meta) -> set[str]:
+    """The block linears transformers' own 4-bit load makes ``Linear4bit`` (its ``replace_with_bnb_linear`` on the
+    meta model, skipping what the model keeps in fp32): the linears a 4-bit residual can hold."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    model = replace_with_bnb_linear(meta, modules_to_not_convert=sorted(meta._keep_in_fp32_modules),
+                                    quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    return {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit) and ".layers." in n}
 
 
 def check_factors(model, adapter: Path) -> None:

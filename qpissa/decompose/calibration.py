@@ -228,6 +228,7 @@ class BlockwiseCalibrator:
             self.by_name.update({new: self.by_name[old] for old, (new, expert, _) in
                                  checkpoint_map(self.model_dir, list(self.by_name)).items() if expert is None})
         self.checkpoint_experts = find_experts(list(tensors), None, self.model_dir)[0]  # every expert (fused at load)
+        self.expert_params = {f"{t.experts_module}.{t.kind}" for t in self.checkpoint_experts}
         blocks = {BLOCK.match(t.module).group(1) if BLOCK.match(t.module) else None for t in targets}
         if None in blocks or len(blocks) != 1:
             odd = next((t.module for t in targets if not BLOCK.match(t.module)), sorted(map(str, blocks))[0])
@@ -267,10 +268,11 @@ class BlockwiseCalibrator:
         return model
 
     def _set(self, root: torch.nn.Module, name: str, prefix: str = "") -> None:
-        info = _find_info(prefix + name, self.by_name)
-        if info is None and (stack := fused_expert_stack(prefix + name, self.checkpoint_experts)) is not None:
-            _set_tensor(root, name, stack.to(device=self.device, dtype=torch.float32))  # per-expert tensors on disk
+        if prefix + name in self.expert_params:  # as the model holds it, from per-expert or fused (interleaved) tensors
+            stack = fused_expert_stack(prefix + name, self.checkpoint_experts)
+            _set_tensor(root, name, stack.to(device=self.device, dtype=torch.float32))
             return
+        info = _find_info(prefix + name, self.by_name)
         if info is None:
             raise UserError(f"{self.model_dir}: parameter {prefix + name} is not in the checkpoint; calibration "
                             "needs a complete checkpoint")

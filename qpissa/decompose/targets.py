@@ -56,6 +56,25 @@ def linear_modules(model_dir: Path) -> tuple[dict[str, bool], str, str | None]:
     return found, arch, task
 
 
+def full_precision_modules(model_dir: Path) -> set[str]:
+    """Linear modules transformers' 4-bit load leaves in full precision, so NF4 bytes written for them would not load
+    (a size mismatch): those the model lists in ``_keep_in_fp32_modules`` (DeepSeek-V4's compressor, the DSA
+    indexers' ``weights_proj``) and subclasses of ``nn.Linear`` with a forward of their own (DeepSeek-V4's grouped
+    ``o_a_proj``; a LoRA beside it would not compute what its weight does). Read from the meta model; the
+    architectures of :mod:`qpissa.decompose.architectures` have none (answered without transformers)."""
+    try:
+        if known_linear_modules(json.loads((model_dir / "config.json").read_text())) is not None:
+            return set()
+    except (OSError, ValueError, AttributeError):
+        pass  # the meta model reports an unreadable config
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    model, _ = meta_model(str(model_dir))
+    keep = sorted(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return {name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+            and (type(mod) is not torch.nn.Linear or (keep and not should_convert_module(name, keep)))}
+
+
 def _checkpoint_key(module: str, by_name: dict[str, TensorInfo]) -> TensorInfo | None:
     """The checkpoint tensor for ``module.weight`` (see :func:`qpissa.formats.weight_key`)."""
     key = weight_key(module, by_name)
@@ -125,6 +144,7 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
         by_name = {new: by_name[old] for old, (new, expert, _) in mapped.items() if expert is None}
     targets, others = [], []
     model_type = model_type_of(model_dir)
+    full = full_precision_modules(model_dir)
     for module, conv in linears.items():
         chosen = matches(module, patterns) if patterns else bool(BLOCK_INDEX.search(module))
         chosen = chosen and not roles.is_router(module)  # routers and gates: never targets (the report lists them)
@@ -133,6 +153,11 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
                 raise UserError(f"--targets: PEFT refuses a LoRA on {module} in this architecture (a Mamba mixer's "
                                 "out_proj/conv1d); leave it out of --targets")
             chosen = False  # the default leaves it out, as a non-target
+        if chosen and module in full:
+            if patterns:
+                raise UserError(f"--targets: {module} stays full precision in a 4-bit load of this architecture "
+                                "(kept in fp32 by the model, or a linear with its own forward); leave it out of --targets")
+            chosen = False
         if not chosen:
             others.append(module)
             continue
