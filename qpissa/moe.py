@@ -14,6 +14,7 @@ rest block by block (:mod:`qpissa.moe_meta`), so the load peaks at about the 4-b
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from qpissa.quant import absmax_fp32
 
 CONFIG_KEY = "qpissa_nf4_experts"  # written by decompose into OUT/residual/config.json
 NF4_EXPERTS_FILE = "nf4-experts.safetensors"  # the experts' NF4 bytes in OUT/residual (transformers does not read it)
+IN_BLOCK = re.compile(r"(^|\.)\d+\.")  # experts live in numbered blocks (a loop's model-level 3-D queries: no experts)
 DEQUANT_WEIGHTS = 1 << 24  # weights per batched dequantize call (64 MiB of fp32 temporaries)
 
 
@@ -101,7 +103,7 @@ def attach_nf4_experts(model: nn.Module, residual: Path, file: str = NF4_EXPERTS
     modules = dict(model.named_modules())
     for full, experts in modules.items():
         fused = {k: p for k, p in experts.named_parameters(recurse=False) if p.ndim == 3}
-        if not fused or "." not in full or isinstance(experts, nn.modules.conv._ConvNd):
+        if not fused or not IN_BLOCK.search(full) or isinstance(experts, nn.modules.conv._ConvNd):
             continue
         name, transposed = full.rsplit(".", 1)[0], bool(getattr(experts, "is_transposed", False))
         block = modules[name]  # the MoE block: the experts' parent module

@@ -38,7 +38,7 @@ def run_family(family: str, root: Path, tokenizer: Path, data: Path) -> None:
     from qpissa.data import DataConfig
     from qpissa.decompose import decompose
     from qpissa.decompose.roles import model_roles
-    from qpissa.decompose.targets import model_type_of, peft_accepts
+    from qpissa.decompose.targets import full_precision_modules, model_type_of, peft_accepts
     from qpissa.moe import load
     from qpissa.train import TrainConfig, train
     from qpissa.use.merge import MergeConfig, merge
@@ -68,7 +68,7 @@ def run_family(family: str, root: Path, tokenizer: Path, data: Path) -> None:
     for name in (k for k in source if k.endswith("_bias") and ".experts." in k):
         assert residual[name] == source[name]
     # shared experts and dense MLPs: ordinary LoRA targets, as every other linear inside the blocks but the routers
-    linears = four_bit_linears(meta)
+    linears = four_bit_linears(meta) - full_precision_modules(src)  # minus those whose parent reads their weight
     kind = model_type_of(src)  # PEFT refuses Mamba out_proj/conv1d LoRAs (Nemotron-H): no default target either
     assert set(adapter_cfg["target_modules"]) == {n for n in linears if not roles.is_router(n) and peft_accepts(kind, n)}
     for module in roles.shared:

@@ -33,6 +33,8 @@ import torch
 
 from qpissa.errors import UserError
 
+IN_BLOCK = re.compile(r"(^|\.)\d+\.")  # a module inside a numbered block (``model.layers.3.mlp.experts``)
+
 
 @dataclass(frozen=True)
 class ExpertParam:
@@ -141,7 +143,9 @@ def model_roles(model: torch.nn.Module) -> Roles:
     biases, routers, shared = [], [], []
     modules = dict(model.named_modules())
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    holders = dict.fromkeys(n for n, m in modules.items() if _stacks(m))  # JetMoE: two experts modules a block
+    holders = dict.fromkeys(n for n, m in modules.items()  # JetMoE: two experts modules a block; only inside
+                            if _stacks(m) and IN_BLOCK.search(n))  # numbered blocks (Inkling-2 Loop's model-level
+    # message queries [loops, 4, H] are no experts)
     for name in holders:
         module = modules[name]
         params, stacks = dict(module.named_parameters(recurse=False)), _stacks(module)

@@ -7,6 +7,8 @@ module names or regular expressions (full match on the module name).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import re
 from dataclasses import dataclass
@@ -57,11 +59,12 @@ def linear_modules(model_dir: Path) -> tuple[dict[str, bool], str, str | None]:
 
 
 def full_precision_modules(model_dir: Path) -> set[str]:
-    """Linear modules transformers' 4-bit load leaves in full precision, so NF4 bytes written for them would not load
-    (a size mismatch): those the model lists in ``_keep_in_fp32_modules`` (DeepSeek-V4's compressor, the DSA
-    indexers' ``weights_proj``) and subclasses of ``nn.Linear`` with a forward of their own (DeepSeek-V4's grouped
-    ``o_a_proj``; a LoRA beside it would not compute what its weight does). Read from the meta model; the
-    architectures of :mod:`qpissa.decompose.architectures` have none (answered without transformers)."""
+    """Linear modules that cannot be NF4 in a transformers 4-bit load, so no default target: those it leaves in full
+    precision (NF4 bytes written for them would not load: a size mismatch), i.e. the ones the model lists in
+    ``_keep_in_fp32_modules`` (DeepSeek-V4's compressor, the DSA indexers' ``weights_proj``) and subclasses of
+    ``nn.Linear`` with a forward of their own (DeepSeek-V4's grouped ``o_a_proj``), and those whose parent's forward
+    reads their ``weight`` itself (Inkling-2 Loop casts its input to ``down_proj.weight.dtype``: uint8 bytes when
+    4-bit). Read from the meta model; the architectures of :mod:`qpissa.decompose.architectures` have none."""
     try:
         if known_linear_modules(json.loads((model_dir / "config.json").read_text())) is not None:
             return set()
@@ -71,8 +74,24 @@ def full_precision_modules(model_dir: Path) -> set[str]:
 
     model, _ = meta_model(str(model_dir))
     keep = sorted(getattr(model, "_keep_in_fp32_modules", None) or [])
-    return {name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
-            and (type(mod) is not torch.nn.Linear or (keep and not should_convert_module(name, keep)))}
+    modules = dict(model.named_modules())
+    out = set()
+    for name, mod in modules.items():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        parent, _, child = name.rpartition(".")
+        if (type(mod) is not torch.nn.Linear or (keep and not should_convert_module(name, keep))
+                or re.search(rf"self\.{child}\.weight\b(?!\.(device|shape|size))", _forward_source(type(modules[parent])))):
+            out.add(name)
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
 
 
 def _checkpoint_key(module: str, by_name: dict[str, TensorInfo]) -> TensorInfo | None:
@@ -155,8 +174,8 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
             chosen = False  # the default leaves it out, as a non-target
         if chosen and module in full:
             if patterns:
-                raise UserError(f"--targets: {module} stays full precision in a 4-bit load of this architecture "
-                                "(kept in fp32 by the model, or a linear with its own forward); leave it out of --targets")
+                raise UserError(f"--targets: {module} cannot be 4-bit in this architecture (the model keeps it in "
+                                "fp32, gives it a forward of its own or reads its weight); leave it out of --targets")
             chosen = False
         if not chosen:
             others.append(module)
