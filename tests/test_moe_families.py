@@ -201,3 +201,56 @@ def test_plain_peft_snippet_loads_every_lora(tmp_path):
     scope: dict = {}
     exec(snippet, scope)  # noqa: S102 - the text decompose prints
     check_factors(scope["model"], out / "adapter")
+
+
+FULL_PRECISION = {  # family → block linears that cannot be NF4 (what the model card / modeling file says of them)
+    "deepseek_v4": {"self_attn.o_a_proj", "self_attn.compressor.kv_proj", "self_attn.compressor.gate_proj",  # grouped
+                    "self_attn.compressor.indexer.kv_proj", "self_attn.compressor.indexer.gate_proj",  # kept in fp32
+                    "self_attn.compressor.indexer.scorer.weights_proj"},
+    "deepseek_v32": {"self_attn.indexer.weights_proj"},  # _keep_in_fp32_modules
+    "inkling2_loop_text": {f"{k}_message_gate.down_proj" for k in ("q", "k", "v", "mlp")},  # input cast to its dtype
+    "qwen3_moe": set(), "deepseek_v3": set(),
+}
+
+
+def test_modules_that_cannot_be_4bit_are_no_targets(tmp_path):
+    """Linears a 4-bit load keeps in full precision or that their parent reads as a weight are found from the model
+    (no name list): not default targets (the residual keeps them in the source dtype), refused by --targets."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_models import config
+    from qpissa.decompose.targets import find_targets, full_precision_modules
+    from qpissa.errors import UserError
+    from qpissa.formats import scan_checkpoint
+
+    for family, want in FULL_PRECISION.items():
+        cfg = config(family)
+        with torch.device("meta"):
+            cfg.architectures = [type(AutoModelForCausalLM.from_config(cfg)).__name__]
+        cfg.save_pretrained(tmp_path / family)
+        found = {n.split(".", 3)[3] for n in full_precision_modules(tmp_path / family) if ".layers." in n}
+        assert found == want, family
+    src = build("deepseek_v32", tmp_path / "src")
+    targets, others, *_ = find_targets(src, scan_checkpoint(src), None)
+    assert "model.layers.0.self_attn.indexer.weights_proj" in others
+    assert not any(t.module.endswith("weights_proj") for t in targets)
+    with pytest.raises(UserError, match="indexer.weights_proj cannot be 4-bit"):
+        find_targets(src, scan_checkpoint(src), ["weights_proj"])
+
+
+def test_interleaved_experts_read_as_transformers_loads_them(tmp_path):
+    """Inkling-2 stores each expert's gate and up rows alternating (``w13_weight``); every expert matrix decompose
+    reads equals the model's parameter after transformers' own load (its Interleave), gate rows first."""
+    from transformers import AutoModelForCausalLM
+
+    from qpissa.decompose.experts import find_experts, load_expert
+    from qpissa.formats import scan_checkpoint
+
+    src = build("inkling2_text", tmp_path / "src")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    targets, _ = find_experts(scan_checkpoint(src), None, src)
+    assert {t.interleaved for t in targets if t.kind == "gate_up_proj"} == {True}
+    assert {t.interleaved for t in targets if t.kind == "down_proj"} == {False}
+    assert len(targets) == 2 * 2 * EXPERTS
+    for t in targets:
+        assert torch.equal(load_expert(t), model.get_parameter(f"{t.experts_module}.{t.kind}")[t.expert]), t.module
