@@ -267,7 +267,8 @@ def interleaved(model_dir: Path, names: list[str]) -> set[str]:
 def _row_order(conv, pattern: str) -> str | None:
     """What the family's converter does to one stored stack [E, rows, cols], found by running transformers' own
     operations on a probe of row numbers: "same" (the stack as stored, e.g. a dequantize that passes a 16-bit tensor
-    through), "interleaved" (rows 0, 2, 4, … then 1, 3, 5, …), or None (anything else: split, merged, transposed)."""
+    through), "interleaved" (rows 0, 2, 4, … then 1, 3, 5, …), or None (anything else: split, merged,
+    transposed)."""
     probe = torch.arange(8, dtype=torch.float32).reshape(1, 8, 1)
     state: dict = {pattern: [probe]}
     try:

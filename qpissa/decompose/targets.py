@@ -80,8 +80,9 @@ def full_precision_modules(model_dir: Path) -> set[str]:
         if not isinstance(mod, torch.nn.Linear):
             continue
         parent, _, child = name.rpartition(".")
+        reads = rf"self\.{child}\.weight\b(?!\.(device|shape|size))"  # the parent uses the weight itself
         if (type(mod) is not torch.nn.Linear or (keep and not should_convert_module(name, keep))
-                or re.search(rf"self\.{child}\.weight\b(?!\.(device|shape|size))", _forward_source(type(modules[parent])))):
+                or re.search(reads, _forward_source(type(modules[parent])))):
             out.add(name)
     return out
 
