@@ -166,7 +166,10 @@ def native_targets(adapter: str | Path | None = None):
     qwen3_moe, mixtral, …): each target ending in gate_proj/up_proj/down_proj becomes an expert parameter and the
     fused gate_up's rank doubles. That is right for a transformers 4 adapter (per-expert keys) and wrong for one
     naming transformers 5 modules (ours: dense first layers and shared experts would lose their LoRA, the experts'
-    rank would not fit). Inside this context the rewrite is skipped, unless ``adapter`` holds per-expert keys."""
+    rank would not fit). Inside this context the rewrite is skipped, unless ``adapter`` holds per-expert keys; so is
+    PEFT's renaming of the adapter's keys by the family's checkpoint renamings: they already name the model's modules,
+    and a renaming that matches its own output renames them again (Inkling-2's ``sconv.weight_proj`` →
+    ``sconv.weight_proj.weight``: those LoRAs would load as missing keys, left at their random init)."""
     try:
         import peft.utils.transformers_weight_conversion as conversion
     except ImportError:  # a PEFT without the rewrite
@@ -176,11 +179,21 @@ def native_targets(adapter: str | Path | None = None):
         yield
         return
     original = conversion.convert_peft_config_for_transformers
+    keys = getattr(conversion, "convert_peft_adapter_state_dict_for_transformers", None)
     conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    if keys is not None:
+        conversion.convert_peft_adapter_state_dict_for_transformers = _keys_as_written
     try:
         yield
     finally:
         conversion.convert_peft_config_for_transformers = original
+        if keys is not None:
+            conversion.convert_peft_adapter_state_dict_for_transformers = keys
+
+
+def _keys_as_written(model: Any = None, peft_config: Any = None, adapter_state_dict: Any = None, **_: Any) -> Any:
+    """PEFT's adapter-key conversion, skipped: the keys as the adapter file has them."""
+    return adapter_state_dict
 
 
 def _has_v4_expert_keys(path: Path) -> bool:

@@ -227,10 +227,11 @@ class BlockwiseCalibrator:
         return model
 
     def _set(self, root: torch.nn.Module, name: str, prefix: str = "") -> None:
-        info = _find_info(prefix + name, self.by_name)
-        if info is None and (stack := fused_expert_stack(prefix + name, self.checkpoint_experts)) is not None:
-            _set_tensor(root, name, stack.to(device=self.device, dtype=torch.float32))  # per-expert tensors on disk
+        if prefix + name in self.expert_params:  # as the model holds it, from per-expert or fused (interleaved) tensors
+            stack = fused_expert_stack(prefix + name, self.checkpoint_experts)
+            _set_tensor(root, name, stack.to(device=self.device, dtype=torch.float32))
             return
+        info = _find_info(prefix + name, self.by_name)
         if info is None:
             raise UserError(f"{self.model_dir}: parameter {prefix + name} is not in the checkpoint (incomplete, or "
                             "built at load from other tensors, which calibration does not read); leave out --calib-data")

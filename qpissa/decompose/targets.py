@@ -7,6 +7,8 @@ module names or regular expressions (full match on the module name).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import re
 from dataclasses import dataclass
@@ -54,6 +56,43 @@ def linear_modules(model_dir: Path) -> tuple[dict[str, bool], str, str | None]:
              if isinstance(mod, (torch.nn.Linear, Conv1D))}
     task = "CAUSAL_LM" if arch.endswith("ForCausalLM") else None
     return found, arch, task
+
+
+def full_precision_modules(model_dir: Path) -> set[str]:
+    """Linear modules that cannot be NF4 in a transformers 4-bit load, so no default target: those it leaves in full
+    precision (NF4 bytes written for them would not load: a size mismatch), i.e. the ones the model lists in
+    ``_keep_in_fp32_modules`` (DeepSeek-V4's compressor, the DSA indexers' ``weights_proj``) and subclasses of
+    ``nn.Linear`` with a forward of their own (DeepSeek-V4's grouped ``o_a_proj``), and those whose parent's forward
+    reads their ``weight`` itself (Inkling-2 Loop casts its input to ``down_proj.weight.dtype``: uint8 bytes when
+    4-bit). Read from the meta model; the architectures of :mod:`qpissa.decompose.architectures` have none."""
+    try:
+        if known_linear_modules(json.loads((model_dir / "config.json").read_text())) is not None:
+            return set()
+    except (OSError, ValueError, AttributeError):
+        pass  # the meta model reports an unreadable config
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    model, _ = meta_model(str(model_dir))
+    keep = sorted(getattr(model, "_keep_in_fp32_modules", None) or [])
+    modules = dict(model.named_modules())
+    out = set()
+    for name, mod in modules.items():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        parent, _, child = name.rpartition(".")
+        reads = rf"self\.{child}\.weight\b(?!\.(device|shape|size))"  # the parent uses the weight itself
+        if (type(mod) is not torch.nn.Linear or (keep and not should_convert_module(name, keep))
+                or re.search(reads, _forward_source(type(modules[parent])))):
+            out.add(name)
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
 
 
 def _checkpoint_key(module: str, by_name: dict[str, TensorInfo]) -> TensorInfo | None:
@@ -125,6 +164,7 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
         by_name = {new: by_name[old] for old, (new, expert, _) in mapped.items() if expert is None}
     targets, others = [], []
     model_type = model_type_of(model_dir)
+    full = full_precision_modules(model_dir)
     for module, conv in linears.items():
         chosen = matches(module, patterns) if patterns else bool(BLOCK_INDEX.search(module))
         chosen = chosen and not roles.is_router(module)  # routers and gates: never targets (the report lists them)
@@ -133,6 +173,11 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
                 raise UserError(f"--targets: PEFT refuses a LoRA on {module} in this architecture (a Mamba mixer's "
                                 "out_proj/conv1d); leave it out of --targets")
             chosen = False  # the default leaves it out, as a non-target
+        if chosen and module in full:
+            if patterns:
+                raise UserError(f"--targets: {module} cannot be 4-bit in this architecture (the model keeps it in "
+                                "fp32, gives it a forward of its own or reads its weight); leave it out of --targets")
+            chosen = False
         if not chosen:
             others.append(module)
             continue
