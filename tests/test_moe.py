@@ -287,50 +287,20 @@ def test_merge_writes_the_save_pretrained_layout(family, experts_dtype, tiny, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "deepseek_v3", "qwen2_moe"])
 def test_convert_gives_a_lora_on_the_original_moe(family, tiny, tmp_path):
     """convert: original model + the rank-2r LoRA (experts included, per expert) == residual + "trained" adapter;
-    PiSSA with bf16 experts so that residual + s·B₀·A₀ = W up to bf16 and the comparison is exact."""
-    from peft import PeftModel
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
-
-    from qpissa.use.convert import convert_pissa_to_lora
-
-    src, out = tiny[family], tmp_path / "out"
-    decompose(src, out, rank=RANK, method="pissa", experts_dtype="bfloat16", progress=False)
-    trained = tmp_path / "trained"
-    shutil.copytree(out / "adapter", trained)
-    factors = load_file(str(trained / "adapter_model.safetensors"))
-    gen = torch.Generator().manual_seed(0)
-    save_file({k: v + 0.05 * v.float().std() * torch.randn(v.shape, generator=gen).to(v.dtype) for k, v in factors.items()},
-              str(trained / "adapter_model.safetensors"))
-    convert_pissa_to_lora(trained, out / "adapter", tmp_path / "lora")
-    ids = torch.tensor([[1, 5, 7, 9, 11, 3, 40, 2]])
-    with torch.no_grad():
-        a = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32),
-                                      str(tmp_path / "lora"))(ids).logits
-        b = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "residual", dtype=torch.float32),
-                                      str(trained))(ids).logits
-        c = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
-    assert float((a - b).norm()) < 0.02 * float((b - c).norm()), (float((a - b).norm()), float((b - c).norm()))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe"])
-def test_convert_keeps_dense_and_shared_expert_loras(family, tmp_path):
-    """convert on the families PEFT 0.21 rewrites (DeepSeek: dense first layer, shared experts; Qwen2-MoE: shared
-    expert + its [1, H] gate): the LoRA on the original model, loaded with PEFT inside ``native_targets()``, equals
-    residual + "trained" adapter, so no dense, shared-expert or routed-expert LoRA was dropped or resized."""
+    PiSSA with bf16 experts so that residual + s·B₀·A₀ = W up to bf16 and the comparison is exact. DeepSeek-V3
+    (dense first layer, shared experts) and Qwen2-MoE (shared expert + gate), which PEFT 0.21 rewrites, loaded
+    inside ``native_targets()``: no dense or shared-expert LoRA dropped or resized."""
     from peft import PeftModel
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
     from qpissa.adapters import native_targets
-    from qpissa.moe import load
     from qpissa.use.convert import convert_pissa_to_lora
 
-    src, out = build(family, tmp_path / "src"), tmp_path / "out"
+    src, out = tiny[family] if family in tiny else build(family, tmp_path / "src"), tmp_path / "out"
     decompose(src, out, rank=RANK, method="pissa", experts_dtype="bfloat16", progress=False)
     trained = tmp_path / "trained"
     shutil.copytree(out / "adapter", trained)
@@ -343,9 +313,11 @@ def test_convert_keeps_dense_and_shared_expert_loras(family, tmp_path):
     with torch.no_grad(), native_targets():
         a = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32),
                                       str(tmp_path / "lora"))(ids).logits
-        b = load(out, trained, dtype=torch.float32)(ids).logits
+        b = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "residual", dtype=torch.float32),
+                                      str(trained))(ids).logits
         c = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
-    assert float((a - b).norm()) < 0.05 * float((b - c).norm()), (float((a - b).norm()), float((b - c).norm()))
+    bound = 0.02 if family in FAMILIES else 0.05  # a shared expert's gate amplifies the bf16 residual's rounding
+    assert float((a - b).norm()) < bound * float((b - c).norm()), (float((a - b).norm()), float((b - c).norm()))
 
 
 @pytest.mark.slow
