@@ -60,6 +60,19 @@ PER_FAMILY = {"deepseek_v3": MLA, "deepseek_v2": MLA, "glm4_moe_lite": MLA, "axk
               "nemotron_h": {"layers_block_type": ["linear_attention", "full_attention", "moe"], "mamba_num_heads": 16,
                              "mamba_head_dim": 8, "ssm_state_size": 8, "n_groups": 1, "chunk_size": 16,
                              "moe_shared_expert_intermediate_size": INTER},
+              "bailing_hybrid": MLA | {"expert_swiglu_limit_list": [0, 0], "share_expert_swiglu_limit_list": [0, 0],
+                                 "num_experts_per_token": 2, "num_expert_group": 1, "model_max_length": 64,
+                                 "linear_num_heads": 32, "linear_head_dim": 8, "qk_head_dim": 48,
+                                 "num_attention_heads": 32, "num_key_value_heads": 32},  # g_proj: one row per head
+              "dots3_note_text": {"num_attention_heads": 32, "num_key_value_heads": 32, "q_lora_rank": 64,
+                                  "kv_lora_rank": 64, "qk_rope_head_dim": 32, "qk_nope_head_dim": 16, "v_head_dim": 16,
+                                  "head_dim": 64, "index_n_heads": 32, "index_head_dim": 32, "sliding_window": 4,
+                                  "shared_experts_intermediate_size": INTER,
+                                  "rope_parameters": {t: {"rope_type": "default", "rope_theta": 10000.0,
+                                                          "partial_rotary_factor": 0.5}
+                                                      for t in ("indexed_attention", "sliding_attention")},
+                                  # the sliding layer has heads of its own size, as in the released model
+                                  "per_layer_config": {1: {"kv_lora_rank": 128, "qk_nope_head_dim": 32}}},
               }
 
 
@@ -80,7 +93,10 @@ def config(family: str, layers: int = 2, vocab: int = 96):
     from transformers import CONFIG_MAPPING
 
     cfg = CONFIG_MAPPING[family]()
+    if getattr(cfg, "is_heterogeneous", False):  # per-layer overrides name layers of the full-size model
+        cfg.per_layer_config = None
     present = cfg.to_dict()
+    per_layer = PER_FAMILY.get(family, {}).get("per_layer_config")  # the tiny model's own, applied last
     for key, value in (SMALL | PER_FAMILY.get(family, {}) | {"num_hidden_layers": layers, "vocab_size": vocab}).items():
         sub = getattr(cfg, key, None)
         if isinstance(value, dict) and hasattr(sub, "to_dict"):  # a nested config (DBRX's attn_config, ffn_config)
@@ -94,6 +110,8 @@ def config(family: str, layers: int = 2, vocab: int = 96):
             setattr(cfg, key, (kinds * layers)[:layers])
     if getattr(cfg, "no_rope_layers", None):
         cfg.no_rope_layers = cfg.no_rope_layers[:layers]
+    if per_layer:
+        cfg.per_layer_config = per_layer
     return cfg
 
 
