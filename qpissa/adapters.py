@@ -166,7 +166,11 @@ def native_targets(adapter: str | Path | None = None):
     qwen3_moe, mixtral, …): each target ending in gate_proj/up_proj/down_proj becomes an expert parameter and the
     fused gate_up's rank doubles. That is right for a transformers 4 adapter (per-expert keys) and wrong for one
     naming transformers 5 modules (ours: dense first layers and shared experts would lose their LoRA, the experts'
-    rank would not fit). Inside this context the rewrite is skipped, unless ``adapter`` holds per-expert keys."""
+    rank would not fit). PEFT also renames the adapter's keys from the checkpoint's names to the model's with the
+    family's transformers renamings, which are not idempotent: Laguna's ``mlp.shared_expert.`` → ``shared_experts.``
+    matches the model's own name too (``shared_experts..down_proj``), so a LoRA named after the model would load
+    nowhere and stay at its random init. Inside this context neither rewrite runs, unless ``adapter`` holds
+    per-expert keys."""
     try:
         import peft.utils.transformers_weight_conversion as conversion
     except ImportError:  # a PEFT without the rewrite
@@ -176,11 +180,17 @@ def native_targets(adapter: str | Path | None = None):
         yield
         return
     original = conversion.convert_peft_config_for_transformers
+    original_keys = getattr(conversion, "convert_peft_adapter_state_dict_for_transformers", None)
     conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    if original_keys is not None:  # PEFT imports it from this module when it loads the weights
+        conversion.convert_peft_adapter_state_dict_for_transformers = (
+            lambda model, peft_config, adapter_state_dict, adapter_name="default": adapter_state_dict)
     try:
         yield
     finally:
         conversion.convert_peft_config_for_transformers = original
+        if original_keys is not None:
+            conversion.convert_peft_adapter_state_dict_for_transformers = original_keys
 
 
 def _has_v4_expert_keys(path: Path) -> bool:

@@ -73,6 +73,12 @@ PER_FAMILY = {"deepseek_v3": MLA, "deepseek_v2": MLA, "glm4_moe_lite": MLA, "axk
                                                       for t in ("indexed_attention", "sliding_attention")},
                                   # the sliding layer has heads of its own size, as in the released model
                                   "per_layer_config": {1: {"kv_lora_rank": 128, "qk_nope_head_dim": 32}}},
+              "gemma4_text": {"enable_moe_block": True, "top_k_experts": 2, "hidden_size_per_layer_input": 0,
+                              "per_layer_config": {1: {"head_dim": 32}}},  # the full-attention layer's wider heads
+              "kolibri1_1": {"index_layers": [1], "kv_source_layers": [0, 1], "index_num_heads": 2,
+                             "mlp_only_layers": [0], "mlp_only_intermediate_size": INTER},  # sliding, then indexed
+              "laguna": {"layer_types": ["sliding_attention", "full_attention"],  # g_proj: one row per head
+                         "num_attention_heads_per_layer": [32, 64]},
               }
 
 
