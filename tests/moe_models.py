@@ -79,6 +79,7 @@ PER_FAMILY = {"deepseek_v3": MLA, "deepseek_v2": MLA, "glm4_moe_lite": MLA, "axk
                              "mlp_only_layers": [0], "mlp_only_intermediate_size": INTER},  # sliding, then indexed
               "laguna": {"layer_types": ["sliding_attention", "full_attention"],  # g_proj: one row per head
                          "num_attention_heads_per_layer": [32, 64]},
+              "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},  # no default kinds
               }
 
 
