@@ -80,6 +80,9 @@ PER_FAMILY = {"deepseek_v3": MLA, "deepseek_v2": MLA, "glm4_moe_lite": MLA, "axk
               "laguna": {"layer_types": ["sliding_attention", "full_attention"],  # g_proj: one row per head
                          "num_attention_heads_per_layer": [32, 64]},
               "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},  # no default kinds
+              "qwen4_exp_text": {"linear_num_value_heads": 32, "hc_lowrank": 64, "indexer_n_heads": 3,
+                                 "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 16,
+                                 "indexer_compress_ratio": 4},
               }
 
 

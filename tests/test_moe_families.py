@@ -38,7 +38,7 @@ def run_family(family: str, root: Path, tokenizer: Path, data: Path) -> None:
     from qpissa.data import DataConfig
     from qpissa.decompose import decompose
     from qpissa.decompose.roles import model_roles
-    from qpissa.decompose.targets import model_type_of, peft_accepts
+    from qpissa.decompose.targets import bnb_loadable, model_type_of, peft_accepts
     from qpissa.moe import load
     from qpissa.train import TrainConfig, train
     from qpissa.use.merge import MergeConfig, merge
@@ -69,8 +69,10 @@ def run_family(family: str, root: Path, tokenizer: Path, data: Path) -> None:
         assert residual[name] == source[name]
     # shared experts and dense MLPs: ordinary LoRA targets, as every other linear inside the blocks but the routers
     linears = {n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
-    kind = model_type_of(src)  # PEFT refuses Mamba out_proj/conv1d LoRAs (Nemotron-H): no default target either
-    assert set(adapter_cfg["target_modules"]) == {n for n in linears if not roles.is_router(n) and peft_accepts(kind, n)}
+    kind = model_type_of(src)  # PEFT refuses Mamba out_proj/conv1d LoRAs (Nemotron-H): no default target either,
+    # nor a module whose NF4 weight transformers cannot read back (Qwen4-Exp's block_inject_weight): source dtype
+    assert set(adapter_cfg["target_modules"]) == {n for n in linears if not roles.is_router(n)
+                                                  and peft_accepts(kind, n) and bnb_loadable(n)}
     for module in roles.shared:
         assert any(m.startswith(module + ".") for m in adapter_cfg["target_modules"]), module
     check_factors(load(root / "out", dtype=torch.bfloat16), root / "out/adapter")

@@ -113,8 +113,30 @@ def peft_accepts(model_type: str | None, module: str) -> bool:
     return True
 
 
-def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str] | None) -> tuple[list[Target], list[str], str, str | None]:
-    """Resolve targets; returns (targets, non-target linear module names, arch, task type)."""
+def bnb_loadable(module: str) -> bool:
+    """Whether transformers' bitsandbytes loader reads a 4-bit weight of ``module`` back. It finds a weight's quant
+    state (``….weight.absmax``, ``….weight.quant_map``, …) by matching those suffixes, and a module whose own name
+    ends in ``weight`` (Qwen4-Exp's ``block_inject_weight``) has them matched at its name instead: its NF4 bytes
+    load without their quant state and PEFT fails on the module. Asked of transformers' own matching, for names
+    holding ``weight`` only: any other module is taken without importing transformers."""
+    if "weight" not in module.rsplit(".", 1)[-1]:
+        return True
+    try:
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+        from transformers.integrations.bitsandbytes import Bnb4bitDeserialize
+        from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+    except ImportError:  # another transformers: its own load says what it cannot read
+        return True
+    names = Bnb4BitHfQuantizer.serialized_names["weight"]
+    converter = WeightConverter(names, "weight", [Bnb4bitDeserialize(None)])
+    return all(rename_source_key(f"{module}.{n}", [], [converter])[0] == f"{module}.weight" for n in names)
+
+
+def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str] | None,
+                 quantized: bool = True) -> tuple[list[Target], list[str], str, str | None]:
+    """Resolve targets; returns (targets, non-target linear module names, arch, task type). With ``quantized``
+    (an NF4 residual), a module whose 4-bit weight transformers cannot read back (:func:`bnb_loadable`) is no
+    default target: it stays in the source dtype, counted among the non-targets."""
     if patterns:
         check_patterns(patterns)
     linears, arch, task = linear_modules(model_dir)
@@ -133,6 +155,11 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
                 raise UserError(f"--targets: PEFT refuses a LoRA on {module} in this architecture (a Mamba mixer's "
                                 "out_proj/conv1d); leave it out of --targets")
             chosen = False  # the default leaves it out, as a non-target
+        if chosen and quantized and not bnb_loadable(module):
+            if patterns:
+                raise UserError(f"--targets: transformers cannot load a 4-bit weight of {module} back (its "
+                                "bitsandbytes loader misreads a module named …weight); leave it out of --targets")
+            chosen = False  # kept in the source dtype, as a non-target
         if not chosen:
             others.append(module)
             continue
