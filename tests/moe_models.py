@@ -27,6 +27,8 @@ REFUSED = {  # family → why decompose refuses it in one line, writing nothing 
     "param2moe": "target module .*self_attn.q_proj has no tensor",
     "sarvam_moe": "target module .*self_attn.q_proj has no tensor",
     "ergo": "target module .*shared_experts.up_proj has no tensor",
+    # rank-1 retrieval experts: rows of two embedding tables, picked by a product-key top-k
+    "doge": "experts are held as embedding tables .*mlp.down_embed.weight \\[4, 64\\]",
 }
 EXPERTS, HIDDEN, INTER = 4, 64, 64
 SMALL = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -83,6 +85,7 @@ PER_FAMILY = {"deepseek_v3": MLA, "deepseek_v2": MLA, "glm4_moe_lite": MLA, "axk
               "qwen4_exp_text": {"linear_num_value_heads": 32, "hc_lowrank": 64, "indexer_n_heads": 3,
                                  "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 16,
                                  "indexer_compress_ratio": 4},
+              "doge": {"is_moe": True},  # dense by default; its MoE layer (CDMoE) is what decompose refuses
               }
 
 
