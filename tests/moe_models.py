@@ -20,6 +20,7 @@ ALL_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwe
                 "exaone_moe", "mellum", "solar_open", "aria_text", "beam", "flint", "granitemoe_swa", "kolibri1",
                 "mimo_v2_flash", "minimax_m3_vl_text", "jetmoe", "hy_v3", "minicpm5_moe", "nemotron_h",
                 "kimi_linear", "qwen3_5_moe_text", "longcat_flash", "jamba", "granitemoehybrid", "zaya", "inkling_text", "axk1", "sarvam_mla")
+ALL_FAMILIES += ("bailing_hybrid", "dots3_note_text", "gemma4_text", "kolibri1_1", "laguna", "lfm2_moe", "qwen4_exp_text")
 REFUSED = {  # family → why decompose refuses it in one line, writing nothing (tests/test_moe_families.py)
     "dbrx": "experts are held as .*experts.mlp.w1 \\[256, 64\\], not as one \\[experts, out, in\\] parameter",
     # transformers makes these targets on load from another tensor (a fused q/k/v split, a transposed kernel):
