@@ -169,8 +169,8 @@ def native_targets(adapter: str | Path | None = None):
     rank would not fit). PEFT also renames the adapter's keys from the checkpoint's names to the model's with the
     family's transformers renamings, which are not idempotent: Laguna's ``mlp.shared_expert.`` → ``shared_experts.``
     matches the model's own name too (``shared_experts..down_proj``), so a LoRA named after the model would load
-    nowhere and stay at its random init. Inside this context neither rewrite runs, unless ``adapter`` holds
-    per-expert keys."""
+    nowhere and stay at its random init. Inside this context the config is not rewritten and a key naming one of the
+    model's modules is not renamed (other keys are, as PEFT does), unless ``adapter`` holds per-expert keys."""
     try:
         import peft.utils.transformers_weight_conversion as conversion
     except ImportError:  # a PEFT without the rewrite
@@ -183,14 +183,25 @@ def native_targets(adapter: str | Path | None = None):
     original_keys = getattr(conversion, "convert_peft_adapter_state_dict_for_transformers", None)
     conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
     if original_keys is not None:  # PEFT imports it from this module when it loads the weights
-        conversion.convert_peft_adapter_state_dict_for_transformers = (
-            lambda model, peft_config, adapter_state_dict, adapter_name="default": adapter_state_dict)
+        conversion.convert_peft_adapter_state_dict_for_transformers = _own_names_kept(original_keys)
     try:
         yield
     finally:
         conversion.convert_peft_config_for_transformers = original
         if original_keys is not None:
             conversion.convert_peft_adapter_state_dict_for_transformers = original_keys
+
+
+def _own_names_kept(convert: Any) -> Any:
+    """PEFT's key conversion for the keys whose module the model does not have; the others are kept as named."""
+    def keep(model, peft_config, adapter_state_dict, adapter_name="default"):
+        names = {n for n, _ in model.named_modules()}
+        own = {k: v for k, v in adapter_state_dict.items()
+               if (m := re.sub(r"\.lora_(A|B|embedding_A|embedding_B)\..*$", "", k)) in names
+               or m.removeprefix("base_model.model.") in names}
+        rest = {k: v for k, v in adapter_state_dict.items() if k not in own}
+        return {**(convert(model, peft_config, rest, adapter_name) if rest else {}), **own}
+    return keep
 
 
 def _has_v4_expert_keys(path: Path) -> bool:
