@@ -166,11 +166,12 @@ def native_targets(adapter: str | Path | None = None):
     qwen3_moe, mixtral, …): each target ending in gate_proj/up_proj/down_proj becomes an expert parameter and the
     fused gate_up's rank doubles. That is right for a transformers 4 adapter (per-expert keys) and wrong for one
     naming transformers 5 modules (ours: dense first layers and shared experts would lose their LoRA, the experts'
-    rank would not fit). PEFT also renames the adapter's keys from the checkpoint's names to the model's with the
-    family's transformers renamings, which are not idempotent: Laguna's ``mlp.shared_expert.`` → ``shared_experts.``
-    matches the model's own name too (``shared_experts..down_proj``), so a LoRA named after the model would load
-    nowhere and stay at its random init. Inside this context the config is not rewritten and a key naming one of the
-    model's modules is not renamed (other keys are, as PEFT does), unless ``adapter`` holds per-expert keys."""
+    rank would not fit). Inside this context the rewrite is skipped, unless ``adapter`` holds per-expert keys; so is
+    PEFT's renaming of an adapter key that already names one of the model's modules (keys that name none are renamed
+    as PEFT does: an adapter saved in the checkpoint's names still loads). A renaming can match its own output and
+    rename such a key again (Inkling-2's ``sconv.weight_proj`` → ``sconv.weight_proj.weight``, Laguna's
+    ``mlp.shared_expert.`` → ``shared_experts.`` giving ``shared_experts..down_proj``): those LoRAs would load as
+    missing keys, left at their random init."""
     try:
         import peft.utils.transformers_weight_conversion as conversion
     except ImportError:  # a PEFT without the rewrite
@@ -180,21 +181,21 @@ def native_targets(adapter: str | Path | None = None):
         yield
         return
     original = conversion.convert_peft_config_for_transformers
-    original_keys = getattr(conversion, "convert_peft_adapter_state_dict_for_transformers", None)
+    keys = getattr(conversion, "convert_peft_adapter_state_dict_for_transformers", None)
     conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
-    if original_keys is not None:  # PEFT imports it from this module when it loads the weights
-        conversion.convert_peft_adapter_state_dict_for_transformers = _own_names_kept(original_keys)
+    if keys is not None:  # PEFT imports it from this module when it loads the weights
+        conversion.convert_peft_adapter_state_dict_for_transformers = _own_names_kept(keys)
     try:
         yield
     finally:
         conversion.convert_peft_config_for_transformers = original
-        if original_keys is not None:
-            conversion.convert_peft_adapter_state_dict_for_transformers = original_keys
+        if keys is not None:
+            conversion.convert_peft_adapter_state_dict_for_transformers = keys
 
 
 def _own_names_kept(convert: Any) -> Any:
-    """PEFT's key conversion for the keys whose module the model does not have; the others are kept as named."""
-    def keep(model, peft_config, adapter_state_dict, adapter_name="default"):
+    """PEFT's adapter-key conversion for the keys whose module the model does not have; the others as written."""
+    def keep(model: Any, peft_config: Any, adapter_state_dict: dict, adapter_name: str = "default", **_: Any) -> dict:
         names = {n for n, _ in model.named_modules()}
         own = {k: v for k, v in adapter_state_dict.items()
                if (m := re.sub(r"\.lora_(A|B|embedding_A|embedding_B)\..*$", "", k)) in names

@@ -14,6 +14,7 @@ rest block by block (:mod:`qpissa.moe_meta`), so the load peaks at about the 4-b
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from qpissa.quant import absmax_fp32
 
 CONFIG_KEY = "qpissa_nf4_experts"  # written by decompose into OUT/residual/config.json
 NF4_EXPERTS_FILE = "nf4-experts.safetensors"  # the experts' NF4 bytes in OUT/residual (transformers does not read it)
+IN_BLOCK = re.compile(r"(^|\.)\d+\.")  # experts live in numbered blocks (a loop's model-level 3-D queries: no experts)
 DEQUANT_WEIGHTS = 1 << 24  # weights per batched dequantize call (64 MiB of fp32 temporaries)
 
 
@@ -101,7 +103,7 @@ def attach_nf4_experts(model: nn.Module, residual: Path, file: str = NF4_EXPERTS
     modules = dict(model.named_modules())
     for full, experts in modules.items():
         fused = {k: p for k, p in experts.named_parameters(recurse=False) if p.ndim == 3}
-        if not fused or "." not in full or isinstance(experts, nn.modules.conv._ConvNd):
+        if not fused or not IN_BLOCK.search(full) or isinstance(experts, nn.modules.conv._ConvNd):
             continue
         name, transposed = full.rsplit(".", 1)[0], bool(getattr(experts, "is_transposed", False))
         block = modules[name]  # the MoE block: the experts' parent module
@@ -186,20 +188,39 @@ def load_residual(residual: str | Path, **kwargs):
     dtype = kwargs.get("dtype")
     attach_nf4_experts(model, residual, config[CONFIG_KEY].get("file", NF4_EXPERTS_FILE),
                        dtype if isinstance(dtype, torch.dtype) else None)
+    fp32 = _strict_fp32(model)
     if isinstance(dtype, torch.dtype):
-        _cast_unquantized(model, dtype)
+        _cast_unquantized(model, dtype, fp32)
+    for name, param in model.named_parameters():  # as a plain 16-bit load keeps them
+        if fp32.search(name) and _unquantized(param) and param.element_size() < 4:
+            param.data = param.data.float()
     return model
 
 
-def _cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
+def _strict_fp32(model: nn.Module):
+    """The parameters the model keeps in fp32 in any 16-bit load (``_keep_in_fp32_modules_strict``: routers,
+    Hunyuan-V4's indexer ``k_norm``), matched as transformers matches them. transformers' pre-quantized 4-bit load
+    leaves a ``….weight`` among them in the checkpoint's dtype (its bias goes fp32), and the family then fails on
+    mixed dtypes (``k_norm``: fp32 bias, bf16 weight); here they are fp32, as in a plain load."""
+    import re
+
+    patterns = sorted(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    return re.compile("|".join(p.replace("*", ".*") for p in patterns) if patterns else r"(?!)")
+
+
+def _unquantized(param: torch.Tensor) -> bool:
+    """A floating weight held in full (not NF4 bytes, not an expert's 1-element placeholder)."""
+    return param.is_floating_point() and type(param).__name__ != "Params4bit" and 0 not in param.stride()
+
+
+def _cast_unquantized(model: nn.Module, dtype: torch.dtype, keep=None) -> None:
     """Some families (gpt-oss, Llama-4, Phi-MoE, MiniMax) leave transformers' 4-bit load with their unquantized
     weights (embeddings, norms, routers) in the checkpoint's dtype whatever ``dtype`` asked, and then fail on mixed
-    dtypes: cast those. NF4 bytes and the experts' 1-element placeholders are left as they are."""
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if (param.is_floating_point() and param.dtype != dtype and type(param).__name__ != "Params4bit"
-                    and 0 not in param.stride()):
-                param.data = param.data.to(dtype)
+    dtypes: cast those, but those matched by ``keep`` (the model's strict fp32 ones). NF4 bytes and the experts'
+    1-element placeholders are left as they are."""
+    for name, param in model.named_parameters():
+        if _unquantized(param) and param.dtype != dtype and not (keep is not None and keep.search(name)):
+            param.data = param.data.to(dtype)
 
 
 @contextmanager

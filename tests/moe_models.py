@@ -31,6 +31,8 @@ REFUSED = {  # family → why decompose refuses it in one line, writing nothing 
     # rank-1 retrieval experts: rows of two embedding tables, picked by a product-key top-k
     "doge": "experts are held as embedding tables .*mlp.down_embed.weight \\[4, 64\\]",
 }
+# DeepSeek-V4, Hunyuan-V4 and the sparse-attention (indexer) families; Inkling-2 (interleaved gate/up on disk)
+ALL_FAMILIES += ("deepseek_v4", "hy_v4", "deepseek_v32", "glm_moe_dsa", "axk2", "inkling2_text", "inkling2_loop_text")
 EXPERTS, HIDDEN, INTER = 4, 64, 64
 SMALL = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              max_position_embeddings=64, tie_word_embeddings=False, intermediate_size=INTER,
@@ -45,6 +47,11 @@ SMALL = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num
 
 
 MLA = {"num_key_value_heads": 4, "qk_rope_head_dim": 32, "head_dim": 32, "kv_lora_rank": 64}  # as many k/v heads as q
+# DeepSeek sparse attention: qk_head_dim is derived at init (set it again), the indexer's heads a multiple of 32
+DSA = MLA | {"qk_head_dim": 48, "index_n_heads": 32, "index_head_dim": 64}
+INKLING2 = {"num_attention_heads": 32, "num_key_value_heads": 8,  # sink/conv projections: one row per head
+            "swa_num_attention_heads": 32, "swa_num_key_value_heads": 8, "swa_head_dim": 16,
+            "n_layers_per_attn_res_block": 1}
 PER_FAMILY = {"deepseek_v3": MLA, "deepseek_v2": MLA, "glm4_moe_lite": MLA, "axk1": MLA, "sarvam_mla": MLA,
               "zaya": {"num_experts_per_tok": 1, "num_key_value_heads": 4},  # ZAYA routes top-1
               "kimi_linear": MLA | {"num_experts_per_token": 2, "num_expert_group": 1, "topk_group": 1},
@@ -63,6 +70,12 @@ PER_FAMILY = {"deepseek_v3": MLA, "deepseek_v2": MLA, "glm4_moe_lite": MLA, "axk
               "nemotron_h": {"layers_block_type": ["linear_attention", "full_attention", "moe"], "mamba_num_heads": 16,
                              "mamba_head_dim": 8, "ssm_state_size": 8, "n_groups": 1, "chunk_size": 16,
                              "moe_shared_expert_intermediate_size": INTER},
+              "deepseek_v4": {"head_dim": 32, "o_groups": 2, "o_lora_rank": 64, "index_n_heads": 32,
+                              "index_head_dim": 64},
+              "hy_v4": DSA, "deepseek_v32": DSA, "glm_moe_dsa": DSA, "axk2": DSA | {"gated_norm_rank": 64},
+              "inkling2_text": INKLING2,
+              "inkling2_loop_text": INKLING2 | {"loop_layer_index_start": 1, "loop_layer_index_end": 2,
+                                               "loop_num_passes": 2, "loop_gate_rank": 64},  # layer 1 looped twice
               "bailing_hybrid": MLA | {"expert_swiglu_limit_list": [0, 0], "share_expert_swiglu_limit_list": [0, 0],
                                  "num_experts_per_token": 2, "num_expert_group": 1, "model_max_length": 64,
                                  "linear_num_heads": 32, "linear_head_dim": 8, "qk_head_dim": 48,
@@ -111,7 +124,8 @@ def config(family: str, layers: int = 2, vocab: int = 96):
         cfg.per_layer_config = None
     present = cfg.to_dict()
     per_layer = PER_FAMILY.get(family, {}).get("per_layer_config")  # the tiny model's own, applied last
-    for key, value in (SMALL | PER_FAMILY.get(family, {}) | {"num_hidden_layers": layers, "vocab_size": vocab}).items():
+    for key, value in (SMALL | PER_FAMILY.get(family, {}) | {"num_hidden_layers": layers, "vocab_size": vocab,
+                                                          "unpadded_vocab_size": vocab}).items():
         sub = getattr(cfg, key, None)
         if isinstance(value, dict) and hasattr(sub, "to_dict"):  # a nested config (DBRX's attn_config, ffn_config)
             for k, v in value.items():

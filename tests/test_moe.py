@@ -314,3 +314,73 @@ def test_convert_gives_a_lora_on_the_original_moe(family, tiny, tmp_path):
                                       str(trained))(ids).logits
         c = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
     assert float((a - b).norm()) < 0.02 * float((b - c).norm()), (float((a - b).norm()), float((b - c).norm()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe"])
+def test_convert_keeps_dense_and_shared_expert_loras(family, tmp_path):
+    """convert on the families PEFT 0.21 rewrites (DeepSeek: dense first layer, shared experts; Qwen2-MoE: shared
+    expert + its [1, H] gate): the LoRA on the original model, loaded with PEFT inside ``native_targets()``, equals
+    residual + "trained" adapter, so no dense, shared-expert or routed-expert LoRA was dropped or resized."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from qpissa.adapters import native_targets
+    from qpissa.moe import load
+    from qpissa.use.convert import convert_pissa_to_lora
+
+    src, out = build(family, tmp_path / "src"), tmp_path / "out"
+    decompose(src, out, rank=RANK, method="pissa", experts_dtype="bfloat16", progress=False)
+    trained = tmp_path / "trained"
+    shutil.copytree(out / "adapter", trained)
+    factors = load_file(str(trained / "adapter_model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.05 * v.float().std() * torch.randn(v.shape, generator=gen).to(v.dtype) for k, v in factors.items()},
+              str(trained / "adapter_model.safetensors"))
+    convert_pissa_to_lora(trained, out / "adapter", tmp_path / "lora")
+    ids = torch.tensor([[1, 5, 7, 9, 11, 3, 40, 2]])
+    with torch.no_grad(), native_targets():
+        a = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32),
+                                      str(tmp_path / "lora"))(ids).logits
+        b = load(out, trained, dtype=torch.float32)(ids).logits
+        c = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
+    assert float((a - b).norm()) < 0.05 * float((b - c).norm()), (float((a - b).norm()), float((b - c).norm()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe", "llama4_text"])
+def test_lora_baseline_trains_experts_not_routers(family, smollm2_dir, tiny_data, tmp_path):
+    """``train --method lora`` on an MoE: QPiSSA's targets (dense, shared-expert and attention linears, every
+    expert's fused parameters), no router or gate (Llama-4's router and Qwen2-MoE's shared-expert gate are
+    ``nn.Linear``: PEFT's all-linear would train them), and PEFT 0.21's DeepSeek rewrite skipped; the saved adapter
+    loads back with every LoRA."""
+    import bitsandbytes  # noqa: F401  (train imports it; keeps the import order of the other tests)
+    from safetensors import safe_open
+
+    from qpissa.data import DataConfig
+    from qpissa.decompose.roles import roles_of
+    from qpissa.decompose.targets import moe_lora_targets
+    from qpissa.train import TrainConfig, train
+
+    src = build(family, tmp_path / "src", tokenizer=smollm2_dir)
+    train(TrainConfig(model=str(src), method="lora", lora_rank=4, data=str(tiny_data), output=str(tmp_path / "run"),
+                      steps=1, batch_size=2, lr=1e-3, warmup_ratio=0.0, seed=0, progress=False,
+                      data_cfg=DataConfig(max_length=96)))
+    roles, (modules, params) = roles_of(src), moe_lora_targets(src)
+    saved = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == modules and sorted(saved["target_parameters"]) == params
+    with safe_open(str(tmp_path / "run/adapter/adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert not any(roles.is_router(k.removeprefix("base_model.model.").split(".lora_")[0]) for k in keys)
+    for module in modules:  # every dense / shared-expert / attention linear carries its LoRA
+        assert f"base_model.model.{module}.lora_A.weight" in keys, module
+    experts = [k for k in keys if ".experts." in k or k.split(".lora_")[0].endswith(".experts")]
+    assert len(experts) == 2 * len(roles.experts), experts  # A and B per fused parameter of every MoE layer
+    from transformers import AutoModelForCausalLM
+
+    from qpissa.adapters import load_peft
+
+    loaded = load_peft(AutoModelForCausalLM.from_pretrained(src), tmp_path / "run/adapter")
+    state = {k.replace(".default", "") for k in loaded.state_dict() if ".lora_" in k}
+    assert state == set(keys)  # every saved LoRA in place, none added (PEFT's rewrite would resize or move them)

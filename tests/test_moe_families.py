@@ -38,7 +38,7 @@ def run_family(family: str, root: Path, tokenizer: Path, data: Path) -> None:
     from qpissa.data import DataConfig
     from qpissa.decompose import decompose
     from qpissa.decompose.roles import model_roles
-    from qpissa.decompose.targets import bnb_loadable, model_type_of, peft_accepts
+    from qpissa.decompose.targets import full_precision_modules, model_type_of, peft_accepts
     from qpissa.moe import load
     from qpissa.train import TrainConfig, train
     from qpissa.use.merge import MergeConfig, merge
@@ -68,11 +68,9 @@ def run_family(family: str, root: Path, tokenizer: Path, data: Path) -> None:
     for name in (k for k in source if k.endswith("_bias") and ".experts." in k):
         assert residual[name] == source[name]
     # shared experts and dense MLPs: ordinary LoRA targets, as every other linear inside the blocks but the routers
-    linears = {n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
-    kind = model_type_of(src)  # PEFT refuses Mamba out_proj/conv1d LoRAs (Nemotron-H): no default target either,
-    # nor a module whose NF4 weight transformers cannot read back (Qwen4-Exp's block_inject_weight): source dtype
-    assert set(adapter_cfg["target_modules"]) == {n for n in linears if not roles.is_router(n)
-                                                  and peft_accepts(kind, n) and bnb_loadable(n)}
+    linears = four_bit_linears(meta) - full_precision_modules(src)  # minus those whose parent reads their weight
+    kind = model_type_of(src)  # PEFT refuses Mamba out_proj/conv1d LoRAs (Nemotron-H): no default target either
+    assert set(adapter_cfg["target_modules"]) == {n for n in linears if not roles.is_router(n) and peft_accepts(kind, n)}
     for module in roles.shared:
         assert any(m.startswith(module + ".") for m in adapter_cfg["target_modules"]), module
     check_factors(load(root / "out", dtype=torch.bfloat16), root / "out/adapter")
@@ -111,6 +109,18 @@ def bf16_noise(src: Path, ids: torch.Tensor) -> float:
         ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
         low = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)(ids).logits.float()
     return float((ref - low).abs().max()) / float(ref.abs().max())
+
+
+def four_bit_linears(meta) -> set[str]:
+    """The block linears transformers' own 4-bit load makes ``Linear4bit`` (its ``replace_with_bnb_linear`` on the
+    meta model, skipping what the model keeps in fp32): the linears a 4-bit residual can hold."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    model = replace_with_bnb_linear(meta, modules_to_not_convert=sorted(meta._keep_in_fp32_modules),
+                                    quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    return {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit) and ".layers." in n}
 
 
 def check_factors(model, adapter: Path) -> None:
@@ -221,8 +231,8 @@ def test_adapter_keys_are_not_renamed_again(tmp_path):
 
 def test_module_named_weight_stays_in_source_dtype(tmp_path):
     """transformers' 4-bit loader misreads the quant state of a module whose name ends in ``weight`` (Qwen4-Exp's
-    hyper-connection ``block_inject_weight``): no default target (kept in source dtype, counted as a non-target),
-    and ``--targets`` naming it is refused in one line, nothing written."""
+    hyper-connection ``block_inject_weight``): no default target (kept in source dtype, counted as a non-target, as
+    :data:`FULL_PRECISION` checks), and ``--targets`` naming it is refused in one line, nothing written."""
     from qpissa.decompose import decompose
     from qpissa.decompose.targets import bnb_loadable
     from qpissa.errors import UserError
@@ -231,6 +241,60 @@ def test_module_named_weight_stays_in_source_dtype(tmp_path):
     assert bnb_loadable("model.layers.0.attn_hyper_connection.input_mix_weight_down")
     assert bnb_loadable("model.layers.0.self_attn.indexer.weights_proj") and bnb_loadable("model.layers.0.q_proj")
     src = build("qwen4_exp_text", tmp_path / "src")
-    with pytest.raises(UserError, match="cannot load a 4-bit weight of .*block_inject_weight") as err:
+    with pytest.raises(UserError, match="block_inject_weight cannot be 4-bit") as err:
         decompose(src, tmp_path / "out", rank=RANK, targets=["block_inject_weight"], progress=False)
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+FULL_PRECISION = {  # family → block linears that cannot be NF4 (what the model card / modeling file says of them)
+    "deepseek_v4": {"self_attn.o_a_proj", "self_attn.compressor.kv_proj", "self_attn.compressor.gate_proj",  # grouped
+                    "self_attn.compressor.indexer.kv_proj", "self_attn.compressor.indexer.gate_proj",  # kept in fp32
+                    "self_attn.compressor.indexer.scorer.weights_proj"},
+    "deepseek_v32": {"self_attn.indexer.weights_proj"},  # _keep_in_fp32_modules
+    "inkling2_loop_text": {f"{k}_message_gate.down_proj" for k in ("q", "k", "v", "mlp")},  # input cast to its dtype
+    "qwen4_exp_text": {f"{k}_hyper_connection.block_inject_weight" for k in ("attn", "mlp")},  # name misread 4-bit
+    "qwen3_moe": set(), "deepseek_v3": set(),
+}
+
+
+def test_modules_that_cannot_be_4bit_are_no_targets(tmp_path):
+    """Linears a 4-bit load keeps in full precision or that their parent reads as a weight are found from the model
+    (no name list): not default targets (the residual keeps them in the source dtype), refused by --targets."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_models import config
+    from qpissa.decompose.targets import find_targets, full_precision_modules
+    from qpissa.errors import UserError
+    from qpissa.formats import scan_checkpoint
+
+    for family, want in FULL_PRECISION.items():
+        cfg = config(family)
+        with torch.device("meta"):
+            cfg.architectures = [type(AutoModelForCausalLM.from_config(cfg)).__name__]
+        cfg.save_pretrained(tmp_path / family)
+        found = {n.split(".", 3)[3] for n in full_precision_modules(tmp_path / family) if ".layers." in n}
+        assert found == want, family
+    src = build("deepseek_v32", tmp_path / "src")
+    targets, others, *_ = find_targets(src, scan_checkpoint(src), None)
+    assert "model.layers.0.self_attn.indexer.weights_proj" in others
+    assert not any(t.module.endswith("weights_proj") for t in targets)
+    with pytest.raises(UserError, match="indexer.weights_proj cannot be 4-bit"):
+        find_targets(src, scan_checkpoint(src), ["weights_proj"])
+
+
+def test_interleaved_experts_read_as_transformers_loads_them(tmp_path):
+    """Inkling-2 stores each expert's gate and up rows alternating (``w13_weight``); every expert matrix decompose
+    reads equals the model's parameter after transformers' own load (its Interleave), gate rows first."""
+    from transformers import AutoModelForCausalLM
+
+    from qpissa.decompose.experts import find_experts, load_expert
+    from qpissa.formats import scan_checkpoint
+
+    src = build("inkling2_text", tmp_path / "src")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    targets, _ = find_experts(scan_checkpoint(src), None, src)
+    assert {t.interleaved for t in targets if t.kind == "gate_up_proj"} == {True}
+    assert {t.interleaved for t in targets if t.kind == "down_proj"} == {False}
+    assert len(targets) == 2 * 2 * EXPERTS
+    for t in targets:
+        assert torch.equal(load_expert(t), model.get_parameter(f"{t.experts_module}.{t.kind}")[t.expert]), t.module

@@ -14,14 +14,15 @@ method's quantized outputs would make the baselines' H differ from the method's.
 Peak memory ≈ one block (fp32) + the hidden states N·T·d·4 bytes (calibration and held-out)
 + the H's of one block (n² · 8 bytes per distinct input; Llama-3-70B's down_proj: 6.6 GB).
 
-Mixture-of-experts blocks: each expert gets its own H from the tokens the router sends it (a pre-hook on the
-fused experts module reads the router's top-k choice): gate_up's H from those tokens' hidden states, down's H from
-act(gate)·up computed with that expert's original weights. An expert routed fewer than ``--calib-expert-tokens``
+Mixture-of-experts blocks: each expert gets its own H per fused parameter from what that parameter multiplies
+while the block runs (:mod:`qpissa.decompose.expert_inputs`, any family's forward): gate_up's H from the hidden
+states of the tokens routed to it, down's H from its act(gate)·up. An expert routed fewer than ``--calib-expert-tokens``
 calibration tokens gets no statistics (its method falls back to the uncalibrated one, and the report counts it).
 Per block and split (calibration, held-out) that is E·(d² + I²)·8 bytes more (Qwen3-30B-A3B: 4.9 GB; Mixtral-8x7B: 14 GB).
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any, Sequence
 import torch
 
 from qpissa.errors import UserError
+from qpissa.decompose.expert_inputs import ExpertInputs, accumulate_gram
 from qpissa.decompose.experts import find_experts, fused_expert_stack
 from qpissa.decompose.roles import checkpoint_map, roles_of
 from qpissa.formats import TensorInfo, load_tensor
@@ -98,14 +100,6 @@ def load_calibration(model_dir: Path, path: str | Path, samples: int, held_out: 
 
 # ----------------------------------------------------------------------------- statistics
 
-def accumulate_gram(h: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """H += XᵀX in fp64 on x's device, X = x flattened to (tokens, n)."""
-    xs = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, n)
-    if h is None:
-        h = torch.zeros(xs.shape[1], xs.shape[1], dtype=torch.float64, device=xs.device)  # (n, n)
-    return h.addmm_(xs.T, xs)
-
-
 class _GramHooks:
     """Forward pre-hooks on a block's target linears: one H per distinct input tensor (q/k/v share one,
     gate/up share one), keyed by the first module (in call order) that receives it."""
@@ -137,63 +131,27 @@ class _GramHooks:
         return {name: self.gram[key] for name, key in self.group.items()}
 
 
-class _ExpertGramHooks:
-    """A forward pre-hook on each fused experts module (transformers 5: ``forward(hidden, top_k_index,
-    top_k_weights)``, ``gate_up_proj`` (E, 2I, d) gate rows first, ``down_proj`` (E, d, I), ``act_fn``): per routed
-    expert, H of its gate_up input (the hidden states of its tokens) and of its down input (act(gate)·up), and
-    the number of tokens it received."""
-
-    def __init__(self, modules: dict[str, tuple[torch.nn.Module, set[int]]]):
-        self.gram: dict[str, torch.Tensor] = {}  # "{experts}.{e}.gate_up_proj" / ".down_proj" → H fp64
-        self.tokens: dict[str, int] = {}  # same keys → tokens routed to that expert
-        self._handles = []
-        for name, (mod, experts) in modules.items():
-            for attr in ("gate_up_proj", "down_proj", "act_fn"):
-                if not hasattr(mod, attr):
-                    raise UserError(f"--calib-data: experts module {name} ({type(mod).__name__}) has no {attr}; "
-                                    "per-expert calibration reads transformers 5's fused experts; leave out "
-                                    "--calib-data or exclude the experts with --targets")
-            self._handles.append(mod.register_forward_pre_hook(self._hook(name, experts), with_kwargs=True))
-
-    def _hook(self, name: str, experts: set[int]):
-        def hook(mod, args, kwargs):
-            if len(args) < 2 and "top_k_index" not in kwargs:  # Llama-4: routing applied before the experts run
-                raise UserError(f"--calib-data: experts module {name} ({type(mod).__name__}) is not given the "
-                                "router's choice; leave out --calib-data or exclude the experts with --targets")
-            hidden = args[0] if args else kwargs["hidden_states"]
-            top_k = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            x_all = hidden.reshape(-1, hidden.shape[-1])  # (tokens, d)
-            chosen = top_k.reshape(x_all.shape[0], -1)  # (tokens, k)
-            for e in sorted(experts):
-                x = x_all[(chosen == e).any(dim=-1)]  # (routed, d)
-                key = f"{name}.{e}"
-                self.tokens[f"{key}.gate_up_proj"] = self.tokens.get(f"{key}.gate_up_proj", 0) + x.shape[0]
-                self.tokens[f"{key}.down_proj"] = self.tokens[f"{key}.gate_up_proj"]
-                if x.shape[0] == 0:
-                    continue
-                gate, up = torch.nn.functional.linear(x, mod.gate_up_proj[e]).chunk(2, dim=-1)
-                inner = mod.act_fn(gate) * up  # (routed, I): down_proj's input for these tokens
-                for kind, inp in (("gate_up_proj", x), ("down_proj", inner)):
-                    self.gram[f"{key}.{kind}"] = accumulate_gram(self.gram.get(f"{key}.{kind}"), inp)
-        return hook
-
-    def remove(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        for h in self._handles:
-            h.remove()
-        return self.gram, self.tokens
-
-
 class _Captured(Exception):
     pass
 
 
 class _Catcher(torch.nn.Module):
-    """Stands in for block 0: records its (hidden states, keyword arguments) and stops the forward."""
+    """Stands in for block 0: records its (hidden states, keyword arguments) and stops the forward; any other
+    attribute is the block's (Nemotron-H's forward reads ``layer.block_type`` before calling it)."""
 
-    def __init__(self):
+    def __init__(self, block: torch.nn.Module | None = None):
         super().__init__()
         self.args: tuple | None = None
         self.kwargs: dict | None = None
+        self.__dict__["_block"] = block  # not a submodule
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if self.__dict__.get("_block") is None:
+                raise
+            return getattr(self.__dict__["_block"], name)
 
     def forward(self, *args, **kwargs):
         self.args, self.kwargs = args, kwargs
@@ -224,7 +182,8 @@ class BlockwiseCalibrator:
         self.model_dir, self.data, self.device = Path(model_dir), data, torch.device(device)
         self.expert_tokens = expert_tokens  # fewer routed calibration tokens: no statistics for that expert
         self.by_name = {t.name: t for t in tensors}
-        if roles_of(self.model_dir).experts:  # the model's names too (Phi-MoE's router, Granite's fused experts)
+        self.expert_params = roles_of(self.model_dir).experts  # "module.param" → the fused expert parameter
+        if self.expert_params:  # the model's names too (Phi-MoE's router, Granite's fused experts)
             self.by_name.update({new: self.by_name[old] for old, (new, expert, _) in
                                  checkpoint_map(self.model_dir, list(self.by_name)).items() if expert is None})
         self.checkpoint_experts = find_experts(list(tensors), None, self.model_dir)[0]  # every expert (fused at load)
@@ -251,6 +210,7 @@ class BlockwiseCalibrator:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(self.model_dir)
+        config._experts_implementation = "eager"  # the per-expert forward :class:`ExpertInputs` follows
         with init_empty_weights(include_buffers=False):
             model = getattr(transformers, config.architectures[0])(config)
         model.eval()
@@ -267,18 +227,20 @@ class BlockwiseCalibrator:
         return model
 
     def _set(self, root: torch.nn.Module, name: str, prefix: str = "") -> None:
-        info = _find_info(prefix + name, self.by_name)
-        if info is None and (stack := fused_expert_stack(prefix + name, self.checkpoint_experts)) is not None:
-            _set_tensor(root, name, stack.to(device=self.device, dtype=torch.float32))  # per-expert tensors on disk
+        if prefix + name in self.expert_params:  # as the model holds it, from per-expert or fused (interleaved) tensors
+            stack = fused_expert_stack(prefix + name, self.checkpoint_experts)
+            _set_tensor(root, name, stack.to(device=self.device, dtype=torch.float32))
             return
+        info = _find_info(prefix + name, self.by_name)
         if info is None:
-            raise UserError(f"{self.model_dir}: parameter {prefix + name} is not in the checkpoint; calibration "
-                            "needs a complete checkpoint")
+            raise UserError(f"{self.model_dir}: parameter {prefix + name} is not in the checkpoint (incomplete, or "
+                            "built at load from other tensors, which calibration does not read); leave out --calib-data")
         _set_tensor(root, name, load_tensor(info).to(device=self.device, dtype=torch.float32))
 
     def _restart(self) -> None:
         """Embed every sequence and keep the hidden states (and keyword arguments) at block 0's input."""
-        first, catcher = self.blocks[0], _Catcher()
+        first = self.blocks[0]
+        catcher = _Catcher(first)
         self.blocks[0] = catcher
         self.states: list[list[tuple[torch.Tensor, tuple, dict]]] = [[], []]  # calib, held-out: (hidden, args, kwargs)
         try:
@@ -307,6 +269,9 @@ class BlockwiseCalibrator:
             self._run_block(self.next_block, collect=False)
         calib, held = self._run_block(index, collect=True)
         self.current = (index, calib, held)
+        if module not in calib and not getattr(self.targets.get(module), "experts_module", ""):
+            raise UserError(f"--calib-data: {module} never ran as a module in the forward (its weight is used "
+                            "directly, as Jamba's dt_proj); exclude it with --targets or leave out --calib-data")
         return calib.get(module), held.get(module)
 
     def _run_block(self, i: int, collect: bool) -> tuple[dict, dict]:
@@ -317,24 +282,28 @@ class BlockwiseCalibrator:
         for name, _ in list(block.named_parameters()):
             self._set(block, name, prefix)
         mods = {prefix + n: m for n, m in block.named_modules() if prefix + n in self.targets}
-        experts = {prefix + n: (m, self.experts[prefix + n]) for n, m in block.named_modules()
-                   if prefix + n in self.experts}
+        stacks = {key: (block.get_parameter(key[len(prefix):]), self.experts[param.module], param.transposed)
+                  for key, param in self.expert_params.items() if param.module in self.experts
+                  and key.startswith(prefix)}  # "module.param" → (stack, experts that are targets, [E, in, out]?)
         grams: list[dict] = [{}, {}]
         with torch.no_grad():
             for split, states in enumerate(self.states):
                 hooks = _GramHooks(mods) if collect else None
-                expert_hooks = _ExpertGramHooks(experts) if collect and experts else None
+                watch = ExpertInputs(stacks) if collect and stacks else None
                 for j, (hidden, args, kwargs) in enumerate(states):
-                    out = _output(block(hidden, *args, **kwargs))  # (1, T, d)
+                    with watch if watch is not None else contextlib.nullcontext():
+                        out = _output(block(hidden, *args, **kwargs))  # (1, T, d)
                     states[j] = (out, args, kwargs)
                     if hooks is not None:
                         hooks.next_sequence()
+                    if watch is not None:
+                        watch.next_sequence()
                 if hooks is not None:
                     grams[split] = hooks.remove()
-                if expert_hooks is not None:
-                    gram, tokens = expert_hooks.remove()
-                    grams[split].update({k: h for k, h in gram.items()
-                                         if split == 1 or tokens[k] >= self.expert_tokens})
+                if watch is not None:
+                    watch.check()
+                    grams[split].update({k: h for k, h in watch.gram.items()
+                                         if split == 1 or watch.tokens[k] >= self.expert_tokens})
         block.to("meta")  # release the weights
         self.next_block = i + 1
         return grams[0], grams[1]

@@ -93,7 +93,7 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
         model_dir = resolve_model(model_dir, cfg.revision) if model_dir is not None else default_model_dir()
         manifest = output.prepare(model_dir, out_dir, cfg, wipe=d.is_main, lock=lock)
         tensors = (source := open_source(model_dir)).tensors  # FP8, MXFP4, 4-bit, …: read as its bf16 tensors
-        targets, others, arch, task = find_targets(model_dir, tensors, cfg.targets, cfg.method in QUANTIZED_METHODS)
+        targets, others, arch, task = find_targets(model_dir, tensors, cfg.targets)
         expert_targets, routers = find_experts(tensors, cfg.targets, model_dir)
         check_plain_residual(expert_targets if cfg.experts_dtype == "bfloat16" or cfg.method not in QUANTIZED_METHODS else [])
         targets = targets + expert_targets

@@ -49,6 +49,7 @@ class ExpertTarget(Target):
     experts_module: str = ""  # the model's module holding the fused parameters, e.g. model.layers.0.mlp.experts
     fused: bool = False  # sources is one 3-D stack, this expert at index ``expert``
     stored_t: bool = False  # the model stores this parameter [E, in, out] (gpt-oss): slices are transposed
+    interleaved: bool = False  # fused on disk with gate and up rows alternating (Inkling-2): de-interleaved on read
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -68,7 +69,7 @@ def find_experts(tensors: list[TensorInfo], patterns: list[str] | None = None,
     """Expert targets in (layer, kind, expert) order and the checkpoint names of the routers/gates (never targets),
     from the model's module roles (:mod:`qpissa.decompose.roles`); an expert parameter whose checkpoint tensors do
     not add up is an error naming them (never a silent skip). ``patterns`` (``--targets``) filter the experts."""
-    from qpissa.decompose.roles import checkpoint_map, roles_of
+    from qpissa.decompose.roles import checkpoint_map, interleaved, roles_of
 
     if model_dir is None:
         model_dir = tensors[0].file.parent if tensors else Path(".")
@@ -99,12 +100,14 @@ def find_experts(tensors: list[TensorInfo], patterns: list[str] | None = None,
         raise UserError(f"unknown expert layout: tensors {', '.join(unknown[:4])}{' …' if len(unknown) > 4 else ''} "
                         f"({len(unknown)} in all) are no parameter of the model's experts; supported layouts: {SUPPORTED}")
     targets: list[ExpertTarget] = []
+    mixed = interleaved(model_dir, [t.name for t in fused.values()])
     for key in sorted(roles.experts, key=_natural):
         param = roles.experts[key]
         if key in fused:
             stack = fused[key]
             targets += [ExpertTarget(f"{param.module}.{e}.{param.name}", stack, False, (stack,), e, param.name,
-                                     param.module, True, param.transposed) for e in range(param.shape[0])]
+                                     param.module, True, param.transposed, stack.name in mixed)
+                        for e in range(param.shape[0])]
             continue
         found = sorted(e for k, e in per if k == key)
         if found != list(range(param.shape[0])):
@@ -132,6 +135,8 @@ def load_expert(target: ExpertTarget) -> torch.Tensor:
     """This expert's matrix (out×in), reading only its rows: one slice of a fused stack, or its gate and up."""
     if target.fused:
         w = load_index(target.sources[0], target.expert)  # a packed (MXFP4/FP8) stack: that expert decoded
+        if target.interleaved:  # stored rows g0 u0 g1 u1 …: the model's gate rows, then its up rows
+            w = torch.cat([w[0::2], w[1::2]])
         return w.T.contiguous() if target.stored_t else w
     parts = [load_tensor(s) for s in target.sources]
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # (2I, H): gate rows, then up rows

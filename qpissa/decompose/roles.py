@@ -33,6 +33,8 @@ import torch
 
 from qpissa.errors import UserError
 
+IN_BLOCK = re.compile(r"(^|\.)\d+\.")  # a module inside a numbered block (``model.layers.3.mlp.experts``)
+
 
 @dataclass(frozen=True)
 class ExpertParam:
@@ -141,7 +143,9 @@ def model_roles(model: torch.nn.Module) -> Roles:
     biases, routers, shared = [], [], []
     modules = dict(model.named_modules())
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    holders = dict.fromkeys(n for n, m in modules.items() if _stacks(m))  # JetMoE: two experts modules a block
+    holders = dict.fromkeys(n for n, m in modules.items()  # JetMoE: two experts modules a block; only inside
+                            if _stacks(m) and IN_BLOCK.search(n))  # numbered blocks (Inkling-2 Loop's model-level
+    # message queries [loops, 4, H] are no experts)
     for name in holders:
         module = modules[name]
         params, stacks = dict(module.named_parameters(recurse=False)), _stacks(module)
@@ -247,21 +251,17 @@ def checkpoint_map(model_dir: Path, names: list[str]) -> dict[str, tuple[str, in
     of a concatenation they are (0 gate, 1 up); anything else maps by renaming alone (expert None, part 0).
     A tensor that a conversion of another kind makes (split, concatenated or transposed) keeps its checkpoint name:
     no model name collides with it, so it is never read as a target, a router or an expert."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming, rename_source_key
+    from transformers.core_model_loading import Concatenate, MergeModulelist
 
-    model = meta_model(str(model_dir))[0]
-    conversions = get_model_conversion_mapping(model, add_legacy=False)
-    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-    converters = [c for c in conversions if isinstance(c, WeightConverter)]
     out: dict[str, tuple[str, int | None, int]] = {}
-    for name in names:
-        new, pattern = rename_source_key(name, renamings, converters)
+    for name, (new, pattern, conv) in _conversions(model_dir, names).items():
         if pattern is None:
             out[name] = (new, None, 0)
             continue
-        conv = next(c for c in converters if pattern in c.source_patterns)
         ops = [(type(o), getattr(o, "dim", None)) for o in conv.operations]
+        if _row_order(conv, pattern) is not None:  # a stack loaded as stored, or with its rows de-interleaved
+            out[name] = (new, None, 0)
+            continue
         if ops not in ([(MergeModulelist, 0)], [(MergeModulelist, 0), (Concatenate, 1)]):
             out[name] = (name, None, 0)  # split q/k/v, concatenated convolutions, transposed kernels: no target
             continue  # reads it (a target that needs it is refused by its lookup); it is copied as it is
@@ -270,4 +270,49 @@ def checkpoint_map(model_dir: Path, names: list[str]) -> dict[str, tuple[str, in
         if m is None or not m.groups():
             raise UserError(f"{model_dir}: cannot read the expert index of tensor {name} (pattern {pattern})")
         out[name] = (new, int(m.group(1)), conv.source_patterns.index(pattern))
+    return out
+
+
+def interleaved(model_dir: Path, names: list[str]) -> set[str]:
+    """The checkpoint tensors transformers de-interleaves along their rows on load: Inkling-2 stores each expert's
+    gate and up rows alternating (``w13_weight``, ``Interleave(dim=1)``), the model holds gate rows, then up rows."""
+    return {name for name, (_, pattern, conv) in _conversions(model_dir, names).items()
+            if pattern is not None and _row_order(conv, pattern) == "interleaved"}
+
+
+def _row_order(conv, pattern: str) -> str | None:
+    """What the family's converter does to one stored stack [E, rows, cols], found by running transformers' own
+    operations on a probe of row numbers: "same" (the stack as stored, e.g. a dequantize that passes a 16-bit tensor
+    through), "interleaved" (rows 0, 2, 4, … then 1, 3, 5, …), or None (anything else: split, merged,
+    transposed)."""
+    probe = torch.arange(8, dtype=torch.float32).reshape(1, 8, 1)
+    state: dict = {pattern: [probe]}
+    try:
+        for op in conv.operations:
+            state = op.convert(state, [pattern], conv.target_patterns, model=None, full_layer_name=None)
+    except Exception:  # noqa: BLE001 - an operation that needs more than this one tensor: not a plain stack
+        return None
+    result = next(iter(state.values())) if len(state) == 1 else None
+    result = result[0] if isinstance(result, list) and len(result) == 1 else result
+    if not isinstance(result, torch.Tensor) or result.shape != probe.shape:
+        return None
+    order = result.reshape(-1)
+    if torch.equal(order, probe.reshape(-1)):
+        return "same"
+    return "interleaved" if torch.equal(order, torch.cat([probe.reshape(-1)[0::2], probe.reshape(-1)[1::2]])) else None
+
+
+def _conversions(model_dir: Path, names: list[str]) -> dict[str, tuple[str, str | None, object]]:
+    """Checkpoint name → (renamed name, the converter's source pattern or None, the converter or None)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    conversions = get_model_conversion_mapping(meta_model(str(model_dir))[0], add_legacy=False)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    out = {}
+    for name in names:
+        new, pattern = rename_source_key(name, renamings, converters)
+        conv = None if pattern is None else next(c for c in converters if pattern in c.source_patterns)
+        out[name] = (new, pattern, conv)
     return out

@@ -7,6 +7,8 @@ module names or regular expressions (full match on the module name).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import re
 from dataclasses import dataclass
@@ -54,6 +56,63 @@ def linear_modules(model_dir: Path) -> tuple[dict[str, bool], str, str | None]:
              if isinstance(mod, (torch.nn.Linear, Conv1D))}
     task = "CAUSAL_LM" if arch.endswith("ForCausalLM") else None
     return found, arch, task
+
+
+def full_precision_modules(model_dir: Path) -> set[str]:
+    """Linear modules that cannot be NF4 in a transformers 4-bit load, so no default target: those it leaves in full
+    precision (NF4 bytes written for them would not load: a size mismatch), i.e. the ones the model lists in
+    ``_keep_in_fp32_modules`` (DeepSeek-V4's compressor, the DSA indexers' ``weights_proj``) and subclasses of
+    ``nn.Linear`` with a forward of their own (DeepSeek-V4's grouped ``o_a_proj``), and those whose parent's forward
+    reads their ``weight`` itself (Inkling-2 Loop casts its input to ``down_proj.weight.dtype``: uint8 bytes when
+    4-bit), and those whose 4-bit weight transformers' loader cannot read back by their name (:func:`bnb_loadable`).
+    Read from the meta model; the architectures of :mod:`qpissa.decompose.architectures` have none."""
+    try:
+        if known_linear_modules(json.loads((model_dir / "config.json").read_text())) is not None:
+            return set()
+    except (OSError, ValueError, AttributeError):
+        pass  # the meta model reports an unreadable config
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    model, _ = meta_model(str(model_dir))
+    keep = sorted(getattr(model, "_keep_in_fp32_modules", None) or [])
+    modules = dict(model.named_modules())
+    out = set()
+    for name, mod in modules.items():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        parent, _, child = name.rpartition(".")
+        reads = rf"self\.{child}\.weight\b(?!\.(device|shape|size))"  # the parent uses the weight itself
+        if (type(mod) is not torch.nn.Linear or (keep and not should_convert_module(name, keep))
+                or re.search(reads, _forward_source(type(modules[parent]))) or not bnb_loadable(name)):
+            out.add(name)
+    return out
+
+
+def bnb_loadable(module: str) -> bool:
+    """Whether transformers' bitsandbytes loader reads a 4-bit weight of ``module`` back. It finds a weight's quant
+    state (``….weight.absmax``, ``….weight.quant_map``, …) by matching those suffixes, and a module whose own name
+    ends in ``weight`` (Qwen4-Exp's hyper-connection ``block_inject_weight``) has them matched at its name instead:
+    its NF4 bytes load without their quant state and PEFT fails on the module. Asked of transformers' own matching,
+    for names holding ``weight`` only."""
+    if "weight" not in module.rsplit(".", 1)[-1]:
+        return True
+    try:
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+        from transformers.integrations.bitsandbytes import Bnb4bitDeserialize
+        from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+    except ImportError:  # another transformers: its own load says what it cannot read
+        return True
+    names = Bnb4BitHfQuantizer.serialized_names["weight"]
+    converter = WeightConverter(names, "weight", [Bnb4bitDeserialize(None)])
+    return all(rename_source_key(f"{module}.{n}", [], [converter])[0] == f"{module}.weight" for n in names)
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
 
 
 def _checkpoint_key(module: str, by_name: dict[str, TensorInfo]) -> TensorInfo | None:
@@ -113,30 +172,8 @@ def peft_accepts(model_type: str | None, module: str) -> bool:
     return True
 
 
-def bnb_loadable(module: str) -> bool:
-    """Whether transformers' bitsandbytes loader reads a 4-bit weight of ``module`` back. It finds a weight's quant
-    state (``….weight.absmax``, ``….weight.quant_map``, …) by matching those suffixes, and a module whose own name
-    ends in ``weight`` (Qwen4-Exp's ``block_inject_weight``) has them matched at its name instead: its NF4 bytes
-    load without their quant state and PEFT fails on the module. Asked of transformers' own matching, for names
-    holding ``weight`` only: any other module is taken without importing transformers."""
-    if "weight" not in module.rsplit(".", 1)[-1]:
-        return True
-    try:
-        from transformers.core_model_loading import WeightConverter, rename_source_key
-        from transformers.integrations.bitsandbytes import Bnb4bitDeserialize
-        from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
-    except ImportError:  # another transformers: its own load says what it cannot read
-        return True
-    names = Bnb4BitHfQuantizer.serialized_names["weight"]
-    converter = WeightConverter(names, "weight", [Bnb4bitDeserialize(None)])
-    return all(rename_source_key(f"{module}.{n}", [], [converter])[0] == f"{module}.weight" for n in names)
-
-
-def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str] | None,
-                 quantized: bool = True) -> tuple[list[Target], list[str], str, str | None]:
-    """Resolve targets; returns (targets, non-target linear module names, arch, task type). With ``quantized``
-    (an NF4 residual), a module whose 4-bit weight transformers cannot read back (:func:`bnb_loadable`) is no
-    default target: it stays in the source dtype, counted among the non-targets."""
+def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str] | None) -> tuple[list[Target], list[str], str, str | None]:
+    """Resolve targets; returns (targets, non-target linear module names, arch, task type)."""
     if patterns:
         check_patterns(patterns)
     linears, arch, task = linear_modules(model_dir)
@@ -147,6 +184,7 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
         by_name = {new: by_name[old] for old, (new, expert, _) in mapped.items() if expert is None}
     targets, others = [], []
     model_type = model_type_of(model_dir)
+    full = full_precision_modules(model_dir)
     for module, conv in linears.items():
         chosen = matches(module, patterns) if patterns else bool(BLOCK_INDEX.search(module))
         chosen = chosen and not roles.is_router(module)  # routers and gates: never targets (the report lists them)
@@ -155,11 +193,12 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
                 raise UserError(f"--targets: PEFT refuses a LoRA on {module} in this architecture (a Mamba mixer's "
                                 "out_proj/conv1d); leave it out of --targets")
             chosen = False  # the default leaves it out, as a non-target
-        if chosen and quantized and not bnb_loadable(module):
+        if chosen and module in full:
             if patterns:
-                raise UserError(f"--targets: transformers cannot load a 4-bit weight of {module} back (its "
-                                "bitsandbytes loader misreads a module named …weight); leave it out of --targets")
-            chosen = False  # kept in the source dtype, as a non-target
+                raise UserError(f"--targets: {module} cannot be 4-bit in this architecture (the model keeps it in "
+                                "fp32, gives it a forward of its own or reads its weight, or transformers' 4-bit "
+                                "loader misreads its name); leave it out of --targets")
+            chosen = False
         if not chosen:
             others.append(module)
             continue
@@ -174,3 +213,21 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
         raise UserError(f"{model_dir}: no linear layer matches {what}; "
                         f"examples of names here: {', '.join(list(linears)[:4])}")
     return targets, others, arch, task
+
+
+def moe_lora_targets(model_dir: Path) -> tuple[list[str], list[str]] | None:
+    """(target_modules, target_parameters) of a plain LoRA on an MoE model, the targets decompose gives QPiSSA:
+    every linear inside the blocks but routers/gates (and what PEFT refuses), plus the experts' fused parameters by
+    their name inside a block. None for a dense model (PEFT's ``all-linear`` is then the same set). Why: PEFT's
+    ``all-linear`` puts a LoRA on routers that are ``nn.Linear`` (Llama-4, Hunyuan, Qwen2-MoE's shared-expert gate)
+    and none on the experts, so the LoRA baseline would train what every other method leaves untouched."""
+    from qpissa.decompose.report import layer_type
+
+    roles = roles_of(model_dir)
+    if not roles.experts:
+        return None
+    linears, _, _ = linear_modules(model_dir)
+    kind = model_type_of(model_dir)
+    modules = sorted(m for m in linears if BLOCK_INDEX.search(m) and not roles.is_router(m) and peft_accepts(kind, m))
+    params = sorted({f"{layer_type(p.module + '.x').rsplit('.', 1)[0]}.{p.name}" for p in roles.experts.values()})
+    return modules, params

@@ -103,10 +103,17 @@ def load_model(cfg: TrainConfig):
         if cfg.method == "lora":
             from peft import LoraConfig, get_peft_model
 
+            from qpissa.adapters import native_targets
+            from qpissa.decompose.targets import moe_lora_targets
+
             torch.manual_seed(cfg.seed)
+            moe = moe_lora_targets(root)  # MoE: QPiSSA's targets (experts in, routers out), not PEFT's all-linear
+            targets = {"target_modules": "all-linear"} if moe is None else \
+                {"target_modules": moe[0], "target_parameters": moe[1]}
             lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=0.0,
-                              target_modules="all-linear", init_lora_weights=True, task_type="CAUSAL_LM")
-            model = get_peft_model(model, lcfg)
+                              init_lora_weights=True, task_type="CAUSAL_LM", **targets)
+            with native_targets():  # PEFT 0.21 would move DeepSeek-type dense/shared targets to the experts
+                model = get_peft_model(model, lcfg)
             if root != Path(cfg.model):  # a Hub id: adapter_config.json names it, as PEFT does for org/name
                 model.peft_config["default"].base_model_name_or_path = cfg.model
                 model.peft_config["default"].revision = cfg.revision
