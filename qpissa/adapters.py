@@ -167,9 +167,11 @@ def native_targets(adapter: str | Path | None = None):
     fused gate_up's rank doubles. That is right for a transformers 4 adapter (per-expert keys) and wrong for one
     naming transformers 5 modules (ours: dense first layers and shared experts would lose their LoRA, the experts'
     rank would not fit). Inside this context the rewrite is skipped, unless ``adapter`` holds per-expert keys; so is
-    PEFT's renaming of the adapter's keys by the family's checkpoint renamings: they already name the model's modules,
-    and a renaming that matches its own output renames them again (Inkling-2's ``sconv.weight_proj`` →
-    ``sconv.weight_proj.weight``: those LoRAs would load as missing keys, left at their random init)."""
+    PEFT's renaming of an adapter key that already names one of the model's modules (keys that name none are renamed
+    as PEFT does: an adapter saved in the checkpoint's names still loads). A renaming can match its own output and
+    rename such a key again (Inkling-2's ``sconv.weight_proj`` → ``sconv.weight_proj.weight``, Laguna's
+    ``mlp.shared_expert.`` → ``shared_experts.`` giving ``shared_experts..down_proj``): those LoRAs would load as
+    missing keys, left at their random init."""
     try:
         import peft.utils.transformers_weight_conversion as conversion
     except ImportError:  # a PEFT without the rewrite
@@ -181,8 +183,8 @@ def native_targets(adapter: str | Path | None = None):
     original = conversion.convert_peft_config_for_transformers
     keys = getattr(conversion, "convert_peft_adapter_state_dict_for_transformers", None)
     conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
-    if keys is not None:
-        conversion.convert_peft_adapter_state_dict_for_transformers = _keys_as_written
+    if keys is not None:  # PEFT imports it from this module when it loads the weights
+        conversion.convert_peft_adapter_state_dict_for_transformers = _own_names_kept(keys)
     try:
         yield
     finally:
@@ -191,9 +193,16 @@ def native_targets(adapter: str | Path | None = None):
             conversion.convert_peft_adapter_state_dict_for_transformers = keys
 
 
-def _keys_as_written(model: Any = None, peft_config: Any = None, adapter_state_dict: Any = None, **_: Any) -> Any:
-    """PEFT's adapter-key conversion, skipped: the keys as the adapter file has them."""
-    return adapter_state_dict
+def _own_names_kept(convert: Any) -> Any:
+    """PEFT's adapter-key conversion for the keys whose module the model does not have; the others as written."""
+    def keep(model: Any, peft_config: Any, adapter_state_dict: dict, adapter_name: str = "default", **_: Any) -> dict:
+        names = {n for n, _ in model.named_modules()}
+        own = {k: v for k, v in adapter_state_dict.items()
+               if (m := re.sub(r"\.lora_(A|B|embedding_A|embedding_B)\..*$", "", k)) in names
+               or m.removeprefix("base_model.model.") in names}
+        rest = {k: v for k, v in adapter_state_dict.items() if k not in own}
+        return {**(convert(model, peft_config, rest, adapter_name) if rest else {}), **own}
+    return keep
 
 
 def _has_v4_expert_keys(path: Path) -> bool:

@@ -20,6 +20,7 @@ ALL_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwe
                 "exaone_moe", "mellum", "solar_open", "aria_text", "beam", "flint", "granitemoe_swa", "kolibri1",
                 "mimo_v2_flash", "minimax_m3_vl_text", "jetmoe", "hy_v3", "minicpm5_moe", "nemotron_h",
                 "kimi_linear", "qwen3_5_moe_text", "longcat_flash", "jamba", "granitemoehybrid", "zaya", "inkling_text", "axk1", "sarvam_mla")
+ALL_FAMILIES += ("bailing_hybrid", "dots3_note_text", "gemma4_text", "kolibri1_1", "laguna", "lfm2_moe", "qwen4_exp_text")
 REFUSED = {  # family → why decompose refuses it in one line, writing nothing (tests/test_moe_families.py)
     "dbrx": "experts are held as .*experts.mlp.w1 \\[256, 64\\], not as one \\[experts, out, in\\] parameter",
     # transformers makes these targets on load from another tensor (a fused q/k/v split, a transposed kernel):
@@ -27,6 +28,8 @@ REFUSED = {  # family → why decompose refuses it in one line, writing nothing 
     "param2moe": "target module .*self_attn.q_proj has no tensor",
     "sarvam_moe": "target module .*self_attn.q_proj has no tensor",
     "ergo": "target module .*shared_experts.up_proj has no tensor",
+    # rank-1 retrieval experts: rows of two embedding tables, picked by a product-key top-k
+    "doge": "experts are held as embedding tables .*mlp.down_embed.weight \\[4, 64\\]",
 }
 # DeepSeek-V4, Hunyuan-V4 and the sparse-attention (indexer) families; Inkling-2 (interleaved gate/up on disk)
 ALL_FAMILIES += ("deepseek_v4", "hy_v4", "deepseek_v32", "glm_moe_dsa", "axk2", "inkling2_text", "inkling2_loop_text")
@@ -73,6 +76,30 @@ PER_FAMILY = {"deepseek_v3": MLA, "deepseek_v2": MLA, "glm4_moe_lite": MLA, "axk
               "inkling2_text": INKLING2,
               "inkling2_loop_text": INKLING2 | {"loop_layer_index_start": 1, "loop_layer_index_end": 2,
                                                "loop_num_passes": 2, "loop_gate_rank": 64},  # layer 1 looped twice
+              "bailing_hybrid": MLA | {"expert_swiglu_limit_list": [0, 0], "share_expert_swiglu_limit_list": [0, 0],
+                                 "num_experts_per_token": 2, "num_expert_group": 1, "model_max_length": 64,
+                                 "linear_num_heads": 32, "linear_head_dim": 8, "qk_head_dim": 48,
+                                 "num_attention_heads": 32, "num_key_value_heads": 32},  # g_proj: one row per head
+              "dots3_note_text": {"num_attention_heads": 32, "num_key_value_heads": 32, "q_lora_rank": 64,
+                                  "kv_lora_rank": 64, "qk_rope_head_dim": 32, "qk_nope_head_dim": 16, "v_head_dim": 16,
+                                  "head_dim": 64, "index_n_heads": 32, "index_head_dim": 32, "sliding_window": 4,
+                                  "shared_experts_intermediate_size": INTER,
+                                  "rope_parameters": {t: {"rope_type": "default", "rope_theta": 10000.0,
+                                                          "partial_rotary_factor": 0.5}
+                                                      for t in ("indexed_attention", "sliding_attention")},
+                                  # the sliding layer has heads of its own size, as in the released model
+                                  "per_layer_config": {1: {"kv_lora_rank": 128, "qk_nope_head_dim": 32}}},
+              "gemma4_text": {"enable_moe_block": True, "top_k_experts": 2, "hidden_size_per_layer_input": 0,
+                              "per_layer_config": {1: {"head_dim": 32}}},  # the full-attention layer's wider heads
+              "kolibri1_1": {"index_layers": [1], "kv_source_layers": [0, 1], "index_num_heads": 2,
+                             "mlp_only_layers": [0], "mlp_only_intermediate_size": INTER},  # sliding, then indexed
+              "laguna": {"layer_types": ["sliding_attention", "full_attention"],  # g_proj: one row per head
+                         "num_attention_heads_per_layer": [32, 64]},
+              "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},  # no default kinds
+              "qwen4_exp_text": {"linear_num_value_heads": 32, "hc_lowrank": 64, "indexer_n_heads": 3,
+                                 "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 16,
+                                 "indexer_compress_ratio": 4},
+              "doge": {"is_moe": True},  # dense by default; its MoE layer (CDMoE) is what decompose refuses
               }
 
 
@@ -93,7 +120,10 @@ def config(family: str, layers: int = 2, vocab: int = 96):
     from transformers import CONFIG_MAPPING
 
     cfg = CONFIG_MAPPING[family]()
+    if getattr(cfg, "is_heterogeneous", False):  # per-layer overrides name layers of the full-size model
+        cfg.per_layer_config = None
     present = cfg.to_dict()
+    per_layer = PER_FAMILY.get(family, {}).get("per_layer_config")  # the tiny model's own, applied last
     for key, value in (SMALL | PER_FAMILY.get(family, {}) | {"num_hidden_layers": layers, "vocab_size": vocab,
                                                           "unpadded_vocab_size": vocab}).items():
         sub = getattr(cfg, key, None)
@@ -108,6 +138,8 @@ def config(family: str, layers: int = 2, vocab: int = 96):
             setattr(cfg, key, (kinds * layers)[:layers])
     if getattr(cfg, "no_rope_layers", None):
         cfg.no_rope_layers = cfg.no_rope_layers[:layers]
+    if per_layer:
+        cfg.per_layer_config = per_layer
     return cfg
 
 

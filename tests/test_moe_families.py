@@ -95,7 +95,20 @@ def run_family(family: str, root: Path, tokenizer: Path, data: Path) -> None:
     ids = torch.tensor([[1, 5, 7, 9, 11, 3, 40, 2]])
     with torch.no_grad():
         a, b = merged(ids).logits, trained(ids).logits.float()
-    assert float((a - b).abs().max()) < 3e-2 * float(b.abs().max())  # bf16 tolerance (the trained model runs in bf16)
+    err = float((a - b).abs().max()) / float(b.abs().max())  # bf16 tolerance (the trained model runs in bf16), or
+    assert err < 3e-2 or err < 2 * bf16_noise(src, ids), err  # twice what bf16 alone moves this family's logits
+
+
+def bf16_noise(src: Path, ids: torch.Tensor) -> float:
+    """How far the source model's own logits move from fp32 to bf16 (max |Δ| / max |logit|): 0.4–0.5% for most tiny
+    families, 4–5% where the architecture amplifies rounding (Gemma-4's norm after every branch, Kolibri-1.1's FP4
+    rounding of keys and values)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
+        low = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)(ids).logits.float()
+    return float((ref - low).abs().max()) / float(ref.abs().max())
 
 
 def four_bit_linears(meta) -> set[str]:
@@ -203,12 +216,43 @@ def test_plain_peft_snippet_loads_every_lora(tmp_path):
     check_factors(scope["model"], out / "adapter")
 
 
+def test_adapter_keys_are_not_renamed_again(tmp_path):
+    """Laguna's checkpoint names its shared expert ``mlp.shared_expert.``, the model ``mlp.shared_experts.``, and
+    PEFT renames adapter keys with that rule, which matches the model's own name too (``shared_experts..down_proj``):
+    the shared expert's LoRA would stay at its random init. Loaded through qpissa, every written factor is in place."""
+    from qpissa.decompose import decompose
+    from qpissa.moe import load
+
+    src = build("laguna", tmp_path / "src")
+    decompose(src, tmp_path / "out", rank=RANK, progress=False)
+    assert any(".shared_experts." in k for k in keys_of(tmp_path / "out/adapter"))
+    check_factors(load(tmp_path / "out", dtype=torch.bfloat16), tmp_path / "out/adapter")
+
+
+def test_module_named_weight_stays_in_source_dtype(tmp_path):
+    """transformers' 4-bit loader misreads the quant state of a module whose name ends in ``weight`` (Qwen4-Exp's
+    hyper-connection ``block_inject_weight``): no default target (kept in source dtype, counted as a non-target, as
+    :data:`FULL_PRECISION` checks), and ``--targets`` naming it is refused in one line, nothing written."""
+    from qpissa.decompose import decompose
+    from qpissa.decompose.targets import bnb_loadable
+    from qpissa.errors import UserError
+
+    assert not bnb_loadable("model.layers.0.attn_hyper_connection.block_inject_weight")
+    assert bnb_loadable("model.layers.0.attn_hyper_connection.input_mix_weight_down")
+    assert bnb_loadable("model.layers.0.self_attn.indexer.weights_proj") and bnb_loadable("model.layers.0.q_proj")
+    src = build("qwen4_exp_text", tmp_path / "src")
+    with pytest.raises(UserError, match="block_inject_weight cannot be 4-bit") as err:
+        decompose(src, tmp_path / "out", rank=RANK, targets=["block_inject_weight"], progress=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
 FULL_PRECISION = {  # family → block linears that cannot be NF4 (what the model card / modeling file says of them)
     "deepseek_v4": {"self_attn.o_a_proj", "self_attn.compressor.kv_proj", "self_attn.compressor.gate_proj",  # grouped
                     "self_attn.compressor.indexer.kv_proj", "self_attn.compressor.indexer.gate_proj",  # kept in fp32
                     "self_attn.compressor.indexer.scorer.weights_proj"},
     "deepseek_v32": {"self_attn.indexer.weights_proj"},  # _keep_in_fp32_modules
     "inkling2_loop_text": {f"{k}_message_gate.down_proj" for k in ("q", "k", "v", "mlp")},  # input cast to its dtype
+    "qwen4_exp_text": {f"{k}_hyper_connection.block_inject_weight" for k in ("attn", "mlp")},  # name misread 4-bit
     "qwen3_moe": set(), "deepseek_v3": set(),
 }
 

@@ -13,8 +13,8 @@ A name list per family breaks on the next family (Granite's experts have no ``ex
   (``shared_expert_gate`` [1, H]): never targets, never 4-bit, whatever their shape; the report lists them. Other
   children with two or more linear layers are shared experts (MLPs: ordinary linear targets); another experts
   module beside it (JetMoE's ``input_linear`` and ``output_linear``) is experts too, no router.
-- experts held otherwise (DBRX's [E·I, H] parameters under ``experts``): refused in one line (:func:`roles_of`),
-  never left in bf16 beside a targeted router.
+- experts held otherwise (DBRX's [E·I, H] parameters under ``experts``, Doge's embedding tables whose rows a
+  top-k picks): refused in one line (:func:`roles_of`), never left in bf16 beside a targeted router.
 - dense MLPs outside MoE blocks (DeepSeek-V3's first layers) are plain linear targets.
 
 Checkpoint names map to the model's names with transformers' own conversion mapping for the family
@@ -226,7 +226,23 @@ def roles_of(model_dir: Path) -> Roles:
             if ".experts." in f".{name}" and param.ndim >= 2 and not isinstance(owner, torch.nn.Linear):
                 raise UserError(f"{model_dir}: the experts are held as {name} {list(param.shape)}, not as one "
                                 "[experts, out, in] parameter per kind; this expert layout is not supported")
+        _refuse_expert_tables(model, model_dir)
     return roles
+
+
+def _refuse_expert_tables(model: torch.nn.Module, model_dir: Path) -> None:
+    """Experts held as embedding tables inside a block whose rows a router's top-k picks (Doge's CDMoE: one expert a
+    row of ``down_embed``/``up_embed`` [E, H]): no [E, out, in] stack to make NF4 with an adapter, and no
+    ``nn.Linear`` that transformers loads 4-bit. Refused in one line rather than left in bf16 beside a router that
+    would be made a target."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    for name, module in model.named_modules():
+        tables = {c: m.weight for c, m in module.named_children() if isinstance(m, torch.nn.Embedding)}
+        if tables and hidden and re.search(r"(^|\.)\d+(\.|$)", name) and routing_children(module, hidden):
+            held = ", ".join(f"{name}.{c}.weight {list(w.shape)}" for c, w in tables.items())
+            raise UserError(f"{model_dir}: the experts are held as embedding tables {held} whose rows the router's "
+                            "top-k picks, not as one [experts, out, in] parameter per kind; this expert layout is "
+                            "not supported")
 
 
 def checkpoint_map(model_dir: Path, names: list[str]) -> dict[str, tuple[str, int | None, int]]:

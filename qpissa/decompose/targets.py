@@ -64,7 +64,8 @@ def full_precision_modules(model_dir: Path) -> set[str]:
     ``_keep_in_fp32_modules`` (DeepSeek-V4's compressor, the DSA indexers' ``weights_proj``) and subclasses of
     ``nn.Linear`` with a forward of their own (DeepSeek-V4's grouped ``o_a_proj``), and those whose parent's forward
     reads their ``weight`` itself (Inkling-2 Loop casts its input to ``down_proj.weight.dtype``: uint8 bytes when
-    4-bit). Read from the meta model; the architectures of :mod:`qpissa.decompose.architectures` have none."""
+    4-bit), and those whose 4-bit weight transformers' loader cannot read back by their name (:func:`bnb_loadable`).
+    Read from the meta model; the architectures of :mod:`qpissa.decompose.architectures` have none."""
     try:
         if known_linear_modules(json.loads((model_dir / "config.json").read_text())) is not None:
             return set()
@@ -82,9 +83,28 @@ def full_precision_modules(model_dir: Path) -> set[str]:
         parent, _, child = name.rpartition(".")
         reads = rf"self\.{child}\.weight\b(?!\.(device|shape|size))"  # the parent uses the weight itself
         if (type(mod) is not torch.nn.Linear or (keep and not should_convert_module(name, keep))
-                or re.search(reads, _forward_source(type(modules[parent])))):
+                or re.search(reads, _forward_source(type(modules[parent]))) or not bnb_loadable(name)):
             out.add(name)
     return out
+
+
+def bnb_loadable(module: str) -> bool:
+    """Whether transformers' bitsandbytes loader reads a 4-bit weight of ``module`` back. It finds a weight's quant
+    state (``….weight.absmax``, ``….weight.quant_map``, …) by matching those suffixes, and a module whose own name
+    ends in ``weight`` (Qwen4-Exp's hyper-connection ``block_inject_weight``) has them matched at its name instead:
+    its NF4 bytes load without their quant state and PEFT fails on the module. Asked of transformers' own matching,
+    for names holding ``weight`` only."""
+    if "weight" not in module.rsplit(".", 1)[-1]:
+        return True
+    try:
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+        from transformers.integrations.bitsandbytes import Bnb4bitDeserialize
+        from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+    except ImportError:  # another transformers: its own load says what it cannot read
+        return True
+    names = Bnb4BitHfQuantizer.serialized_names["weight"]
+    converter = WeightConverter(names, "weight", [Bnb4bitDeserialize(None)])
+    return all(rename_source_key(f"{module}.{n}", [], [converter])[0] == f"{module}.weight" for n in names)
 
 
 @functools.lru_cache(maxsize=256)
@@ -176,7 +196,8 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
         if chosen and module in full:
             if patterns:
                 raise UserError(f"--targets: {module} cannot be 4-bit in this architecture (the model keeps it in "
-                                "fp32, gives it a forward of its own or reads its weight); leave it out of --targets")
+                                "fp32, gives it a forward of its own or reads its weight, or transformers' 4-bit "
+                                "loader misreads its name); leave it out of --targets")
             chosen = False
         if not chosen:
             others.append(module)
