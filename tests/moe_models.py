@@ -23,16 +23,15 @@ ALL_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwe
 ALL_FAMILIES += ("bailing_hybrid", "dots3_note_text", "gemma4_text", "kolibri1_1", "laguna", "lfm2_moe", "qwen4_exp_text")
 REFUSED = {  # family → why decompose refuses it in one line, writing nothing (tests/test_moe_families.py)
     "dbrx": "experts are held as .*experts.mlp.w1 \\[256, 64\\], not as one \\[experts, out, in\\] parameter",
-    # transformers makes these targets on load from another tensor (a fused q/k/v split, a transposed kernel):
-    "lara_mini": "target module .*linear_attn.in_proj_qkv has no tensor",
-    "param2moe": "target module .*self_attn.q_proj has no tensor",
-    "sarvam_moe": "target module .*self_attn.q_proj has no tensor",
-    "ergo": "target module .*shared_experts.up_proj has no tensor",
     # rank-1 retrieval experts: rows of two embedding tables, picked by a product-key top-k
     "doge": "experts are held as embedding tables .*mlp.down_embed.weight \\[4, 64\\]",
 }
 # DeepSeek-V4, Hunyuan-V4 and the sparse-attention (indexer) families; Inkling-2 (interleaved gate/up on disk)
 ALL_FAMILIES += ("deepseek_v4", "hy_v4", "deepseek_v32", "glm_moe_dsa", "axk2", "inkling2_text", "inkling2_loop_text")
+# linears transformers builds at load from another tensor (a fused q/k/v split, a transposed kernel): kept as built
+BUILT_AT_LOAD = {"lara_mini": "linear_attn.in_proj", "param2moe": "query_key_value", "sarvam_moe": "query_key_value",
+                 "ergo": "feed_forward.shared_up_proj"}
+ALL_FAMILIES += tuple(BUILT_AT_LOAD)
 EXPERTS, HIDDEN, INTER = 4, 64, 64
 SMALL = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              max_position_embeddings=64, tie_word_embeddings=False, intermediate_size=INTER,

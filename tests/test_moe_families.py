@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from moe_models import ALL_FAMILIES, EXPERTS, REFUSED, build
+from moe_models import ALL_FAMILIES, BUILT_AT_LOAD, EXPERTS, REFUSED, build
 from safetensors import safe_open
 
 FAST = ("qwen2_moe", "deepseek_v3")
@@ -29,6 +29,19 @@ def keys_of(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
                 s = f.get_slice(k)
                 out[k] = (s.get_dtype(), tuple(s.get_shape()))
     return out
+
+
+def _renamed(meta, names) -> set[str]:
+    """Model names of the checkpoint tensors that transformers' renamings alone load (a tensor a conversion splits,
+    concatenates or transposes is not one: what it becomes has no checkpoint tensor of its own)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    conversions = get_model_conversion_mapping(meta, add_legacy=False)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    renamed = (rename_source_key(n, renamings, converters) for n in names)
+    return {new for new, pattern in renamed if pattern is None}
 
 
 def run_family(family: str, root: Path, tokenizer: Path, data: Path) -> None:
@@ -69,10 +82,16 @@ def run_family(family: str, root: Path, tokenizer: Path, data: Path) -> None:
         assert residual[name] == source[name]
     # shared experts and dense MLPs: ordinary LoRA targets, as every other linear inside the blocks but the routers
     linears = four_bit_linears(meta) - full_precision_modules(src)  # minus those whose parent reads their weight
+    if family in BUILT_AT_LOAD:  # linears with no checkpoint tensor (split/transposed at load): kept as built, listed
+        built = {n for n in linears if f"{n}.weight" not in _renamed(meta, source) and not roles.is_router(n)}
+        assert built and report["coverage"]["built_at_load"]["modules"] == len(built)
+        assert BUILT_AT_LOAD[family] in report["coverage"]["built_at_load"]["from"]
+        linears -= built
     kind = model_type_of(src)  # PEFT refuses Mamba out_proj/conv1d LoRAs (Nemotron-H): no default target either
     assert set(adapter_cfg["target_modules"]) == {n for n in linears if not roles.is_router(n) and peft_accepts(kind, n)}
-    for module in roles.shared:
-        assert any(m.startswith(module + ".") for m in adapter_cfg["target_modules"]), module
+    for module in roles.shared:  # (Ergo's shared expert is built at load from transposed kernels: none left)
+        if any(n.startswith(module + ".") for n in linears):
+            assert any(m.startswith(module + ".") for m in adapter_cfg["target_modules"]), module
     check_factors(load(root / "out", dtype=torch.bfloat16), root / "out/adapter")
 
     train(TrainConfig(model=str(root / "out"), data=str(data), output=str(root / "run"), steps=2, batch_size=2,

@@ -136,14 +136,17 @@ class _Captured(Exception):
 
 
 class _Catcher(torch.nn.Module):
-    """Stands in for block 0: records its (hidden states, keyword arguments) and stops the forward; any other
-    attribute is the block's (Nemotron-H's forward reads ``layer.block_type`` before calling it)."""
+    """Stands in for a block while the model embeds a sequence: records the block's (hidden states, other arguments,
+    keyword arguments) and passes the hidden states on (the last one stops the forward), so each block is later run
+    with its own arguments (Gemma-4 and Kolibri give each layer type its own position embeddings and mask). Any
+    other attribute is the block's (Nemotron-H's forward reads ``layer.block_type`` before calling it)."""
 
-    def __init__(self, block: torch.nn.Module | None = None):
+    def __init__(self, block: torch.nn.Module | None = None, last: bool = True):
         super().__init__()
         self.args: tuple | None = None
         self.kwargs: dict | None = None
         self.__dict__["_block"] = block  # not a submodule
+        self.__dict__["_last"] = last
 
     def __getattr__(self, name: str):
         try:
@@ -155,7 +158,9 @@ class _Catcher(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         self.args, self.kwargs = args, kwargs
-        raise _Captured
+        if self.__dict__["_last"]:
+            raise _Captured
+        return args[0] if args else kwargs.get("hidden_states")
 
 
 def _output(out: Any) -> torch.Tensor:
@@ -238,21 +243,34 @@ class BlockwiseCalibrator:
         _set_tensor(root, name, load_tensor(info).to(device=self.device, dtype=torch.float32))
 
     def _restart(self) -> None:
-        """Embed every sequence and keep the hidden states (and keyword arguments) at block 0's input."""
-        first = self.blocks[0]
-        catcher = _Catcher(first)
-        self.blocks[0] = catcher
+        """Embed every sequence and keep the hidden states at block 0's input, and each block's other arguments
+        (those of block 0 for every block where the model's forward cannot run through stand-ins)."""
+        blocks = list(self.blocks)
+        catchers = [_Catcher(b, last=i == len(blocks) - 1) for i, b in enumerate(blocks)]
+        for i, c in enumerate(catchers):
+            self.blocks[i] = c
         self.states: list[list[tuple[torch.Tensor, tuple, dict]]] = [[], []]  # calib, held-out: (hidden, args, kwargs)
+        self.block_args: list[list[list[tuple[tuple, dict]]]] = [[], []]  # split → sequence → block → (args, kwargs)
         try:
             with torch.no_grad():
-                for states, seqs in zip(self.states, (self.data.calib, self.data.held_out)):
+                for split, seqs in enumerate((self.data.calib, self.data.held_out)):
                     for ids in seqs:
+                        for c in catchers:
+                            c.args = None
                         try:
                             self.model(input_ids=ids.to(self.device), use_cache=False)
                         except _Captured:
-                            states.append((catcher.args[0], catcher.args[1:], catcher.kwargs))
+                            pass
+                        except Exception:  # noqa: BLE001 - the forward past stand-ins: block 0's arguments serve all
+                            if catchers[0].args is None:
+                                raise
+                        first = catchers[0]
+                        self.states[split].append((first.args[0], first.args[1:], first.kwargs))
+                        self.block_args[split].append([(c.args[1:], c.kwargs) if c.args is not None
+                                                       else (first.args[1:], first.kwargs) for c in catchers])
         finally:
-            self.blocks[0] = first
+            for i, b in enumerate(blocks):
+                self.blocks[i] = b
         self.next_block = 0
         self.current: tuple[int, dict, dict] | None = None
 
@@ -290,9 +308,15 @@ class BlockwiseCalibrator:
             for split, states in enumerate(self.states):
                 hooks = _GramHooks(mods) if collect else None
                 watch = ExpertInputs(stacks) if collect and stacks else None
-                for j, (hidden, args, kwargs) in enumerate(states):
-                    with watch if watch is not None else contextlib.nullcontext():
-                        out = _output(block(hidden, *args, **kwargs))  # (1, T, d)
+                for j, (hidden, _, _) in enumerate(states):
+                    args, kwargs = self.block_args[split][j][i]  # this block's own arguments
+                    try:
+                        with watch if watch is not None else contextlib.nullcontext():
+                            out = _output(block(hidden, *args, **kwargs))  # (1, T, d)
+                    except (RuntimeError, ValueError, TypeError) as err:
+                        raise UserError(f"--calib-data: block {i} ({type(block).__name__}) does not run in qpissa's "
+                                        f"block-by-block calibration walk ({str(err).splitlines()[0][:160]}); leave "
+                                        "out --calib-data") from None
                     states[j] = (out, args, kwargs)
                     if hooks is not None:
                         hooks.next_sequence()

@@ -115,6 +115,10 @@ def lines(cov: dict, experts: dict | None = None) -> list[str]:
         tensors = ((experts or {}).get("routers") or {}).get("tensors")
         named = f": {', '.join(tensors)}" if tensors else ""
         out.append(f"MoE routers and gates ({cov['router_params']:,} weights) stay in their source dtype by design{named}")
+    if cov.get("built_at_load"):
+        b = cov["built_at_load"]
+        out.append(f"{b['modules']:,} linears that transformers builds at load from {', '.join(b['from'])} stay in "
+                   f"their source dtype without an adapter (no checkpoint tensor of their own): {', '.join(b['tensors'])}")
     warn = warning(cov)
     return out + ([warn] if warn else [])
 

@@ -69,7 +69,7 @@ def find_experts(tensors: list[TensorInfo], patterns: list[str] | None = None,
     """Expert targets in (layer, kind, expert) order and the checkpoint names of the routers/gates (never targets),
     from the model's module roles (:mod:`qpissa.decompose.roles`); an expert parameter whose checkpoint tensors do
     not add up is an error naming them (never a silent skip). ``patterns`` (``--targets``) filter the experts."""
-    from qpissa.decompose.roles import checkpoint_map, interleaved, roles_of
+    from qpissa.decompose.roles import checkpoint_map, interleaved, meta_model, roles_of
 
     if model_dir is None:
         model_dir = tensors[0].file.parent if tensors else Path(".")
@@ -81,12 +81,13 @@ def find_experts(tensors: list[TensorInfo], patterns: list[str] | None = None,
     fused: dict[str, TensorInfo] = {}
     routers, unknown = [], []
     modules = tuple(f"{p.module}." for p in roles.experts.values())
+    params = {n for n, _ in meta_model(str(model_dir))[0].named_parameters()}  # e.g. a norm inside the experts module
     for t in tensors:
         name, expert, part = mapped[t.name]
         if roles.is_router(name):
             routers.append(t.name)
         if name not in roles.experts:
-            if name.startswith(modules) and name not in roles.expert_biases:
+            if name.startswith(modules) and name not in roles.expert_biases and name not in params:
                 unknown.append(t.name)  # under an experts module, yet no parameter the model has
             continue
         if expert is not None and len(t.shape) == 2:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -80,12 +81,57 @@ def full_precision_modules(model_dir: Path) -> set[str]:
     for name, mod in modules.items():
         if not isinstance(mod, torch.nn.Linear):
             continue
-        parent, _, child = name.rpartition(".")
-        reads = rf"self\.{child}\.weight\b(?!\.(device|shape|size))"  # the parent uses the weight itself
         if (type(mod) is not torch.nn.Linear or (keep and not should_convert_module(name, keep))
-                or re.search(reads, _forward_source(type(modules[parent]))) or not bnb_loadable(name)):
+                or _weight_read_above(name, modules) or not bnb_loadable(name)):
             out.add(name)
     return out
+
+
+@functools.cache
+def built_at_load(model_dir: Path) -> dict[str, str]:
+    """Linear modules whose weight transformers makes at load from another checkpoint tensor by a conversion that is
+    not the experts' stacking (a fused q/k/v split into q_proj/k_proj/v_proj, a transposed kernel: Sarvam-MoE,
+    Param2-MoE, LARA, Ergo) → the source pattern. Their weight is no checkpoint tensor, so no per-tensor target: by
+    default they stay as transformers builds them, in the source dtype without an adapter, and the report lists
+    them. Empty for families without such conversions (and for the architectures of
+    :mod:`qpissa.decompose.architectures`, answered without importing transformers)."""
+    try:
+        if known_linear_modules(json.loads((model_dir / "config.json").read_text())) is not None:
+            return {}
+    except (OSError, ValueError, AttributeError):
+        pass  # the meta model reports an unreadable config
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+
+    model, _ = meta_model(str(model_dir))
+    out: dict[str, str] = {}
+    for conv in get_model_conversion_mapping(model, add_legacy=False):
+        if not isinstance(conv, WeightConverter) or all(isinstance(o, (MergeModulelist, Concatenate))
+                                                        for o in conv.operations):
+            continue  # the experts' stacking: read per expert by qpissa.decompose.experts
+        source = ", ".join(p.replace("\\", "") for p in conv.source_patterns)
+        for target in conv.target_patterns:
+            tail = re.sub(r"\\?\.weight$", "", target).replace("*", r"\d+")
+            try:
+                found = re.compile(r"(^|\.)" + tail + "$")
+            except re.error:
+                continue
+            for name, mod in model.named_modules():
+                if isinstance(mod, torch.nn.Linear) and found.search(name):
+                    out[name] = source
+    return out
+
+
+def _weight_read_above(name: str, modules: dict[str, torch.nn.Module]) -> bool:
+    """Whether the forward of a module above ``name`` reads its ``weight`` itself (``self.down_proj.weight.dtype``
+    in its parent, Ergo's ``self.self_attn.o_proj.weight.dtype`` in the decoder layer): a uint8 dtype when 4-bit."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, max(len(parts) - 4, 0), -1):  # parent, grandparent, great-grandparent
+        rel = re.escape(".".join(parts[depth:]))
+        if re.search(rf"self\.{rel}\.weight\b(?!\.(device|shape|size))",
+                     _forward_source(type(modules[".".join(parts[:depth])]))):
+            return True
+    return False
 
 
 def bnb_loadable(module: str) -> bool:
@@ -108,6 +154,7 @@ def bnb_loadable(module: str) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
+@functools.cache
 def _forward_source(cls: type) -> str:
     try:
         return inspect.getsource(cls.forward)
@@ -203,6 +250,12 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
             others.append(module)
             continue
         info = _checkpoint_key(module, by_name)
+        if info is None and (source := built_at_load(model_dir).get(module)) is not None:
+            if patterns:
+                raise UserError(f"--targets: transformers builds {module} at load from {source} (a split, "
+                                "concatenated or transposed tensor), which is not decomposed; leave it out of --targets")
+            others.append(module)  # the default: kept as transformers builds it, in the source dtype (reported)
+            continue
         if info is None or len(info.shape) != 2:
             what = "no tensor" if info is None else f"a {len(info.shape)}-D tensor {info.name}"
             raise UserError(f"{model_dir}: target module {module} has {what} for {module}.weight in the checkpoint; "
