@@ -99,6 +99,7 @@ PER_FAMILY = {"deepseek_v3": MLA, "deepseek_v2": MLA, "glm4_moe_lite": MLA, "axk
                                  "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 16,
                                  "indexer_compress_ratio": 4},
               "doge": {"is_moe": True},  # dense by default; its MoE layer (CDMoE) is what decompose refuses
+              "ergo": {"first_dense_intermediate_size": INTER},  # its dense first layer (32768 wide by default)
               }
 
 
