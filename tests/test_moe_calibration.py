@@ -72,12 +72,14 @@ def test_gpt_oss_experts_are_calibrated_on_their_inputs(smollm2_dir, gsm8k_dir, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gpt_oss", "inkling_text", "nemotron_h", "jetmoe", "gemma4_text"])
+@pytest.mark.parametrize("family", ["gpt_oss", "inkling_text", "nemotron_h", "jetmoe", "gemma4_text", "sarvam_moe",
+                                    "kimi_linear"])
 def test_cloq_calibrates_every_expert(family, smollm2_dir, gsm8k_dir, tmp_path):
     """cloq on families whose experts run as x @ W[e] (gpt-oss), bmm on a stacked shared expert (Inkling), behind a
     block that reads attributes of its layer (Nemotron-H), two experts modules per block (JetMoE), layers whose
-    position embeddings differ by layer type (Gemma-4: each block gets its own arguments): every expert matrix is
-    calibrated or falls back, and the report counts both."""
+    position embeddings differ by layer type (Gemma-4: each block gets its own arguments), parameters transformers
+    builds at load (Sarvam-MoE's split q/k/v, Kimi-Linear's concatenated convolutions: built by its own operations):
+    every expert matrix is calibrated or falls back, and the report counts both."""
     src = build(family, tmp_path / "src", tokenizer=smollm2_dir)
     # Inkling's first block has 8192-wide attention in the tiny config: its 8192² H alone takes minutes to whiten
     targets = [r"model\.layers\.1\..*"] if family == "inkling_text" else None
@@ -105,12 +107,12 @@ def test_llama4_experts_refuse_calibration_in_one_line(smollm2_dir, gsm8k_dir, t
 
 @pytest.mark.slow
 def test_a_block_the_walk_cannot_run_is_one_line(smollm2_dir, gsm8k_dir, tmp_path):
-    """Kimi-Linear's short convolution is built at load from three checkpoint tensors (q/k/v conv1d concatenated),
-    which the block-by-block walk does not assemble: one line naming the block, no traceback, nothing written."""
+    """Kolibri-1.1's indexed attention wants a 4-D mask that only the whole model's forward builds: one line naming
+    the block, no traceback, no finished output (block 0's parts stay for --resume)."""
     from qpissa.errors import UserError
 
-    src = build("kimi_linear", tmp_path / "src", tokenizer=smollm2_dir)
-    with pytest.raises(UserError, match=r"--calib-data: block 0 \(KimiLinearDecoderLayer\) does not run"):
+    src = build("kolibri1_1", tmp_path / "src", tokenizer=smollm2_dir)
+    with pytest.raises(UserError, match=r"--calib-data: block 1 \(Kolibri1_1DecoderLayer\) does not run"):
         decompose(src, tmp_path / "out", rank=4, method="cloq", calib_data=str(gsm8k_dir / "train.jsonl"),
                   calib_samples=2, calib_holdout=1, calib_seq_len=32, progress=False)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out" / "report.json").exists()

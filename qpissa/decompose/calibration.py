@@ -33,6 +33,7 @@ import torch
 from qpissa.errors import UserError
 from qpissa.decompose.expert_inputs import ExpertInputs, accumulate_gram
 from qpissa.decompose.experts import find_experts, fused_expert_stack
+from qpissa.decompose.load_conversion import built_parameter
 from qpissa.decompose.roles import checkpoint_map, roles_of
 from qpissa.formats import TensorInfo, load_tensor
 from qpissa.decompose.targets import Target
@@ -187,6 +188,7 @@ class BlockwiseCalibrator:
         self.model_dir, self.data, self.device = Path(model_dir), data, torch.device(device)
         self.expert_tokens = expert_tokens  # fewer routed calibration tokens: no statistics for that expert
         self.by_name = {t.name: t for t in tensors}
+        self.checkpoint_tensors = dict(self.by_name)  # by checkpoint name only (qpissa.decompose.load_conversion)
         self.expert_params = roles_of(self.model_dir).experts  # "module.param" → the fused expert parameter
         if self.expert_params:  # the model's names too (Phi-MoE's router, Granite's fused experts)
             self.by_name.update({new: self.by_name[old] for old, (new, expert, _) in
@@ -237,6 +239,12 @@ class BlockwiseCalibrator:
             _set_tensor(root, name, stack.to(device=self.device, dtype=torch.float32))
             return
         info = _find_info(prefix + name, self.by_name)
+        if info is not None and tuple(info.shape) != tuple(root.get_parameter(name).shape):
+            info = None  # a source of a conversion (Kimi's v_conv1d for the concatenated conv1d), not the parameter
+        if info is None and (built := built_parameter(self.model_dir, getattr(self, "model", root), prefix + name,
+                                                      self.checkpoint_tensors)) is not None:
+            _set_tensor(root, name, built.to(device=self.device, dtype=torch.float32))  # split/concatenated at load
+            return
         if info is None:
             raise UserError(f"{self.model_dir}: parameter {prefix + name} is not in the checkpoint (incomplete, or "
                             "built at load from other tensors, which calibration does not read); leave out --calib-data")
@@ -279,14 +287,14 @@ class BlockwiseCalibrator:
         """(H from the calibration split, H from the held-out split or None) for target ``module``, fp64 (n, n);
         (None, None) for an expert routed fewer than ``expert_tokens`` calibration tokens."""
         index = int(BLOCK.match(module).group(2))
-        if self.current is not None and self.current[0] == index:
-            return self.current[1].get(module), self.current[2].get(module)
-        if index < self.next_block:
-            self._restart()
-        while self.next_block < index:
-            self._run_block(self.next_block, collect=False)
-        calib, held = self._run_block(index, collect=True)
-        self.current = (index, calib, held)
+        if self.current is None or self.current[0] != index:
+            if index < self.next_block:
+                self._restart()
+            while self.next_block < index:
+                self._run_block(self.next_block, collect=False)
+            calib, held = self._run_block(index, collect=True)
+            self.current = (index, calib, held)
+        _, calib, held = self.current
         if module not in calib and not getattr(self.targets.get(module), "experts_module", ""):
             raise UserError(f"--calib-data: {module} never ran as a module in the forward (its weight is used "
                             "directly, as Jamba's dt_proj); exclude it with --targets or leave out --calib-data")
