@@ -16,7 +16,8 @@ Peak memory ≈ one block (fp32) + the hidden states N·T·d·4 bytes (calibrati
 
 Mixture-of-experts blocks: each expert gets its own H per fused parameter from what that parameter multiplies
 while the block runs (:mod:`qpissa.decompose.expert_inputs`, any family's forward): gate_up's H from the hidden
-states of the tokens routed to it, down's H from its act(gate)·up. An expert routed fewer than ``--calib-expert-tokens``
+states of the tokens routed to it, down's H from its act(gate)·up. An expert routed fewer than
+``--calib-expert-tokens``
 calibration tokens gets no statistics (its method falls back to the uncalibrated one, and the report counts it).
 Per block and split (calibration, held-out) that is E·(d² + I²)·8 bytes more (Qwen3-30B-A3B: 4.9 GB; Mixtral-8x7B: 14 GB).
 """
@@ -247,7 +248,7 @@ class BlockwiseCalibrator:
             return
         if info is None:
             raise UserError(f"{self.model_dir}: parameter {prefix + name} is not in the checkpoint (incomplete, or "
-                            "built at load from other tensors, which calibration does not read); leave out --calib-data")
+                            "built at load in a way calibration does not follow); leave out --calib-data")
         _set_tensor(root, name, load_tensor(info).to(device=self.device, dtype=torch.float32))
 
     def _restart(self) -> None:
@@ -258,7 +259,7 @@ class BlockwiseCalibrator:
         for i, c in enumerate(catchers):
             self.blocks[i] = c
         self.states: list[list[tuple[torch.Tensor, tuple, dict]]] = [[], []]  # calib, held-out: (hidden, args, kwargs)
-        self.block_args: list[list[list[tuple[tuple, dict]]]] = [[], []]  # split → sequence → block → (args, kwargs)
+        self.block_args: list[list[list[tuple[tuple, dict]]]] = [[], []]  # split → sequence → block → args
         try:
             with torch.no_grad():
                 for split, seqs in enumerate((self.data.calib, self.data.held_out)):

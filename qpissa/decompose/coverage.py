@@ -118,7 +118,8 @@ def lines(cov: dict, experts: dict | None = None) -> list[str]:
     if cov.get("built_at_load"):
         b = cov["built_at_load"]
         out.append(f"{b['modules']:,} linears that transformers builds at load from {', '.join(b['from'])} stay in "
-                   f"their source dtype without an adapter (no checkpoint tensor of their own): {', '.join(b['tensors'])}")
+                   "their source dtype without an adapter (no checkpoint tensor of their own): "
+                   f"{', '.join(b['tensors'])}")
     warn = warning(cov)
     return out + ([warn] if warn else [])
 

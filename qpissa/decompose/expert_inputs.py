@@ -40,8 +40,8 @@ def accumulate_gram(h: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
 
 class ExpertInputs(TorchFunctionMode):
     """Inside ``with ExpertInputs(stacks):`` every expert's inputs are accumulated. ``stacks``: "module.param" →
-    (the fused parameter [E, ·, ·], the expert indices wanted, whether the decomposition takes it as stored [E, in, out]
-    (``is_transposed``), else [E, out, in]). Results: :attr:`gram` and :attr:`tokens`, keyed
+    (the fused parameter [E, ·, ·], the expert indices wanted, whether the decomposition takes it as stored
+    [E, in, out] (``is_transposed``), else [E, out, in]). Results: :attr:`gram` and :attr:`tokens`, keyed
     "module.e.param" (the expert target's module name)."""
 
     def __init__(self, stacks: dict[str, tuple[torch.Tensor, set[int], bool]]):

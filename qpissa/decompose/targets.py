@@ -253,7 +253,8 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
         if info is None and (source := built_at_load(model_dir).get(module)) is not None:
             if patterns:
                 raise UserError(f"--targets: transformers builds {module} at load from {source} (a split, "
-                                "concatenated or transposed tensor), which is not decomposed; leave it out of --targets")
+                                "concatenated or transposed tensor), which is not decomposed; leave it out of "
+                                "--targets")
             others.append(module)  # the default: kept as transformers builds it, in the source dtype (reported)
             continue
         if info is None or len(info.shape) != 2:
