@@ -121,6 +121,20 @@ def load_fp32():
 
 
 @pytest.fixture(scope="session")
+def moe_out(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3-MoE (tests/moe_models.py) with SmolLM2's tokenizer, decomposed with QPiSSA r=4; its source is
+    ``moe_out.parent / "src"``. Read only (training and eval write under their own tmp_path)."""
+    from moe_models import build
+
+    from qpissa.decompose import decompose
+
+    root = tmp_path_factory.mktemp("moe")
+    src = build("qwen3_moe", root / "src", tokenizer=smollm2_dir)
+    decompose(src, root / "out", rank=4, progress=False)
+    return root / "out"
+
+
+@pytest.fixture(scope="session")
 def tiny_data(gsm8k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 8 shortest GSM8K train rows of the fixture (fit max_length=128): shared by the training tests."""
     import json

@@ -57,8 +57,6 @@ def triton_interpreter() -> None:
 def tiny_llama(dest: Path, layers: int = 2, hidden: int = 64, vocab: int = 2000, tokenizer: Path | None = None) -> Path:
     """A random bf16 Llama saved with ``save_pretrained`` (intermediate 2×hidden, 4 heads, 2 KV heads); with
     ``tokenizer`` (a model dir) its tokenizer files are copied and the vocabulary sized to it (train, calibration)."""
-    import shutil
-
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -70,7 +68,18 @@ def tiny_llama(dest: Path, layers: int = 2, hidden: int = 64, vocab: int = 2000,
     cfg.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(dest)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
-        if tokenizer is not None and (Path(tokenizer) / name).exists():
-            shutil.copy(Path(tokenizer) / name, Path(dest) / name)
+    if tokenizer is not None:
+        copy_tokenizer(Path(tokenizer), Path(dest))
     return Path(dest)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def copy_tokenizer(src: Path, dest: Path) -> None:
+    """Copy the tokenizer files ``src`` (a model dir) has into ``dest``."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, dest / name)

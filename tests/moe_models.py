@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from helpers import copy_tokenizer
 
 FAMILIES = ("qwen3_moe", "mixtral", "olmoe")
 ALL_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_next", "llama4_text",
@@ -146,8 +147,6 @@ def config(family: str, layers: int = 2, vocab: int = 96):
 def build(family: str, dest: Path, layers: int = 2, seed: int = 0, tokenizer: Path | None = None) -> Path:
     """Save a tiny ``family`` MoE with save_pretrained (transformers 5 writes its checkpoint layout: per expert or
     fused); with ``tokenizer`` (a model dir), its tokenizer files are copied and the vocabulary sized to it."""
-    import shutil
-
     import transformers
 
     vocab = 96
@@ -163,7 +162,6 @@ def build(family: str, dest: Path, layers: int = 2, seed: int = 0, tokenizer: Pa
             if p.ndim >= 2 and "embed" not in name and "lm_head" not in name and min(p.shape[-2:]) >= 8:
                 p.copy_(decaying(tuple(p.shape), gen))
     model.to(torch.bfloat16).save_pretrained(dest)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
-        if tokenizer is not None and (tokenizer / name).exists():
-            shutil.copy(tokenizer / name, dest / name)
+    if tokenizer is not None:
+        copy_tokenizer(tokenizer, dest)
     return dest

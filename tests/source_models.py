@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from helpers import copy_tokenizer
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -34,9 +35,8 @@ def tiny_llama(dest: Path, seed: int = 0, tokenizer: Path | None = None) -> Path
             if p.ndim == 2:
                 p.normal_(0, 0.05)
     model.to(torch.bfloat16).save_pretrained(dest)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if tokenizer is not None and (tokenizer / name).exists():
-            shutil.copy(tokenizer / name, dest / name)
+    if tokenizer is not None:
+        copy_tokenizer(tokenizer, dest)
     return dest
 
 
@@ -84,9 +84,7 @@ def to_bnb(src: Path, dest: Path, **kwargs) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(src, quantization_config=BitsAndBytesConfig(**kwargs), device_map="cpu")
     model.save_pretrained(dest)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (src / name).exists():
-            shutil.copy(src / name, dest / name)
+    copy_tokenizer(src, dest)
     return dest
 
 
@@ -233,9 +231,8 @@ def gpt_oss(dest: Path, tokenizer: Path | None = None, seed: int = 0) -> Path:
             elif name.endswith("bias"):
                 p.normal_(0, 0.02)
     model.to(torch.bfloat16).save_pretrained(dest)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if tokenizer is not None and (tokenizer / name).exists():
-            shutil.copy(tokenizer / name, dest / name)
+    if tokenizer is not None:
+        copy_tokenizer(tokenizer, dest)
     return dest
 
 

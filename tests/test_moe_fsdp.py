@@ -8,21 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from moe_models import EXPERTS, build
+from moe_models import EXPERTS
 from test_train_fsdp import ARGS, adapter, rows, torchrun
 
 from qpissa.data import DataConfig
 from qpissa.train import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def moe_out(smollm2_dir: Path, tmp_path_factory) -> Path:
-    from qpissa.decompose import decompose
-
-    root = tmp_path_factory.mktemp("moe_fsdp")
-    src = build("qwen3_moe", root / "src", tokenizer=smollm2_dir)
-    decompose(src, root / "out", rank=4, progress=False)
-    return root / "out"
 
 
 @pytest.mark.slow

@@ -13,16 +13,6 @@ from qpissa.data import DataConfig, build_examples, load_records
 from qpissa.train import TrainConfig, fit, load_model, train
 
 
-@pytest.fixture(scope="module")
-def moe_out(smollm2_dir: Path, tmp_path_factory) -> Path:
-    from qpissa.decompose import decompose
-
-    root = tmp_path_factory.mktemp("moe_train")
-    src = build("qwen3_moe", root / "src", tokenizer=smollm2_dir)
-    decompose(src, root / "out", rank=4, progress=False)
-    return root / "out"
-
-
 def cfg_for(out: Path, data: Path, run: Path, **kw) -> TrainConfig:
     base = dict(model=str(out), data=str(data), output=str(run), steps=3, batch_size=2, lr=1e-3, warmup_ratio=0.0,
                 save_every=1, keep_last=3, seed=0, progress=False, data_cfg=DataConfig(max_length=96, skip_long_prompts=True))
