@@ -15,24 +15,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from qpissa.errors import UserError
-
-
-def _need(cfg: dict, key: str) -> int:
-    val = cfg.get(key)
-    if not isinstance(val, int) or val <= 0:
-        raise UserError(f"{cfg.get('_path', 'config')}: field {key!r} missing or not a positive integer (got {val!r})")
-    return val
+from qpissa.plan.config_fields import need
 
 
 def deepseek_decoder(cfg: dict, dense: Callable[[dict], Any]) -> Any:
     """:class:`~qpissa.plan.model_shapes.ModelShapes` of a ``deepseek_v3`` config (see the module docstring)."""
-    n, h, heads = _need(cfg, "num_hidden_layers"), _need(cfg, "hidden_size"), _need(cfg, "num_attention_heads")
-    experts, top_k, inter = _need(cfg, "n_routed_experts"), _need(cfg, "num_experts_per_tok"), \
-        _need(cfg, "moe_intermediate_size")
+    n, h, heads = need(cfg, "num_hidden_layers"), need(cfg, "hidden_size"), need(cfg, "num_attention_heads")
+    experts, top_k, inter = need(cfg, "n_routed_experts"), need(cfg, "num_experts_per_tok"), \
+        need(cfg, "moe_intermediate_size")
     shared = int(cfg.get("n_shared_experts") or 0) * inter
-    nope, rope, v = _need(cfg, "qk_nope_head_dim"), _need(cfg, "qk_rope_head_dim"), _need(cfg, "v_head_dim")
-    kv_rank, q_rank = _need(cfg, "kv_lora_rank"), cfg.get("q_lora_rank")
+    nope, rope, v = need(cfg, "qk_nope_head_dim"), need(cfg, "qk_rope_head_dim"), need(cfg, "v_head_dim")
+    kv_rank, q_rank = need(cfg, "kv_lora_rank"), cfg.get("q_lora_rank")
     dense_layers = min(n, int(cfg.get("first_k_dense_replace") or 0))
     freq = int(cfg.get("moe_layer_freq") or 1)
     sparse = sum(1 for i in range(dense_layers, n) if i % freq == 0)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from qpissa.errors import UserError
+from qpissa.plan.config_fields import need
 from qpissa.hub import CONFIG_FILES, is_hub_id, resolve_model
 
 Family = Literal["llama", "bert"]
@@ -105,13 +106,6 @@ def load_config(path: str | Path, revision: str | None = None) -> dict:
     return cfg
 
 
-def _need(cfg: dict, key: str) -> int:
-    val = cfg.get(key)
-    if not isinstance(val, int) or val <= 0:
-        raise UserError(f"{cfg.get('_path', 'config')}: field {key!r} missing or not a positive integer (got {val!r})")
-    return val
-
-
 def shapes_from_config(cfg: dict) -> ModelShapes:
     """Dispatch on ``model_type``; unknown types are a user error naming the supported ones."""
     mt = cfg.get("model_type")
@@ -134,8 +128,8 @@ def shapes_from_config(cfg: dict) -> ModelShapes:
 def _decoder(cfg: dict) -> ModelShapes:
     """Llama-style decoder: q,k,v,o + gate,up,down per layer; Qwen2 adds q/k/v biases, Qwen3 q/k norms."""
     mt = cfg["model_type"]
-    h, i, n = _need(cfg, "hidden_size"), _need(cfg, "intermediate_size"), _need(cfg, "num_hidden_layers")
-    a, v = _need(cfg, "num_attention_heads"), _need(cfg, "vocab_size")
+    h, i, n = need(cfg, "hidden_size"), need(cfg, "intermediate_size"), need(cfg, "num_hidden_layers")
+    a, v = need(cfg, "num_attention_heads"), need(cfg, "vocab_size")
     kv = cfg.get("num_key_value_heads") or a
     hd = cfg.get("head_dim") or h // a
     qd, kvd = a * hd, kv * hd
@@ -169,9 +163,9 @@ def _decoder(cfg: dict) -> ModelShapes:
 def _encoder(cfg: dict) -> ModelShapes:
     """BERT/RoBERTa encoder as ``BertModel`` (with pooler, no task head): post-LayerNorm blocks, biased linears."""
     mt = cfg["model_type"]
-    h, i, n = _need(cfg, "hidden_size"), _need(cfg, "intermediate_size"), _need(cfg, "num_hidden_layers")
-    a, v = _need(cfg, "num_attention_heads"), _need(cfg, "vocab_size")
-    pos, types = _need(cfg, "max_position_embeddings"), cfg.get("type_vocab_size", 2)
+    h, i, n = need(cfg, "hidden_size"), need(cfg, "intermediate_size"), need(cfg, "num_hidden_layers")
+    a, v = need(cfg, "num_attention_heads"), need(cfg, "vocab_size")
+    pos, types = need(cfg, "max_position_embeddings"), cfg.get("type_vocab_size", 2)
     L = "encoder.layer.{i}"
     ps = [
         ParamGroup("embeddings.word_embeddings", "word_embeddings", "embedding", (v, h)),

@@ -14,14 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from qpissa.errors import UserError
-
-
-def _need(cfg: dict, key: str) -> int:
-    val = cfg.get(key)
-    if not isinstance(val, int) or val <= 0:
-        raise UserError(f"{cfg.get('_path', 'config')}: field {key!r} missing or not a positive integer (got {val!r})")
-    return val
+from qpissa.plan.config_fields import need
 
 
 def moe_decoder(cfg: dict, dense: Callable[[dict], Any]) -> Any:
@@ -29,10 +22,10 @@ def moe_decoder(cfg: dict, dense: Callable[[dict], Any]) -> Any:
     router (see the module docstring); ``dense`` builds the dense decoder (new rows are copies of its rows, so
     this module needs no import of model_shapes, which dispatches here)."""
     mt = cfg["model_type"]
-    experts = _need(cfg, "num_local_experts" if mt == "mixtral" else "num_experts")
-    top_k = _need(cfg, "num_experts_per_tok")
-    inter = _need(cfg, "moe_intermediate_size") if mt == "qwen3_moe" else _need(cfg, "intermediate_size")
-    n, h = _need(cfg, "num_hidden_layers"), _need(cfg, "hidden_size")
+    experts = need(cfg, "num_local_experts" if mt == "mixtral" else "num_experts")
+    top_k = need(cfg, "num_experts_per_tok")
+    inter = need(cfg, "moe_intermediate_size") if mt == "qwen3_moe" else need(cfg, "intermediate_size")
+    n, h = need(cfg, "num_hidden_layers"), need(cfg, "hidden_size")
     sparse = [i for i in range(n) if _is_sparse(cfg, i)]
     base = dense({**cfg, "model_type": "qwen3" if mt == "qwen3_moe" else "llama"})
     dense_layers = n - len(sparse)
