@@ -17,8 +17,8 @@ Peak memory ≈ one block (fp32) + the hidden states N·T·d·4 bytes (calibrati
 Mixture-of-experts blocks: each expert gets its own H per fused parameter from what that parameter multiplies
 while the block runs (:mod:`qpissa.decompose.expert_inputs`, any family's forward): gate_up's H from the hidden
 states of the tokens routed to it, down's H from its act(gate)·up. An expert routed fewer than
-``--calib-expert-tokens``
-calibration tokens gets no statistics (its method falls back to the uncalibrated one, and the report counts it).
+``--calib-expert-tokens`` calibration tokens gets no statistics (its method falls back to the uncalibrated one, and
+the report counts it).
 Per block and split (calibration, held-out) that is E·(d² + I²)·8 bytes more (Qwen3-30B-A3B: 4.9 GB; Mixtral-8x7B: 14 GB).
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 from qpissa.errors import UserError
 from qpissa.decompose.expert_inputs import ExpertInputs, accumulate_gram
 from qpissa.decompose.experts import find_experts, fused_expert_stack
-from qpissa.decompose.load_conversion import built_parameter
+from qpissa.decompose.load_conversion import ConversionBuilder
 from qpissa.decompose.roles import checkpoint_map, roles_of
 from qpissa.formats import TensorInfo, load_tensor
 from qpissa.decompose.targets import Target
@@ -143,7 +143,7 @@ class _Catcher(torch.nn.Module):
     with its own arguments (Gemma-4 and Kolibri give each layer type its own position embeddings and mask). Any
     other attribute is the block's (Nemotron-H's forward reads ``layer.block_type`` before calling it)."""
 
-    def __init__(self, block: torch.nn.Module | None = None, last: bool = True):
+    def __init__(self, block: torch.nn.Module, last: bool):
         super().__init__()
         self.args: tuple | None = None
         self.kwargs: dict | None = None
@@ -154,8 +154,6 @@ class _Catcher(torch.nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if self.__dict__.get("_block") is None:
-                raise
             return getattr(self.__dict__["_block"], name)
 
     def forward(self, *args, **kwargs):
@@ -189,7 +187,7 @@ class BlockwiseCalibrator:
         self.model_dir, self.data, self.device = Path(model_dir), data, torch.device(device)
         self.expert_tokens = expert_tokens  # fewer routed calibration tokens: no statistics for that expert
         self.by_name = {t.name: t for t in tensors}
-        self.checkpoint_tensors = dict(self.by_name)  # by checkpoint name only (qpissa.decompose.load_conversion)
+        self.conversions = ConversionBuilder(self.model_dir, dict(self.by_name))  # parameters built at load
         self.expert_params = roles_of(self.model_dir).experts  # "module.param" → the fused expert parameter
         if self.expert_params:  # the model's names too (Phi-MoE's router, Granite's fused experts)
             self.by_name.update({new: self.by_name[old] for old, (new, expert, _) in
@@ -242,8 +240,7 @@ class BlockwiseCalibrator:
         info = _find_info(prefix + name, self.by_name)
         if info is not None and tuple(info.shape) != tuple(root.get_parameter(name).shape):
             info = None  # a source of a conversion (Kimi's v_conv1d for the concatenated conv1d), not the parameter
-        if info is None and (built := built_parameter(self.model_dir, getattr(self, "model", root), prefix + name,
-                                                      self.checkpoint_tensors)) is not None:
+        if info is None and (built := self.conversions.build(getattr(self, "model", root), prefix + name)) is not None:
             _set_tensor(root, name, built.to(device=self.device, dtype=torch.float32))  # split/concatenated at load
             return
         if info is None:
@@ -258,7 +255,7 @@ class BlockwiseCalibrator:
         catchers = [_Catcher(b, last=i == len(blocks) - 1) for i, b in enumerate(blocks)]
         for i, c in enumerate(catchers):
             self.blocks[i] = c
-        self.states: list[list[tuple[torch.Tensor, tuple, dict]]] = [[], []]  # calib, held-out: (hidden, args, kwargs)
+        self.states: list[list[torch.Tensor]] = [[], []]  # calib, held-out: each sequence's hidden states
         self.block_args: list[list[list[tuple[tuple, dict]]]] = [[], []]  # split → sequence → block → args
         try:
             with torch.no_grad():
@@ -274,7 +271,7 @@ class BlockwiseCalibrator:
                             if catchers[0].args is None:
                                 raise
                         first = catchers[0]
-                        self.states[split].append((first.args[0], first.args[1:], first.kwargs))
+                        self.states[split].append(first.args[0])
                         self.block_args[split].append([(c.args[1:], c.kwargs) if c.args is not None
                                                        else (first.args[1:], first.kwargs) for c in catchers])
         finally:
@@ -317,7 +314,7 @@ class BlockwiseCalibrator:
             for split, states in enumerate(self.states):
                 hooks = _GramHooks(mods) if collect else None
                 watch = ExpertInputs(stacks) if collect and stacks else None
-                for j, (hidden, _, _) in enumerate(states):
+                for j, hidden in enumerate(states):
                     args, kwargs = self.block_args[split][j][i]  # this block's own arguments
                     try:
                         with watch if watch is not None else contextlib.nullcontext():
@@ -326,7 +323,7 @@ class BlockwiseCalibrator:
                         raise UserError(f"--calib-data: block {i} ({type(block).__name__}) does not run in qpissa's "
                                         f"block-by-block calibration walk ({str(err).splitlines()[0][:160]}); leave "
                                         "out --calib-data") from None
-                    states[j] = (out, args, kwargs)
+                    states[j] = out
                     if hooks is not None:
                         hooks.next_sequence()
                     if watch is not None:

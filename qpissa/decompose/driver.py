@@ -40,7 +40,6 @@ from qpissa.decompose.expert_rank import expert_rank, expert_rank_config
 from qpissa.decompose.heap import HEAP_BLOCK_LIMIT, reuse_freed_heap, trim_heap
 from qpissa.decompose.methods import QUANTIZED_METHODS
 from qpissa.decompose.config import AUTO_PARALLEL_MAX_WEIGHTS, DecomposeConfig
-from qpissa.decompose.roles import roles_of
 from qpissa.decompose.targets import Target, built_at_load, find_targets
 from qpissa.decompose.tensor import Stats, decompose_tensor, measure_curve
 
@@ -157,11 +156,10 @@ def _decompose(model_dir: str | Path | None, out_dir: Path, cfg: DecomposeConfig
     plain = [s.name for t in expert_targets for s in t.sources] if cfg.experts_dtype == "bfloat16" or not quantized else []
     report["coverage"] = coverage(tensors, [s.name for t in targets for s in getattr(t, "sources", (t.weight,))],
                                   quantized, routers, plain)
-    built = sorted(m for m in built_at_load(Path(model_dir)) if m in others)
-    built = [m for m in built if not roles_of(Path(model_dir)).is_router(m)] if built else built  # routers: by design
+    built = {m: source for m, source in built_at_load(Path(model_dir)).items() if m in others}
     if built:  # no checkpoint tensor of their own: kept as transformers builds them (qpissa.decompose.targets)
         report["coverage"]["built_at_load"] = {"modules": len(built), "tensors": sorted({pattern(m) for m in built}),
-                                               "from": sorted({built_at_load(Path(model_dir))[m] for m in built})}
+                                               "from": sorted(set(built.values()))}
     if expert_targets:
         report["experts"] = experts_summary(expert_targets, routers, metrics[len(targets) - len(expert_targets):], cfg)
     if "allocation" in manifest:

@@ -12,8 +12,10 @@ model built with ``experts_implementation="eager"``) and records the operand tha
 * ``F.linear(x, W[e])``, ``x @ W[e]`` / ``matmul``: x's rows are expert e's input for that parameter;
 * ``bmm(x, W)`` / ``x @ W`` with the whole stack: x[e]'s rows are expert e's input.
 
-Only non-zero rows count as routed tokens (Llama-4's zero rows add nothing to H either). A stack that received
-rows in no form above is an error naming the module (never a silent uncalibrated expert).
+Only non-zero rows count as routed tokens (a whole-stack product gets zero rows for the tokens not routed there).
+A stack whose inputs meet it along the axis the decomposition takes as its output (Llama-4's [E, H, 2I], taken as
+out×in by qpissa and PEFT alike), or that received rows in no form above, is an error naming the module (never a
+silent uncalibrated expert).
 """
 from __future__ import annotations
 

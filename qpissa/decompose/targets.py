@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import functools
 import json
 import re
 from dataclasses import dataclass
@@ -40,14 +39,20 @@ class Target:
         return (cols, rows) if self.transposed else (rows, cols)
 
 
+def _known_linear_modules(model_dir: Path) -> tuple[dict[str, bool], str, str | None] | None:
+    """:func:`qpissa.decompose.architectures.known_linear_modules` of config.json (no transformers import); None for
+    other architectures, or an unreadable config (the meta path reports it)."""
+    try:
+        return known_linear_modules(json.loads((model_dir / "config.json").read_text()))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def linear_modules(model_dir: Path) -> tuple[dict[str, bool], str, str | None]:
     """{module name: is_conv1d} for every linear layer, via a weightless (meta) model; plus the
     architecture class name and PEFT task type. Architectures of :mod:`qpissa.decompose.architectures` are
     read from config.json alone (the same answer, without importing transformers)."""
-    try:
-        known = known_linear_modules(json.loads((model_dir / "config.json").read_text()))
-    except (OSError, ValueError, AttributeError):
-        known = None  # unreadable or not a JSON object: the meta path below reports it
+    known = _known_linear_modules(model_dir)
     if known is not None:
         return known
     from transformers.pytorch_utils import Conv1D
@@ -67,11 +72,8 @@ def full_precision_modules(model_dir: Path) -> set[str]:
     reads their ``weight`` itself (Inkling-2 Loop casts its input to ``down_proj.weight.dtype``: uint8 bytes when
     4-bit), and those whose 4-bit weight transformers' loader cannot read back by their name (:func:`bnb_loadable`).
     Read from the meta model; the architectures of :mod:`qpissa.decompose.architectures` have none."""
-    try:
-        if known_linear_modules(json.loads((model_dir / "config.json").read_text())) is not None:
-            return set()
-    except (OSError, ValueError, AttributeError):
-        pass  # the meta model reports an unreadable config
+    if _known_linear_modules(model_dir) is not None:
+        return set()
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     model, _ = meta_model(str(model_dir))
@@ -87,23 +89,21 @@ def full_precision_modules(model_dir: Path) -> set[str]:
     return out
 
 
-@functools.cache
 def built_at_load(model_dir: Path) -> dict[str, str]:
     """Linear modules whose weight transformers makes at load from another checkpoint tensor by a conversion that is
     not the experts' stacking (a fused q/k/v split into q_proj/k_proj/v_proj, a transposed kernel: Sarvam-MoE,
     Param2-MoE, LARA, Ergo) → the source pattern. Their weight is no checkpoint tensor, so no per-tensor target: by
     default they stay as transformers builds them, in the source dtype without an adapter, and the report lists
-    them. Empty for families without such conversions (and for the architectures of
-    :mod:`qpissa.decompose.architectures`, answered without importing transformers)."""
-    try:
-        if known_linear_modules(json.loads((model_dir / "config.json").read_text())) is not None:
-            return {}
-    except (OSError, ValueError, AttributeError):
-        pass  # the meta model reports an unreadable config
+    them; routers and gates are left out (never targets, kept by design). Empty for families without such
+    conversions (and for the architectures of :mod:`qpissa.decompose.architectures`, answered without importing
+    transformers)."""
+    if _known_linear_modules(model_dir) is not None:
+        return {}
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 
     model, _ = meta_model(str(model_dir))
+    roles = roles_of(model_dir)
     out: dict[str, str] = {}
     for conv in get_model_conversion_mapping(model, add_legacy=False):
         if not isinstance(conv, WeightConverter) or all(isinstance(o, (MergeModulelist, Concatenate))
@@ -117,7 +117,7 @@ def built_at_load(model_dir: Path) -> dict[str, str]:
             except re.error:
                 continue
             for name, mod in model.named_modules():
-                if isinstance(mod, torch.nn.Linear) and found.search(name):
+                if isinstance(mod, torch.nn.Linear) and found.search(name) and not roles.is_router(name):
                     out[name] = source
     return out
 
@@ -154,7 +154,6 @@ def bnb_loadable(module: str) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-@functools.cache
 def _forward_source(cls: type) -> str:
     try:
         return inspect.getsource(cls.forward)
@@ -232,6 +231,7 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
     targets, others = [], []
     model_type = model_type_of(model_dir)
     full = full_precision_modules(model_dir)
+    built: dict[str, str] | None = None
     for module, conv in linears.items():
         chosen = matches(module, patterns) if patterns else bool(BLOCK_INDEX.search(module))
         chosen = chosen and not roles.is_router(module)  # routers and gates: never targets (the report lists them)
@@ -250,7 +250,9 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
             others.append(module)
             continue
         info = _checkpoint_key(module, by_name)
-        if info is None and (source := built_at_load(model_dir).get(module)) is not None:
+        if info is None and built is None:
+            built = built_at_load(model_dir)  # once, and only when a target has no tensor
+        if info is None and (source := built.get(module)) is not None:
             if patterns:
                 raise UserError(f"--targets: transformers builds {module} at load from {source} (a split, "
                                 "concatenated or transposed tensor), which is not decomposed; leave it out of "
@@ -270,9 +272,9 @@ def find_targets(model_dir: Path, tensors: list[TensorInfo], patterns: list[str]
 
 
 def moe_lora_targets(model_dir: Path) -> tuple[list[str], list[str]] | None:
-    """(target_modules, target_parameters) of a plain LoRA on an MoE model, the targets decompose gives QPiSSA:
+    """(target_modules, target_parameters) of a plain LoRA on an (unquantized) MoE model, by decompose's rule:
     every linear inside the blocks but routers/gates (and what PEFT refuses), plus the experts' fused parameters by
-    their name inside a block. None for a dense model (PEFT's ``all-linear`` is then the same set). Why: PEFT's
+    their name inside a block; the linears that only a 4-bit load excludes stay targets here. None for a dense model (PEFT's ``all-linear`` is then the same set). Why: PEFT's
     ``all-linear`` puts a LoRA on routers that are ``nn.Linear`` (Llama-4, Hunyuan, Qwen2-MoE's shared-expert gate)
     and none on the experts, so the LoRA baseline would train what every other method leaves untouched."""
     from qpissa.decompose.report import layer_type
